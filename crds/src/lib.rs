@@ -1,0 +1,423 @@
+//! rolemesh's Kubernetes API (`rolemesh.dev/v1alpha1`).
+//!
+//! The doc comments on these types become the CRD descriptions that `kubectl explain` shows, and
+//! the schema attributes become the validation the API server applies; `crdgen` writes the YAML
+//! into the Helm chart and a test fails if the committed YAML differs from what these types make.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, Time};
+use kube::{CustomResource, CustomResourceExt, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+pub const GROUP: &str = "rolemesh.dev";
+pub const VERSION: &str = "v1alpha1";
+
+/// Go-style duration as the API server's CEL `duration()` understands it, e.g. `24h`, `90m`, `1h30m`.
+const DURATION_PATTERN: &str = r"^([0-9]+(\.[0-9]+)?(ns|us|ms|s|m|h))+$";
+/// An IAM role ARN in any AWS partition, with an optional path.
+pub const ROLE_ARN_PATTERN: &str =
+    r"^arn:aws(-cn|-us-gov|-iso|-iso-b)?:iam::[0-9]{12}:role/[A-Za-z0-9+=,.@_/-]{1,512}$";
+/// A peer identity: an IAM role ARN or a SPIFFE ID, where `*` matches any run of characters
+/// (the account number may be `*` too).
+const PEER_PATTERN: &str = r"^(arn:aws(-cn|-us-gov|-iso|-iso-b)?:iam::([0-9]{12}|\*):role/[A-Za-z0-9+=,.@_/*-]{1,512}|spiffe://[a-z0-9.*-]+(/[A-Za-z0-9._*-]+)*)$";
+/// A SPIFFE trust domain: lowercase DNS-like name.
+const TRUST_DOMAIN_PATTERN: &str = r"^[a-z0-9]([a-z0-9.-]{0,253}[a-z0-9])?$";
+/// `host:port` for an outbound upstream.
+const UPSTREAM_PATTERN: &str = r"^[A-Za-z0-9.-]{1,253}:[0-9]{1,5}$";
+/// A Kubernetes object name (DNS-1123 subdomain).
+const NAME_PATTERN: &str = r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$";
+
+/// An MTLSPolicy gives the ServiceAccounts it covers an mTLS identity bound to their IAM role and
+/// says which peers they accept connections from and which upstreams they call.
+///
+/// For each covered ServiceAccount the controller verifies the IRSA role annotation, keeps a
+/// `kubernetes.io/tls` Secret with a short-lived certificate, and renews it before it expires.
+/// Pods of those ServiceAccounts that opt in to injection get the rolemesh proxy, configured from
+/// this policy's `inbound` and `outbound` mappings.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[kube(
+    group = "rolemesh.dev",
+    version = "v1alpha1",
+    kind = "MTLSPolicy",
+    plural = "mtlspolicies",
+    singular = "mtlspolicy",
+    shortname = "mtlsp",
+    namespaced,
+    status = "MTLSPolicyStatus",
+    category = "rolemesh",
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Workloads","type":"integer","description":"ServiceAccounts covered","jsonPath":".status.coveredServiceAccounts"}"#,
+    printcolumn = r#"{"name":"Soonest Expiry","type":"date","description":"notAfter of the certificate that expires first","jsonPath":".status.soonestNotAfter"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct MTLSPolicySpec {
+    /// Which ServiceAccounts in this namespace the policy covers. A ServiceAccount is covered if
+    /// it is named in `names` or matches `selector`.
+    pub service_accounts: ServiceAccountSelector,
+
+    /// Inbound mappings: for each, the proxy terminates mTLS on `port` and forwards plain TCP to
+    /// the application on 127.0.0.1:`appPort`, admitting only the peers listed in `allow`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub inbound: Vec<InboundMapping>,
+
+    /// Outbound mappings: for each, the proxy listens in plain TCP on 127.0.0.1:`localPort` and
+    /// dials `upstream` over mTLS, requiring the upstream to present one of `expect`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub outbound: Vec<OutboundMapping>,
+
+    /// Lifetime and renewal of the certificates issued for the covered ServiceAccounts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<CertificateSettings>,
+}
+
+/// Selects ServiceAccounts in the policy's namespace.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("size(self.names) > 0 || has(self.selector)").message("serviceAccounts needs at least one of names or selector").reason(kube::core::Reason::FieldValueRequired))]
+pub struct ServiceAccountSelector {
+    /// ServiceAccount names covered by this policy.
+    #[serde(default)]
+    #[schemars(length(max = 256), inner(regex(pattern = NAME_PATTERN), length(max = 253)))]
+    pub names: Vec<String>,
+
+    /// Label selector: every ServiceAccount in the namespace whose labels match is covered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<LabelSelector>,
+}
+
+/// One inbound port of the proxy.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct InboundMapping {
+    /// Name of the mapping, used in metrics and logs.
+    #[schemars(regex(pattern = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"), length(max = 63))]
+    pub name: String,
+
+    /// Port on which the proxy accepts mTLS connections from peers.
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: u16,
+
+    /// Port of the application on 127.0.0.1 that accepted connections are forwarded to.
+    #[schemars(range(min = 1, max = 65535))]
+    pub app_port: u16,
+
+    /// Peer identities allowed to connect: IAM role ARNs
+    /// (`arn:aws:iam::111122223333:role/frontend`) or SPIFFE IDs
+    /// (`spiffe://rolemesh.local/ns/shop/sa/frontend`); `*` matches any run of characters.
+    /// An empty list admits no one.
+    #[serde(default)]
+    #[schemars(length(max = 256), inner(regex(pattern = PEER_PATTERN), length(max = 600)))]
+    pub allow: Vec<String>,
+}
+
+/// One outbound port of the proxy.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct OutboundMapping {
+    /// Name of the mapping, used in metrics and logs.
+    #[schemars(regex(pattern = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"), length(max = 63))]
+    pub name: String,
+
+    /// Port on 127.0.0.1 where the application connects in plain TCP.
+    #[schemars(range(min = 1, max = 65535))]
+    pub local_port: u16,
+
+    /// The upstream to dial over mTLS, as `host:port` (for example `payments.shop.svc:8443`).
+    #[schemars(regex(pattern = UPSTREAM_PATTERN), length(max = 260))]
+    pub upstream: String,
+
+    /// Identities the upstream must present (IAM role ARNs or SPIFFE IDs, `*` patterns allowed).
+    #[schemars(length(min = 1, max = 256), inner(regex(pattern = PEER_PATTERN), length(max = 600)))]
+    pub expect: Vec<String>,
+}
+
+/// Certificate lifetime settings.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("duration(has(self.renewBefore) ? self.renewBefore : '0s') < duration(has(self.duration) ? self.duration : '24h')").message("certificate.renewBefore must be shorter than certificate.duration (duration defaults to 24h)").field_path(".renewBefore"))]
+pub struct CertificateSettings {
+    /// How long each certificate is valid, as a Go duration (`24h`, `90m`). Default `24h`;
+    /// between 10m and 2160h.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION_PATTERN), length(max = 32))]
+    #[x_kube(validation = Rule::new("duration(self) >= duration('10m') && duration(self) <= duration('2160h')").message("certificate.duration must be between 10m and 2160h"))]
+    pub duration: Option<String>,
+
+    /// How long before expiry a certificate is renewed, as a Go duration. Default: one third of
+    /// `duration`, with jitter so that certificates issued together do not renew together.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION_PATTERN), length(max = 32))]
+    pub renew_before: Option<String>,
+}
+
+/// Observed state of an MTLSPolicy.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct MTLSPolicyStatus {
+    /// The metadata.generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+
+    /// Ready is True when every covered ServiceAccount has a valid certificate.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub conditions: Vec<Condition>,
+
+    /// Number of ServiceAccounts this policy covers.
+    #[serde(default)]
+    pub covered_service_accounts: i32,
+
+    /// notAfter of the certificate that expires first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub soonest_not_after: Option<Time>,
+
+    /// One entry per covered ServiceAccount.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub workloads: Vec<WorkloadStatus>,
+
+    /// The last rotation requested through the `rolemesh.dev/rotate` annotation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_rotation: Option<RotationRecord>,
+}
+
+/// Identity and certificate of one covered ServiceAccount.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadStatus {
+    /// The ServiceAccount's name.
+    pub service_account: String,
+    /// The IAM role ARN from the ServiceAccount's `eks.amazonaws.com/role-arn` annotation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role_arn: Option<String>,
+    /// SPIFFE ID in the certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spiffe_id: Option<String>,
+    /// Whether the role was verified with STS (false when verification is off or failed).
+    pub verified: bool,
+    /// Machine-readable reason for the current state, e.g. `Issued`, `RoleAnnotationMissing`,
+    /// `StsDenied`, `VerificationDisabled`, `SignerUnavailable`.
+    pub reason: String,
+    /// What happened and what to do about it, for a person.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// The Secret holding the certificate and key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_name: Option<String>,
+    /// Serial number of the current certificate, hex.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<String>,
+    /// Start of the current certificate's validity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_before: Option<Time>,
+    /// End of the current certificate's validity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_after: Option<Time>,
+}
+
+/// A rotation on demand.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RotationRecord {
+    /// When the rotation was carried out.
+    pub time: Time,
+    /// The annotation value that requested it.
+    pub request: String,
+    /// The ServiceAccounts whose certificates were re-issued.
+    #[serde(default)]
+    pub service_accounts: Vec<String>,
+}
+
+/// An MTLSAuthority is the certificate authority that signs workload certificates: the SPIFFE
+/// trust domain, where the signing key lives (AWS KMS or a local Secret), and how workload
+/// identities are verified. The controller uses the MTLSAuthority named in its configuration
+/// (`default` unless told otherwise).
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[kube(
+    group = "rolemesh.dev",
+    version = "v1alpha1",
+    kind = "MTLSAuthority",
+    plural = "mtlsauthorities",
+    singular = "mtlsauthority",
+    shortname = "mtlsa",
+    status = "MTLSAuthorityStatus",
+    category = "rolemesh",
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Trust Domain","type":"string","jsonPath":".spec.trustDomain"}"#,
+    printcolumn = r#"{"name":"Signer","type":"string","jsonPath":".spec.signer.type"}"#,
+    printcolumn = r#"{"name":"CA Expiry","type":"date","jsonPath":".status.caNotAfter"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct MTLSAuthoritySpec {
+    /// SPIFFE trust domain of issued identities: certificates carry
+    /// `spiffe://<trustDomain>/ns/<namespace>/sa/<serviceaccount>`.
+    #[schemars(regex(pattern = TRUST_DOMAIN_PATTERN), length(max = 255))]
+    pub trust_domain: String,
+
+    /// Where the CA's private key lives and how it signs.
+    pub signer: SignerSpec,
+
+    /// A CA certificate the user brings, e.g. an intermediate issued by an offline root for the
+    /// signer's key. When absent the controller self-signs a CA certificate through the signer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<CaCertificateSource>,
+
+    /// How a ServiceAccount's IRSA role annotation is verified before a certificate is issued.
+    /// `sts` (default): the controller requests a token for the ServiceAccount and calls
+    /// sts:AssumeRoleWithWebIdentity; only if STS accepts and returns the same role is a
+    /// certificate issued. `none`: the annotation is trusted as written (for clusters without
+    /// IRSA); every status entry then says it is unverified.
+    #[serde(default)]
+    pub identity_verification: IdentityVerification,
+
+    /// Lifetime of a CA certificate the controller self-signs, as a Go duration. Default 8760h.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION_PATTERN), length(max = 32))]
+    pub ca_duration: Option<String>,
+}
+
+/// The CA signing backend.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.type == 'kms' ? has(self.kms) : true").message("signer.kms is required when signer.type is kms").field_path(".kms"))]
+#[x_kube(validation = Rule::new("self.type == 'local' ? has(self.local) : true").message("signer.local is required when signer.type is local").field_path(".local"))]
+pub struct SignerSpec {
+    /// Which backend signs: `kms` (AWS KMS, the key never leaves KMS) or `local` (a key in a
+    /// Secret, for development and clusters without AWS).
+    #[serde(rename = "type")]
+    pub signer_type: SignerType,
+
+    /// AWS KMS settings, required when type is `kms`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kms: Option<KmsSigner>,
+
+    /// Local signer settings, required when type is `local`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local: Option<LocalSigner>,
+}
+
+/// Signer backend kind.
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum SignerType {
+    Kms,
+    #[default]
+    Local,
+}
+
+/// An AWS KMS asymmetric signing key.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct KmsSigner {
+    /// Key ID, key ARN, alias name (`alias/rolemesh-ca`) or alias ARN of an `ECC_NIST_P256`
+    /// `SIGN_VERIFY` key.
+    #[schemars(length(min = 1, max = 2048))]
+    pub key_id: String,
+    /// AWS region of the key, e.g. `eu-west-1`.
+    #[schemars(regex(pattern = r"^[a-z]{2}(-[a-z]+)+-[0-9]+$"), length(max = 32))]
+    pub region: String,
+}
+
+/// A CA key held in a Secret in rolemesh's namespace.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct LocalSigner {
+    /// Name of the Secret (in rolemesh's namespace) holding the PKCS#8 key under `tls.key`.
+    /// Created with a new ECDSA P-256 key if absent.
+    #[schemars(regex(pattern = NAME_PATTERN), length(max = 253))]
+    pub secret_name: String,
+}
+
+/// A CA certificate provided by the user.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct CaCertificateSource {
+    /// PEM CA certificate whose public key is the signer's key.
+    #[schemars(length(min = 1, max = 65536))]
+    pub certificate: String,
+    /// PEM certificates from the CA's issuer up to and including the root; issued workload
+    /// certificates carry them in `tls.crt` and the trust bundle holds the root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 262144))]
+    pub chain: Option<String>,
+}
+
+/// Identity verification mode.
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum IdentityVerification {
+    #[default]
+    Sts,
+    None,
+}
+
+/// Observed state of an MTLSAuthority.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct MTLSAuthorityStatus {
+    /// The metadata.generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Ready is True when the signer works and the CA certificate is valid.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// SHA-256 fingerprint of the CA certificate in use, hex.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_fingerprint: Option<String>,
+    /// notAfter of the CA certificate in use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_not_after: Option<Time>,
+}
+
+/// All CRDs, in the order they are written.
+pub fn crds() -> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>
+{
+    vec![MTLSAuthority::crd(), MTLSPolicy::crd()]
+}
+
+/// Plain manifests, for `kubectl apply -f deploy/crds.yaml`.
+pub const PLAIN_CRDS_PATH: &str = "deploy/crds.yaml";
+/// The Helm chart's CRD template (gated by `crds.enabled`, kept on uninstall with `crds.keep`).
+pub const CHART_CRDS_PATH: &str = "charts/rolemesh/templates/crds.yaml";
+
+const HEADER: &str = "# Generated from crds/src/lib.rs by `make crds`; do not edit by hand.\n";
+
+/// The CRDs as one multi-document YAML file.
+pub fn crds_yaml() -> Result<String, serde_yaml::Error> {
+    let mut out = String::from(HEADER);
+    for crd in crds() {
+        out.push_str("---\n");
+        out.push_str(&serde_yaml::to_string(&crd)?);
+    }
+    Ok(out)
+}
+
+/// The CRDs wrapped as a Helm template: rendered only when `crds.enabled`, and annotated to
+/// survive `helm uninstall` when `crds.keep`, as cert-manager's chart does.
+pub fn chart_crds_template() -> Result<String, serde_yaml::Error> {
+    let mut out = format!("{HEADER}{{{{- if .Values.crds.enabled }}}}\n");
+    for crd in crds() {
+        let yaml = serde_yaml::to_string(&crd)?;
+        out.push_str("---\n");
+        for line in yaml.lines() {
+            out.push_str(line);
+            out.push('\n');
+            if line == "metadata:" {
+                out.push_str("  labels:\n    {{- include \"rolemesh.labels\" . | nindent 4 }}\n");
+                out.push_str("  {{- if .Values.crds.keep }}\n  annotations:\n    helm.sh/resource-policy: keep\n  {{- end }}\n");
+            }
+        }
+    }
+    out.push_str("{{- end }}\n");
+    Ok(out)
+}
+
+/// Every generated file, as (path relative to the repository root, content).
+pub fn generated_files() -> Result<Vec<(&'static str, String)>, serde_yaml::Error> {
+    Ok(vec![
+        (PLAIN_CRDS_PATH, crds_yaml()?),
+        (CHART_CRDS_PATH, chart_crds_template()?),
+    ])
+}

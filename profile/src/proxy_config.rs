@@ -1,0 +1,285 @@
+//! The proxy's configuration: written by the webhook (derived from the pod's MTLSPolicy) into the
+//! pod, read by the proxy at start. One definition for both sides.
+
+use std::{collections::BTreeSet, path::PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::ProfileError;
+
+/// Environment variable through which the webhook hands the proxy its configuration (JSON).
+pub const CONFIG_ENV: &str = "ROLEMESH_PROXY_CONFIG";
+/// Where the workload's certificate Secret is mounted in the proxy container.
+pub const DEFAULT_IDENTITY_DIR: &str = "/var/run/rolemesh/identity";
+/// Where the trust bundle ConfigMap is mounted in every container.
+pub const DEFAULT_TRUST_DIR: &str = "/var/run/rolemesh/trust";
+/// The proxy's plain-HTTP admin port (health, readiness, metrics).
+pub const DEFAULT_ADMIN_PORT: u16 = 15021;
+
+/// Everything the proxy needs to run.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ProxyConfig {
+    /// Peers must present SPIFFE IDs in this trust domain.
+    pub trust_domain: String,
+    /// Directory holding `tls.crt` (leaf + chain) and `tls.key`, as kubelet mounts a Secret.
+    #[serde(default = "default_identity_dir")]
+    pub identity_dir: PathBuf,
+    /// PEM file of the CA certificates in force.
+    #[serde(default = "default_trust_bundle")]
+    pub trust_bundle: PathBuf,
+    #[serde(default = "default_admin_port")]
+    pub admin_port: u16,
+    /// Address the admin server binds (all interfaces so kubelet can probe it).
+    #[serde(default = "default_admin_address")]
+    pub admin_address: String,
+    #[serde(default)]
+    pub inbound: Vec<InboundListener>,
+    #[serde(default)]
+    pub outbound: Vec<OutboundListener>,
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+/// mTLS in, plain TCP to the app on 127.0.0.1.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct InboundListener {
+    pub name: String,
+    /// mTLS port the proxy listens on (all interfaces).
+    pub port: u16,
+    /// The application's port on 127.0.0.1.
+    pub app_port: u16,
+    /// Peers admitted; empty admits no one.
+    pub allow: Vec<PeerPattern>,
+}
+
+/// Plain TCP in on 127.0.0.1, mTLS out to the upstream.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OutboundListener {
+    pub name: String,
+    pub local_port: u16,
+    /// `host:port` of the upstream's mTLS port.
+    pub upstream: String,
+    /// Identities the upstream must present (at least one).
+    pub expect: Vec<PeerPattern>,
+}
+
+/// Connection limits protecting the proxy from slow or hostile peers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Limits {
+    pub handshake_timeout_ms: u64,
+    pub max_concurrent_handshakes: usize,
+    pub idle_timeout_secs: u64,
+    pub drain_timeout_secs: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            handshake_timeout_ms: 5_000,
+            max_concurrent_handshakes: 256,
+            idle_timeout_secs: 3_600,
+            drain_timeout_secs: 20,
+        }
+    }
+}
+
+fn default_identity_dir() -> PathBuf {
+    PathBuf::from(DEFAULT_IDENTITY_DIR)
+}
+fn default_trust_bundle() -> PathBuf {
+    PathBuf::from(DEFAULT_TRUST_DIR).join("ca.crt")
+}
+fn default_admin_port() -> u16 {
+    DEFAULT_ADMIN_PORT
+}
+fn default_admin_address() -> String {
+    "0.0.0.0".to_string()
+}
+
+impl ProxyConfig {
+    /// Parses and validates a JSON configuration.
+    pub fn from_json(text: &str) -> Result<Self, ProfileError> {
+        let config: Self = serde_json::from_str(text)
+            .map_err(|e| ProfileError::InvalidProxyConfig(format!("not valid JSON config: {e}")))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn to_json(&self) -> String {
+        // Serialising plain structs of strings and numbers cannot fail.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// Checks what the types cannot: ports distinct and non-zero, names unique, patterns valid.
+    pub fn validate(&self) -> Result<(), ProfileError> {
+        let bad = |msg: String| Err(ProfileError::InvalidProxyConfig(msg));
+        if self.trust_domain.is_empty() {
+            return bad("trustDomain is empty".into());
+        }
+        let mut ports = BTreeSet::from([self.admin_port]);
+        let mut names = BTreeSet::new();
+        for listener in &self.inbound {
+            if listener.port == 0 || listener.app_port == 0 {
+                return bad(format!("inbound {}: ports must be 1-65535", listener.name));
+            }
+            if !ports.insert(listener.port) {
+                return bad(format!("inbound {}: port {} is used twice", listener.name, listener.port));
+            }
+            if !names.insert(listener.name.as_str()) {
+                return bad(format!("mapping name {} is used twice", listener.name));
+            }
+            for pattern in &listener.allow {
+                pattern.validate()?;
+            }
+        }
+        for listener in &self.outbound {
+            if listener.local_port == 0 {
+                return bad(format!("outbound {}: localPort must be 1-65535", listener.name));
+            }
+            if !ports.insert(listener.local_port) {
+                return bad(format!(
+                    "outbound {}: port {} is used twice",
+                    listener.name, listener.local_port
+                ));
+            }
+            if !names.insert(listener.name.as_str()) {
+                return bad(format!("mapping name {} is used twice", listener.name));
+            }
+            if listener.expect.is_empty() {
+                return bad(format!("outbound {}: expect lists no identity", listener.name));
+            }
+            if listener.upstream.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).is_none()
+            {
+                return bad(format!("outbound {}: upstream must be host:port", listener.name));
+            }
+            for pattern in &listener.expect {
+                pattern.validate()?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A peer identity pattern: an IAM role ARN or a SPIFFE ID, where `*` matches any run of
+/// characters (including none).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct PeerPattern(pub String);
+
+impl PeerPattern {
+    pub fn new(pattern: &str) -> Result<Self, ProfileError> {
+        let pattern = Self(pattern.to_string());
+        pattern.validate()?;
+        Ok(pattern)
+    }
+
+    fn validate(&self) -> Result<(), ProfileError> {
+        if self.0.starts_with("arn:") || self.0.starts_with("spiffe://") {
+            Ok(())
+        } else {
+            Err(ProfileError::InvalidProxyConfig(format!(
+                "peer pattern {:?} must be an IAM role ARN (arn:...) or a SPIFFE ID (spiffe://...)",
+                self.0
+            )))
+        }
+    }
+
+    /// Whether a peer with this SPIFFE ID and role matches.
+    pub fn matches(&self, spiffe_id: &str, role_arn: &str) -> bool {
+        let subject = if self.0.starts_with("arn:") { role_arn } else { spiffe_id };
+        glob_match(self.0.as_bytes(), subject.as_bytes())
+    }
+}
+
+/// `*` matches any run of bytes; everything else matches itself. Iterative with backtracking to
+/// the last star, so it is linear in practice and never recursive.
+fn glob_match(pattern: &[u8], text: &[u8]) -> bool {
+    let (mut p, mut t) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while t < text.len() {
+        if p < pattern.len() && pattern[p] == b'*' {
+            star = Some((p, t));
+            p += 1;
+        } else if p < pattern.len() && pattern[p] == text[t] {
+            p += 1;
+            t += 1;
+        } else if let Some((sp, st)) = star {
+            p = sp + 1;
+            t = st + 1;
+            star = Some((sp, st + 1));
+        } else {
+            return false;
+        }
+    }
+    pattern[p..].iter().all(|&c| c == b'*')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ID: &str = "spiffe://rolemesh.local/ns/shop/sa/frontend";
+    const ROLE: &str = "arn:aws:iam::111122223333:role/frontend";
+
+    #[test]
+    fn patterns_match_roles_and_spiffe_ids() {
+        let yes = [
+            ROLE,
+            "arn:aws:iam::*:role/frontend",
+            "arn:aws:iam::111122223333:role/*",
+            ID,
+            "spiffe://rolemesh.local/ns/shop/sa/*",
+            "spiffe://rolemesh.local/*",
+        ];
+        for p in yes {
+            assert!(PeerPattern::new(p).unwrap().matches(ID, ROLE), "{p}");
+        }
+        let no = [
+            "arn:aws:iam::111122223333:role/backend",
+            "arn:aws:iam::999999999999:role/*",
+            "spiffe://rolemesh.local/ns/other/sa/*",
+            "spiffe://other.domain/*",
+            "arn:aws:iam::111122223333:role/front",
+        ];
+        for p in no {
+            assert!(!PeerPattern::new(p).unwrap().matches(ID, ROLE), "{p}");
+        }
+        assert!(PeerPattern::new("frontend").is_err());
+    }
+
+    #[test]
+    fn config_round_trips_and_validates() {
+        let config = ProxyConfig {
+            trust_domain: "rolemesh.local".into(),
+            identity_dir: default_identity_dir(),
+            trust_bundle: default_trust_bundle(),
+            admin_port: DEFAULT_ADMIN_PORT,
+            admin_address: default_admin_address(),
+            inbound: vec![InboundListener {
+                name: "http".into(),
+                port: 8443,
+                app_port: 8080,
+                allow: vec![PeerPattern::new(ROLE).unwrap()],
+            }],
+            outbound: vec![OutboundListener {
+                name: "payments".into(),
+                local_port: 9000,
+                upstream: "payments.shop.svc:8443".into(),
+                expect: vec![PeerPattern::new("spiffe://rolemesh.local/ns/shop/sa/payments").unwrap()],
+            }],
+            limits: Limits::default(),
+        };
+        let parsed = ProxyConfig::from_json(&config.to_json()).unwrap();
+        assert_eq!(parsed, config);
+
+        let mut clash = config.clone();
+        clash.outbound[0].local_port = 8443;
+        assert!(clash.validate().unwrap_err().to_string().contains("used twice"));
+        let err = ProxyConfig::from_json(r#"{"trustDomain":"x","inbund":[]}"#).unwrap_err();
+        assert!(err.to_string().contains("unknown field"), "{err}");
+    }
+}

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Stops what tests/cluster/up.sh started.
+set -uo pipefail
+root=$(cd "$(dirname "$0")/../.." && pwd)
+dir="$root/target/cluster"
+for name in localkube moto; do
+  pidfile="$dir/$name.pid"
+  [ -f "$pidfile" ] || continue
+  pid=$(cat "$pidfile")
+  if kill -0 "$pid" 2>/dev/null; then
+    kill -TERM "$pid" 2>/dev/null
+    for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+    kill -KILL "$pid" 2>/dev/null || true
+  fi
+  rm -f "$pidfile"
+done
+rm -f "$dir/env" "$dir/ready"
+echo "local control plane stopped"

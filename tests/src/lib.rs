@@ -1,0 +1,292 @@
+//! Shared helpers for tests that run against the local control plane (`make cluster`) and the
+//! local AWS endpoint. Nothing here fakes Kubernetes or AWS: a test that needs them and finds
+//! them missing fails with a message saying how to start them.
+
+use std::{
+    collections::BTreeMap,
+    future::Future,
+    path::{Path, PathBuf},
+    process::{Command, Output},
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail};
+use k8s_openapi::api::core::v1::Namespace;
+use kube::{
+    Api, Client, Config,
+    api::{DeleteParams, PostParams},
+    config::{KubeConfigOptions, Kubeconfig},
+};
+use tokio::sync::OnceCell;
+
+/// Root of the repository (the workspace).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from(".."))
+}
+
+/// What `make cluster` wrote to `target/cluster/env`: KUBECONFIG, the AWS endpoint and the
+/// directory of the project's kubectl and helm.
+#[derive(Clone, Debug)]
+pub struct ClusterEnv {
+    vars: BTreeMap<String, String>,
+}
+
+impl ClusterEnv {
+    /// Reads the environment file of the running local control plane, or fails saying how to
+    /// start one. `ROLEMESH_CLUSTER_ENV` points at another file.
+    pub fn load() -> Result<Self> {
+        let path = std::env::var_os("ROLEMESH_CLUSTER_ENV")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| repo_root().join("target/cluster/env"));
+        let text = std::fs::read_to_string(&path).with_context(|| {
+            format!(
+                "the local control plane is not running ({} is missing): start it with \
+                 `make cluster`, or run the whole suite with `make test`",
+                path.display()
+            )
+        })?;
+        let mut vars = BTreeMap::new();
+        for line in text.lines() {
+            let line = line.trim();
+            let Some(rest) = line.strip_prefix("export ") else {
+                continue;
+            };
+            if let Some((key, value)) = rest.split_once('=') {
+                vars.insert(key.to_string(), value.trim_matches('\'').to_string());
+            }
+        }
+        for required in ["KUBECONFIG", "AWS_ENDPOINT_URL", "ROLEMESH_TOOLS_BIN"] {
+            if !vars.contains_key(required) {
+                bail!("{} lacks {required}; restart with `make cluster`", path.display());
+            }
+        }
+        Ok(Self { vars })
+    }
+
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.vars.get(key).map(String::as_str)
+    }
+
+    pub fn kubeconfig(&self) -> PathBuf {
+        PathBuf::from(&self.vars["KUBECONFIG"])
+    }
+
+    pub fn aws_endpoint(&self) -> &str {
+        &self.vars["AWS_ENDPOINT_URL"]
+    }
+
+    pub fn tool(&self, name: &str) -> PathBuf {
+        Path::new(&self.vars["ROLEMESH_TOOLS_BIN"]).join(name)
+    }
+
+    /// Every variable, for passing to a child process.
+    pub fn vars(&self) -> impl Iterator<Item = (&String, &String)> {
+        self.vars.iter()
+    }
+
+    /// A kube client for the local control plane.
+    pub async fn client(&self) -> Result<Client> {
+        let kubeconfig = Kubeconfig::read_from(self.kubeconfig())?;
+        let config =
+            Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
+        Ok(Client::try_from(config)?)
+    }
+
+    /// An AWS SDK config aimed at the local AWS endpoint with the dummy credentials.
+    pub async fn aws_config(&self) -> aws_config::SdkConfig {
+        let region = self.get("AWS_REGION").unwrap_or("us-east-1").to_string();
+        let credentials = aws_config::Credentials::new(
+            self.get("AWS_ACCESS_KEY_ID").unwrap_or("testing"),
+            self.get("AWS_SECRET_ACCESS_KEY").unwrap_or("testing"),
+            None,
+            None,
+            "rolemesh-tests",
+        );
+        aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .region(aws_config::Region::new(region))
+            .endpoint_url(self.aws_endpoint())
+            .credentials_provider(credentials)
+            .load()
+            .await
+    }
+
+    /// Runs one of the project's tools (`kubectl`, `helm`) against the local control plane.
+    pub fn run(&self, tool: &str, args: &[&str], stdin: Option<&str>) -> Result<Output> {
+        let mut command = Command::new(self.tool(tool));
+        command.args(args);
+        for (key, value) in self.vars() {
+            command.env(key, value);
+        }
+        run_with_stdin(command, stdin).with_context(|| format!("running {tool} {args:?}"))
+    }
+
+    /// Runs kubectl and fails unless it succeeds; returns its stdout.
+    pub fn kubectl(&self, args: &[&str]) -> Result<String> {
+        let output = self.run("kubectl", args, None)?;
+        expect_success("kubectl", args, &output)
+    }
+
+    /// `kubectl apply -f -` with the given manifest; returns the whole output so callers can
+    /// check refusals.
+    pub fn kubectl_apply(&self, namespace: &str, manifest: &str) -> Result<Output> {
+        self.run("kubectl", &["apply", "-n", namespace, "-f", "-"], Some(manifest))
+    }
+}
+
+fn run_with_stdin(mut command: Command, stdin: Option<&str>) -> std::io::Result<Output> {
+    use std::io::Write;
+    use std::process::Stdio;
+    command.stdout(Stdio::piped()).stderr(Stdio::piped());
+    command.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
+    let mut child = command.spawn()?;
+    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        pipe.write_all(input.as_bytes())?;
+    }
+    child.wait_with_output()
+}
+
+/// Fails with the command's stderr unless it exited 0; returns stdout.
+pub fn expect_success(tool: &str, args: &[&str], output: &Output) -> Result<String> {
+    if !output.status.success() {
+        bail!(
+            "{tool} {args:?} failed ({}):\n{}{}",
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+static CLUSTER: OnceCell<ClusterEnv> = OnceCell::const_new();
+static CRDS: OnceCell<()> = OnceCell::const_new();
+
+/// The running local control plane; fails the test (never skips) when it is not there.
+pub async fn cluster() -> Result<ClusterEnv> {
+    CLUSTER
+        .get_or_try_init(|| async {
+            let env = ClusterEnv::load()?;
+            let client = env.client().await?;
+            client
+                .apiserver_version()
+                .await
+                .context("the local control plane does not answer: restart it with `make cluster`")?;
+            Ok::<_, anyhow::Error>(env)
+        })
+        .await
+        .cloned()
+}
+
+/// Applies rolemesh's CRDs (generated YAML under deploy/) with the real kubectl and waits until
+/// the API server serves them. Safe to call from every test.
+pub async fn install_crds(env: &ClusterEnv) -> Result<()> {
+    CRDS.get_or_try_init(|| async {
+        let path = repo_root().join(rolemesh_crds::PLAIN_CRDS_PATH);
+        let path = path.to_string_lossy().into_owned();
+        env.kubectl(&["apply", "--server-side", "--force-conflicts", "-f", &path])?;
+        env.kubectl(&[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd/mtlspolicies.rolemesh.dev",
+            "crd/mtlsauthorities.rolemesh.dev",
+        ])?;
+        Ok::<_, anyhow::Error>(())
+    })
+    .await
+    .copied()
+}
+
+/// A namespace that exists for one test.
+#[derive(Clone)]
+pub struct TestNamespace {
+    pub name: String,
+    pub client: Client,
+    pub env: ClusterEnv,
+}
+
+impl TestNamespace {
+    pub fn api<K>(&self) -> Api<K>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+        <K as kube::Resource>::DynamicType: Default,
+    {
+        Api::namespaced(self.client.clone(), &self.name)
+    }
+
+    /// Prints what the namespace holds, for a failed test's output.
+    fn dump(&self) {
+        let kinds = "all,serviceaccounts,secrets,configmaps,mtlspolicies,events";
+        match self.env.run("kubectl", &["get", kinds, "-n", &self.name, "-o", "wide"], None) {
+            Ok(out) => eprintln!(
+                "--- namespace {} at failure ---\n{}{}",
+                self.name,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+            Err(error) => eprintln!("could not list namespace {}: {error:#}", self.name),
+        }
+    }
+}
+
+/// Runs `test` in a new namespace named after `prefix`, then deletes the namespace. When the
+/// test fails or panics, it first prints what it found in the namespace.
+pub async fn in_namespace<F, Fut>(prefix: &str, test: F) -> Result<()>
+where
+    F: FnOnce(TestNamespace) -> Fut,
+    Fut: Future<Output = Result<()>> + Send + 'static,
+{
+    let env = cluster().await?;
+    let client = env.client().await?;
+    let suffix: u32 = rand::random();
+    let name = format!("{prefix}-{suffix:08x}");
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let mut ns = Namespace::default();
+    ns.metadata.name = Some(name.clone());
+    ns.metadata.labels = Some(BTreeMap::from([(
+        "rolemesh.dev/test".to_string(),
+        prefix.to_string(),
+    )]));
+    namespaces
+        .create(&PostParams::default(), &ns)
+        .await
+        .with_context(|| format!("creating test namespace {name}"))?;
+    let handle = TestNamespace { name: name.clone(), client, env };
+    // The test runs as its own task so that a panic is caught and the namespace still cleaned.
+    let outcome = tokio::spawn(test(handle.clone())).await;
+    let failed = !matches!(outcome, Ok(Ok(())));
+    if failed {
+        handle.dump();
+    }
+    let _ = namespaces.delete(&name, &DeleteParams::background()).await;
+    match outcome {
+        Ok(result) => result,
+        Err(join) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
+        Err(join) => Err(join.into()),
+    }
+}
+
+/// Polls `check` every 200 ms until it returns `Ok(Some(_))` or `timeout` passes; the last error
+/// explains a timeout.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<Option<T>>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut last = String::from("condition never held");
+    loop {
+        match check().await {
+            Ok(Some(value)) => return Ok(value),
+            Ok(None) => {}
+            Err(error) => last = format!("{error:#}"),
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!("timed out after {timeout:?} waiting for {what}: {last}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
