@@ -23,7 +23,9 @@ setsid nohup "$bin/localkube" up --dir "$dir" >"$dir/logs/localkube.out" 2>&1 < 
 echo $! > "$dir/localkube.pid"
 
 moto_port=$(free_port)
-setsid nohup "$root/target/venv/bin/moto_server" -H 127.0.0.1 -p "$moto_port" >"$dir/logs/moto.log" 2>&1 < /dev/null &
+# moto, with STS's AssumeRoleWithWebIdentity checking tokens and trust policies as AWS does.
+ROLEMESH_IRSA_SIGNING_KEY="$dir/pki/sa.pub" setsid nohup "$root/target/venv/bin/python" \
+  "$root/tests/tools/aws_endpoint.py" -H 127.0.0.1 -p "$moto_port" >"$dir/logs/moto.log" 2>&1 < /dev/null &
 echo $! > "$dir/moto.pid"
 
 for _ in $(seq 1 360); do

@@ -113,6 +113,37 @@ impl ClusterEnv {
             .await
     }
 
+    /// Creates an IAM role (in the local AWS endpoint) whose trust policy admits web-identity
+    /// tokens of exactly `namespace/service_account`, as an IRSA role on EKS does. Returns its ARN.
+    pub async fn create_irsa_role(
+        &self,
+        role_name: &str,
+        namespace: &str,
+        service_account: &str,
+    ) -> Result<String> {
+        let iam = aws_sdk_iam::Client::new(&self.aws_config().await);
+        let trust = serde_json::json!({
+            "Version": "2012-10-17",
+            "Statement": [{
+                "Effect": "Allow",
+                "Principal": {"Federated": "arn:aws:iam::123456789012:oidc-provider/localkube"},
+                "Action": "sts:AssumeRoleWithWebIdentity",
+                "Condition": {"StringEquals": {
+                    "localkube:sub": format!("system:serviceaccount:{namespace}:{service_account}"),
+                    "localkube:aud": "sts.amazonaws.com",
+                }},
+            }],
+        });
+        let created = iam
+            .create_role()
+            .role_name(role_name)
+            .assume_role_policy_document(trust.to_string())
+            .send()
+            .await
+            .with_context(|| format!("creating IAM role {role_name}"))?;
+        Ok(created.role().map(|r| r.arn().to_string()).unwrap_or_default())
+    }
+
     /// Runs one of the project's tools (`kubectl`, `helm`) against the local control plane.
     pub fn run(&self, tool: &str, args: &[&str], stdin: Option<&str>) -> Result<Output> {
         let mut command = Command::new(self.tool(tool));

@@ -81,23 +81,39 @@ async fn sts_assumes_role_with_service_account_token() -> Result<()> {
             .context("no token")?
             .token;
 
+        let role = format!("payments-{}", ns.name);
+        let role_arn = ns.env.create_irsa_role(&role, &ns.name, "workload").await?;
+        let stranger = format!("stranger-{}", ns.name);
+        let stranger_arn = ns.env.create_irsa_role(&stranger, &ns.name, "someone-else").await?;
+
         let sts = aws_sdk_sts::Client::new(&ns.env.aws_config().await);
-        let role_arn = "arn:aws:iam::123456789012:role/payments";
         let assumed = sts
             .assume_role_with_web_identity()
-            .role_arn(role_arn)
+            .role_arn(&role_arn)
             .role_session_name("rolemesh-test")
-            .web_identity_token(token)
+            .web_identity_token(&token)
             .send()
             .await
             .context("AssumeRoleWithWebIdentity")?;
         let user = assumed.assumed_role_user().context("no assumed role user")?;
         ensure!(
-            user.arn().contains(":assumed-role/payments/rolemesh-test"),
+            user.arn().ends_with(&format!(":assumed-role/{role}/rolemesh-test")),
             "assumed-role ARN {} does not name the role",
             user.arn()
         );
         ensure!(assumed.credentials().is_some(), "STS returned no credentials");
+
+        // A role whose trust policy names another ServiceAccount refuses this one's token.
+        let refused = sts
+            .assume_role_with_web_identity()
+            .role_arn(&stranger_arn)
+            .role_session_name("rolemesh-test")
+            .web_identity_token(&token)
+            .send()
+            .await;
+        let error = refused.err().context("STS accepted a token its trust policy does not admit")?;
+        let code = error.as_service_error().and_then(|e| e.meta().code()).unwrap_or_default();
+        ensure!(code == "AccessDenied", "expected AccessDenied, got {error:?}");
         Ok(())
     })
     .await

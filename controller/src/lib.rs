@@ -1,0 +1,1 @@
+//! rolemesh controller library (being built)
