@@ -1,1 +1,434 @@
-//! rolemesh controller library (being built)
+//! rolemesh's controller: turns every ServiceAccount an MTLSPolicy covers into a verified IAM-role
+//! identity with a certificate Secret signed by a CA whose key stays in KMS (or, for
+//! development, in a Secret), keeps the trust bundles current and rotates on request.
+#![forbid(unsafe_code)]
+
+pub mod ca;
+pub mod certificate;
+pub mod error;
+pub mod identity;
+pub mod leader;
+pub mod metrics;
+pub mod policy;
+pub mod signer;
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use futures::{StreamExt, future};
+use k8s_openapi::{
+    api::core::v1::{Secret, ServiceAccount},
+    apimachinery::pkg::apis::meta::v1::Condition,
+};
+use kube::{
+    Api, Client, Resource, ResourceExt,
+    api::{Patch, PatchParams},
+    runtime::{
+        Controller, Predicate, WatchStreamExt,
+        events::{Recorder, Reporter},
+        predicates, reflector, watcher,
+    },
+};
+use rolemesh_crds::{MTLSAuthority, MTLSAuthorityStatus, MTLSPolicy};
+use serde_json::json;
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+pub use crate::error::{Error, Result};
+use crate::{
+    ca::{CA_RECHECK, CaState, establish_ca},
+    certificate::MANAGED_SELECTOR,
+    leader::LeaseConfig,
+    metrics::Metrics,
+    policy::{Context, FIELD_MANAGER, policies_for_service_account},
+};
+
+/// Everything `run` needs, from flags or environment.
+#[derive(Clone, Debug)]
+pub struct ControllerConfig {
+    /// rolemesh's own namespace (local signer key, CA ConfigMap, lease).
+    pub namespace: String,
+    /// Name of the MTLSAuthority in force.
+    pub authority: String,
+    pub metrics_listen: SocketAddr,
+    pub leader_election: bool,
+    pub lease_name: String,
+    /// This replica's name in the lease.
+    pub identity: String,
+    pub issue_concurrency: usize,
+    /// Only this namespace's policies, ServiceAccounts and Secrets, when set.
+    pub watch_namespace: Option<String>,
+}
+
+fn scoped<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz`.
+pub async fn serve_metrics(listen: SocketAddr, metrics: Metrics) -> Result<()> {
+    use axum::{Router, http::StatusCode, routing::get};
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|source| Error::ServeMetrics {
+            address: listen.to_string(),
+            source,
+        })?;
+    let ready_metrics = metrics.clone();
+    let app = Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let metrics = metrics.clone();
+                async move {
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        metrics.encode(),
+                    )
+                }
+            }),
+        )
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let ready = ready_metrics.is_ready();
+                async move {
+                    if ready {
+                        (StatusCode::OK, "ready")
+                    } else {
+                        (StatusCode::SERVICE_UNAVAILABLE, "caches not synced")
+                    }
+                }
+            }),
+        );
+    axum::serve(listener, app)
+        .await
+        .map_err(|source| Error::ServeMetrics {
+            address: listen.to_string(),
+            source,
+        })
+}
+
+async fn write_authority_status(
+    client: &Client,
+    name: &str,
+    authority: &MTLSAuthority,
+    result: &Result<Arc<CaState>>,
+) {
+    let existing = authority.status.clone().unwrap_or_default();
+    let generation = authority.metadata.generation;
+    let (status, reason, message) = match result {
+        Ok(ca) => (
+            "True",
+            "CaReady".to_string(),
+            format!(
+                "CA {} signs through {}",
+                ca.fingerprint,
+                ca.signer.describe()
+            ),
+        ),
+        Err(error) => ("False", error.reason().to_string(), error.to_string()),
+    };
+    let condition = policy::set_condition(
+        &existing.conditions,
+        Condition {
+            type_: "Ready".into(),
+            status: status.into(),
+            reason,
+            message,
+            observed_generation: generation,
+            last_transition_time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::now(),
+            ),
+        },
+    );
+    let new_status = MTLSAuthorityStatus {
+        observed_generation: generation,
+        conditions: vec![condition],
+        ca_fingerprint: result
+            .as_ref()
+            .ok()
+            .map(|ca| ca.fingerprint.clone())
+            .or(existing.ca_fingerprint.clone()),
+        ca_not_after: match result {
+            Ok(ca) => k8s_openapi::jiff::Timestamp::from_second(ca.not_after.unix_timestamp())
+                .ok()
+                .map(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time),
+            Err(_) => existing.ca_not_after.clone(),
+        },
+    };
+    if authority.status.as_ref() == Some(&new_status) {
+        return;
+    }
+    let api: Api<MTLSAuthority> = Api::all(client.clone());
+    let body = json!({
+        "apiVersion": MTLSAuthority::api_version(&()),
+        "kind": MTLSAuthority::kind(&()),
+        "status": new_status,
+    });
+    if let Err(error) = api
+        .patch_status(
+            name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(body),
+        )
+        .await
+    {
+        warn!(%error, authority = name, "failed to write MTLSAuthority status");
+    }
+}
+
+/// Keeps `ctx.ca` current: on every change of the MTLSAuthority and every few minutes (to roll
+/// the CA before it expires). Policies are re-reconciled whenever the CA or bundle changes.
+async fn maintain_ca(
+    client: Client,
+    config: ControllerConfig,
+    aws: aws_config::SdkConfig,
+    ctx: Arc<Context>,
+    trigger: mpsc::Sender<()>,
+) {
+    let api: Api<MTLSAuthority> = Api::all(client.clone());
+    let mut changes = watcher(
+        api.clone(),
+        watcher::Config::default().fields(&format!("metadata.name={}", config.authority)),
+    )
+    .default_backoff()
+    .applied_objects()
+    .predicate_filter(predicates::generation, Default::default())
+    .boxed();
+    let mut retry = Duration::from_secs(2);
+    loop {
+        let outcome = match api.get_opt(&config.authority).await {
+            Ok(Some(authority)) => {
+                let result =
+                    establish_ca(&client, &config.namespace, &authority, &aws, &ctx.metrics)
+                        .await
+                        .map(Arc::new);
+                write_authority_status(&client, &config.authority, &authority, &result).await;
+                result
+            }
+            Ok(None) => Err(Error::AuthorityMissing {
+                name: config.authority.clone(),
+            }),
+            Err(source) => Err(Error::Kube {
+                action: format!("read MTLSAuthority {}", config.authority),
+                source,
+            }),
+        };
+        let wait = match outcome {
+            Ok(ca) => {
+                let current = ctx.ca.load_full();
+                let changed = current.as_ref().is_none_or(|c| {
+                    c.fingerprint != ca.fingerprint
+                        || c.bundle_pem != ca.bundle_pem
+                        || c.trust_domain != ca.trust_domain
+                        || c.verification != ca.verification
+                        || c.generation != ca.generation
+                });
+                if let Ok(mut e) = ctx.ca_error.lock() {
+                    *e = None;
+                }
+                if changed {
+                    info!(fingerprint = %ca.fingerprint, signer = %ca.signer.describe(), trust_domain = %ca.trust_domain, "CA in force");
+                    ctx.ca.store(Some(ca));
+                    let _ = trigger.try_send(());
+                }
+                retry = Duration::from_secs(2);
+                CA_RECHECK
+            }
+            Err(error) => {
+                warn!(%error, authority = %config.authority, "cannot establish the CA; existing Secrets are left as they are");
+                let first_failure = ctx.ca.load().is_none();
+                if let Ok(mut e) = ctx.ca_error.lock() {
+                    *e = Some((error.reason().to_string(), error.to_string()));
+                }
+                if first_failure {
+                    let _ = trigger.try_send(());
+                }
+                retry = (retry * 2).min(Duration::from_secs(60));
+                retry
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = changes.next() => {}
+        }
+    }
+}
+
+/// Runs the controller until it fails, loses the lease, or is asked to stop.
+pub async fn run(
+    config: ControllerConfig,
+    client: Client,
+    aws: aws_config::SdkConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<()> {
+    let metrics = Metrics::new();
+    let metrics_server = tokio::spawn(serve_metrics(config.metrics_listen, metrics.clone()));
+
+    let lease = LeaseConfig {
+        namespace: config.namespace.clone(),
+        name: config.lease_name.clone(),
+        identity: config.identity.clone(),
+        duration: Duration::from_secs(15),
+        renew_every: Duration::from_secs(3),
+    };
+
+    // Only Secrets rolemesh manages are watched and cached, and without their managedFields.
+    let (secrets, secret_writer) = reflector::store::<Secret>();
+    let secret_stream = watcher(
+        scoped::<Secret>(&client, config.watch_namespace.as_deref()),
+        watcher::Config::default().labels(MANAGED_SELECTOR),
+    )
+    .default_backoff()
+    .modify(|secret| {
+        secret.managed_fields_mut().clear();
+    })
+    .reflect(secret_writer)
+    .touched_objects();
+    let (service_accounts, sa_writer) = reflector::store::<ServiceAccount>();
+    let sa_stream = watcher(
+        scoped::<ServiceAccount>(&client, config.watch_namespace.as_deref()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .modify(|sa| {
+        sa.managed_fields_mut().clear();
+        sa.secrets = None;
+    })
+    .reflect(sa_writer)
+    .touched_objects();
+    let (policies, policy_writer) = reflector::store::<MTLSPolicy>();
+    let policy_stream = watcher(
+        scoped::<MTLSPolicy>(&client, config.watch_namespace.as_deref()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .reflect(policy_writer)
+    .applied_objects()
+    // Status writes (our own) do not trigger; spec and annotation (rotate) changes do.
+    .predicate_filter(
+        predicates::generation.combine(predicates::annotations),
+        Default::default(),
+    );
+
+    let sts = aws_sdk_sts::Client::new(&aws);
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "rolemesh-controller".into(),
+            instance: Some(config.identity.clone()),
+        },
+    );
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        sts,
+        secrets.clone(),
+        service_accounts.clone(),
+        policies.clone(),
+        metrics.clone(),
+        recorder,
+        config.issue_concurrency,
+    ));
+
+    if config.leader_election {
+        metrics.set_ready(true);
+        leader::acquire(&client, &lease).await;
+    }
+    metrics.set_leader(true);
+
+    let (ca_trigger, ca_changes) = mpsc::channel::<()>(1);
+    let ca_task = tokio::spawn(maintain_ca(
+        client.clone(),
+        config.clone(),
+        aws.clone(),
+        ctx.clone(),
+        ca_trigger,
+    ));
+
+    let mapper_policies = policies.clone();
+    let ready_metrics = metrics.clone();
+    let (secrets_ready, sas_ready) = (secrets.clone(), service_accounts.clone());
+    let controller = Controller::for_stream(policy_stream, policies)
+        .owns_stream(secret_stream)
+        .watches_stream(sa_stream, move |sa| {
+            policies_for_service_account(&mapper_policies, &sa)
+        })
+        .reconcile_all_on(tokio_stream_from(ca_changes))
+        .run(
+            move |policy, ctx: Arc<Context>| {
+                let (secrets_ready, sas_ready, ready_metrics) = (
+                    secrets_ready.clone(),
+                    sas_ready.clone(),
+                    ready_metrics.clone(),
+                );
+                async move {
+                    // Deciding with half-filled caches would issue certificates that exist already.
+                    let _ = secrets_ready.wait_until_ready().await;
+                    let _ = sas_ready.wait_until_ready().await;
+                    ready_metrics.set_ready(true);
+                    policy::reconcile(policy, ctx).await
+                }
+            },
+            policy::error_policy,
+            ctx,
+        )
+        .for_each(|_| future::ready(()));
+
+    let lease_lost = async {
+        if config.leader_election {
+            leader::hold(&client, &lease).await
+        } else {
+            future::pending().await
+        }
+    };
+    let result = tokio::select! {
+        _ = controller => Ok(()),
+        error = lease_lost => Err(error),
+        served = metrics_server => match served {
+            Ok(Err(error)) => Err(error),
+            _ => Ok(()),
+        },
+        _ = shutdown => {
+            info!("shutting down");
+            Ok(())
+        }
+    };
+    ca_task.abort();
+    metrics.set_leader(false);
+    if config.leader_election && !matches!(result, Err(Error::LostLease { .. })) {
+        leader::release(&client, &lease).await;
+    }
+    result
+}
+
+fn tokio_stream_from(
+    mut receiver: mpsc::Receiver<()>,
+) -> impl futures::Stream<Item = ()> + Send + 'static {
+    futures::stream::poll_fn(move |cx| receiver.poll_recv(cx))
+}
+
+/// The name this replica uses in the lease: the pod name when set, else host and process id.
+pub fn replica_identity() -> String {
+    std::env::var("POD_NAME").unwrap_or_else(|_| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        format!("{}-{}", host.trim(), std::process::id())
+    })
+}
+
+/// Names covered in the issue for `kubectl get` of a policy's managed Secrets.
+pub fn describe_policy(policy: &MTLSPolicy) -> String {
+    format!(
+        "{}/{}",
+        policy.namespace().unwrap_or_default(),
+        policy.name_any()
+    )
+}

@@ -1,1 +1,117 @@
-fn main() {}
+//! `rolemesh-controller`: flags and environment in, `rolemesh_controller::run` out.
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+
+use anyhow::Context as _;
+use clap::{Parser, ValueEnum};
+use rolemesh_controller::{ControllerConfig, replica_identity, run};
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Issues and rotates rolemesh workload certificates for the ServiceAccounts MTLSPolicies cover.
+#[derive(Debug, Parser)]
+#[command(name = "rolemesh-controller", version)]
+struct Args {
+    /// rolemesh's own namespace: local signer key, CA ConfigMap, leader lease, webhook Secrets.
+    #[arg(long, env = "ROLEMESH_NAMESPACE", default_value = "rolemesh")]
+    namespace: String,
+    /// Name of the MTLSAuthority in force.
+    #[arg(long, env = "ROLEMESH_AUTHORITY", default_value = "default")]
+    authority: String,
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(long, env = "ROLEMESH_METRICS_LISTEN", default_value = "0.0.0.0:9090")]
+    metrics_listen: SocketAddr,
+    /// Take part in leader election (only the leader issues).
+    #[arg(long, env = "ROLEMESH_LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
+    leader_election: bool,
+    /// Name of the leader election Lease in --namespace.
+    #[arg(
+        long,
+        env = "ROLEMESH_LEASE_NAME",
+        default_value = "rolemesh-controller"
+    )]
+    lease_name: String,
+    /// Certificates issued at once per policy.
+    #[arg(long, env = "ROLEMESH_ISSUE_CONCURRENCY", default_value_t = 16)]
+    issue_concurrency: usize,
+    /// Webhook Service name: DNS names of the webhook serving certificate.
+    #[arg(
+        long,
+        env = "ROLEMESH_WEBHOOK_SERVICE",
+        default_value = "rolemesh-webhook"
+    )]
+    webhook_service: String,
+    /// MutatingWebhookConfiguration whose caBundle the controller keeps current.
+    #[arg(
+        long,
+        env = "ROLEMESH_WEBHOOK_CONFIGURATION",
+        default_value = "rolemesh-webhook"
+    )]
+    webhook_configuration: String,
+    /// IP SANs of the webhook serving certificate (development mode with a webhook URL).
+    #[arg(long, env = "ROLEMESH_WEBHOOK_IP", value_delimiter = ',')]
+    webhook_ip: Vec<std::net::IpAddr>,
+    /// Watch only this namespace (policies, ServiceAccounts, Secrets); all namespaces if unset.
+    #[arg(long, env = "ROLEMESH_WATCH_NAMESPACE")]
+    watch_namespace: Option<String>,
+    /// Log format.
+    #[arg(long, env = "ROLEMESH_LOG_FORMAT", value_enum, default_value = "text")]
+    log_format: LogFormat,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    rustls::crypto::aws_lc_rs::default_provider()
+        .install_default()
+        .map_err(|_| anyhow::anyhow!("a rustls crypto provider was already installed"))?;
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    match args.log_format {
+        LogFormat::Json => tracing_subscriber::fmt()
+            .json()
+            .with_writer(std::io::stderr)
+            .with_env_filter(filter)
+            .init(),
+        LogFormat::Text => tracing_subscriber::fmt()
+            .with_writer(std::io::stderr)
+            .with_env_filter(filter)
+            .init(),
+    }
+    let client = kube::Client::try_default()
+        .await
+        .context("failed to connect to the Kubernetes API (kubeconfig or in-cluster)")?;
+    let aws = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .load()
+        .await;
+    let config = ControllerConfig {
+        namespace: args.namespace,
+        authority: args.authority,
+        metrics_listen: args.metrics_listen,
+        leader_election: args.leader_election,
+        lease_name: args.lease_name,
+        identity: replica_identity(),
+        issue_concurrency: args.issue_concurrency,
+        watch_namespace: args.watch_namespace,
+    };
+    let _ = (
+        &args.webhook_service,
+        &args.webhook_configuration,
+        &args.webhook_ip,
+    );
+    let shutdown = async {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => futures::future::pending::<()>().await } } => {}
+        }
+    };
+    run(config, client, aws, shutdown).await?;
+    Ok(())
+}

@@ -2,7 +2,7 @@
 //! certificates), the webhook (which configures the proxy), the proxy (which checks peers) and
 //! the CLI (which inspects Secrets):
 //!
-//! - [`SpiffeId`]: `spiffe://<trust-domain>/ns/<namespace>/sa/<serviceaccount>`;
+//! - [`SpiffeId`], the workload's name: `spiffe://<trust-domain>/ns/<namespace>/sa/<serviceaccount>`;
 //! - [`ROLE_ARN_OID`]: the private certificate extension carrying the IAM role ARN;
 //! - [`profile`]: the X.509 profile of workload and CA certificates;
 //! - [`inspect`]: reading an issued certificate back (parsing by x509-parser, never by hand);

@@ -60,7 +60,10 @@ impl ClusterEnv {
         }
         for required in ["KUBECONFIG", "AWS_ENDPOINT_URL", "ROLEMESH_TOOLS_BIN"] {
             if !vars.contains_key(required) {
-                bail!("{} lacks {required}; restart with `make cluster`", path.display());
+                bail!(
+                    "{} lacks {required}; restart with `make cluster`",
+                    path.display()
+                );
             }
         }
         Ok(Self { vars })
@@ -98,7 +101,7 @@ impl ClusterEnv {
     /// An AWS SDK config aimed at the local AWS endpoint with the dummy credentials.
     pub async fn aws_config(&self) -> aws_config::SdkConfig {
         let region = self.get("AWS_REGION").unwrap_or("us-east-1").to_string();
-        let credentials = aws_config::Credentials::new(
+        let credentials = aws_sdk_kms::config::Credentials::new(
             self.get("AWS_ACCESS_KEY_ID").unwrap_or("testing"),
             self.get("AWS_SECRET_ACCESS_KEY").unwrap_or("testing"),
             None,
@@ -141,7 +144,10 @@ impl ClusterEnv {
             .send()
             .await
             .with_context(|| format!("creating IAM role {role_name}"))?;
-        Ok(created.role().map(|r| r.arn().to_string()).unwrap_or_default())
+        Ok(created
+            .role()
+            .map(|r| r.arn().to_string())
+            .unwrap_or_default())
     }
 
     /// Runs one of the project's tools (`kubectl`, `helm`) against the local control plane.
@@ -163,7 +169,11 @@ impl ClusterEnv {
     /// `kubectl apply -f -` with the given manifest; returns the whole output so callers can
     /// check refusals.
     pub fn kubectl_apply(&self, namespace: &str, manifest: &str) -> Result<Output> {
-        self.run("kubectl", &["apply", "-n", namespace, "-f", "-"], Some(manifest))
+        self.run(
+            "kubectl",
+            &["apply", "-n", namespace, "-f", "-"],
+            Some(manifest),
+        )
     }
 }
 
@@ -171,7 +181,11 @@ fn run_with_stdin(mut command: Command, stdin: Option<&str>) -> std::io::Result<
     use std::io::Write;
     use std::process::Stdio;
     command.stdout(Stdio::piped()).stderr(Stdio::piped());
-    command.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
+    command.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    });
     let mut child = command.spawn()?;
     if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
         pipe.write_all(input.as_bytes())?;
@@ -201,10 +215,9 @@ pub async fn cluster() -> Result<ClusterEnv> {
         .get_or_try_init(|| async {
             let env = ClusterEnv::load()?;
             let client = env.client().await?;
-            client
-                .apiserver_version()
-                .await
-                .context("the local control plane does not answer: restart it with `make cluster`")?;
+            client.apiserver_version().await.context(
+                "the local control plane does not answer: restart it with `make cluster`",
+            )?;
             Ok::<_, anyhow::Error>(env)
         })
         .await
@@ -251,7 +264,11 @@ impl TestNamespace {
     /// Prints what the namespace holds, for a failed test's output.
     fn dump(&self) {
         let kinds = "all,serviceaccounts,secrets,configmaps,mtlspolicies,events";
-        match self.env.run("kubectl", &["get", kinds, "-n", &self.name, "-o", "wide"], None) {
+        match self.env.run(
+            "kubectl",
+            &["get", kinds, "-n", &self.name, "-o", "wide"],
+            None,
+        ) {
             Ok(out) => eprintln!(
                 "--- namespace {} at failure ---\n{}{}",
                 self.name,
@@ -285,7 +302,11 @@ where
         .create(&PostParams::default(), &ns)
         .await
         .with_context(|| format!("creating test namespace {name}"))?;
-    let handle = TestNamespace { name: name.clone(), client, env };
+    let handle = TestNamespace {
+        name: name.clone(),
+        client,
+        env,
+    };
     // The test runs as its own task so that a panic is caught and the namespace still cleaned.
     let outcome = tokio::spawn(test(handle.clone())).await;
     let failed = !matches!(outcome, Ok(Ok(())));

@@ -26,12 +26,27 @@ async fn kms_signs_with_p256_key_and_signature_verifies() -> Result<()> {
         .send()
         .await
         .context("CreateKey")?;
-    let key_id = key.key_metadata().context("no key metadata")?.key_id().to_string();
+    let key_id = key
+        .key_metadata()
+        .context("no key metadata")?
+        .key_id()
+        .to_string();
 
-    let public = kms.get_public_key().key_id(&key_id).send().await.context("GetPublicKey")?;
-    let spki = public.public_key().context("no public key")?.as_ref().to_vec();
-    let (_, parsed) = x509_parser::x509::SubjectPublicKeyInfo::from_der(&spki)
-        .map_err(|e| anyhow::anyhow!("KMS public key is not SPKI DER: {e}"))?;
+    let public = kms
+        .get_public_key()
+        .key_id(&key_id)
+        .send()
+        .await
+        .context("GetPublicKey")?;
+    let spki = public
+        .public_key()
+        .context("no public key")?
+        .as_ref()
+        .to_vec();
+    let (_, parsed) = <x509_parser::x509::SubjectPublicKeyInfo as x509_parser::prelude::FromDer<
+        _,
+    >>::from_der(&spki)
+    .map_err(|e| anyhow::anyhow!("KMS public key is not SPKI DER: {e}"))?;
 
     let message = b"to-be-signed certificate bytes".to_vec();
     let signed = kms
@@ -43,7 +58,11 @@ async fn kms_signs_with_p256_key_and_signature_verifies() -> Result<()> {
         .send()
         .await
         .context("Sign")?;
-    let signature = signed.signature().context("no signature")?.as_ref().to_vec();
+    let signature = signed
+        .signature()
+        .context("no signature")?
+        .as_ref()
+        .to_vec();
 
     let verifier = aws_lc_rs::signature::UnparsedPublicKey::new(
         &aws_lc_rs::signature::ECDSA_P256_SHA256_ASN1,
@@ -84,7 +103,10 @@ async fn sts_assumes_role_with_service_account_token() -> Result<()> {
         let role = format!("payments-{}", ns.name);
         let role_arn = ns.env.create_irsa_role(&role, &ns.name, "workload").await?;
         let stranger = format!("stranger-{}", ns.name);
-        let stranger_arn = ns.env.create_irsa_role(&stranger, &ns.name, "someone-else").await?;
+        let stranger_arn = ns
+            .env
+            .create_irsa_role(&stranger, &ns.name, "someone-else")
+            .await?;
 
         let sts = aws_sdk_sts::Client::new(&ns.env.aws_config().await);
         let assumed = sts
@@ -95,13 +117,19 @@ async fn sts_assumes_role_with_service_account_token() -> Result<()> {
             .send()
             .await
             .context("AssumeRoleWithWebIdentity")?;
-        let user = assumed.assumed_role_user().context("no assumed role user")?;
+        let user = assumed
+            .assumed_role_user()
+            .context("no assumed role user")?;
         ensure!(
-            user.arn().ends_with(&format!(":assumed-role/{role}/rolemesh-test")),
+            user.arn()
+                .ends_with(&format!(":assumed-role/{role}/rolemesh-test")),
             "assumed-role ARN {} does not name the role",
             user.arn()
         );
-        ensure!(assumed.credentials().is_some(), "STS returned no credentials");
+        ensure!(
+            assumed.credentials().is_some(),
+            "STS returned no credentials"
+        );
 
         // A role whose trust policy names another ServiceAccount refuses this one's token.
         let refused = sts
@@ -111,9 +139,17 @@ async fn sts_assumes_role_with_service_account_token() -> Result<()> {
             .web_identity_token(&token)
             .send()
             .await;
-        let error = refused.err().context("STS accepted a token its trust policy does not admit")?;
-        let code = error.as_service_error().and_then(|e| e.meta().code()).unwrap_or_default();
-        ensure!(code == "AccessDenied", "expected AccessDenied, got {error:?}");
+        let error = refused
+            .err()
+            .context("STS accepted a token its trust policy does not admit")?;
+        let code = error
+            .as_service_error()
+            .and_then(|e| e.meta().code())
+            .unwrap_or_default();
+        ensure!(
+            code == "AccessDenied",
+            "expected AccessDenied, got {error:?}"
+        );
         Ok(())
     })
     .await

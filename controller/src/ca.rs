@@ -1,0 +1,321 @@
+//! The CA in force: its signer, its certificate, the chain that goes into every `tls.crt`, and
+//! the trust bundle of every CA certificate still in force.
+
+use std::{collections::BTreeMap, fmt, sync::Arc, time::Duration};
+
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::{
+    Api, Client,
+    api::{ObjectMeta, PostParams},
+};
+use rolemesh_crds::{IdentityVerification, MTLSAuthority, SignerType};
+use rolemesh_profile::{
+    CertificateInfo,
+    inspect::{certificates_from_pem, sha256_hex},
+    inspect_certificate, parse_duration,
+    profile::{DEFAULT_CA_DURATION, ca_params},
+};
+use time::OffsetDateTime;
+use tracing::info;
+
+use crate::{
+    error::{Error, Result},
+    metrics::Metrics,
+    signer::{KmsSigner, LocalSigner, RcgenKey, Signer},
+};
+
+/// ConfigMap in rolemesh's namespace holding the self-signed CA (`ca.crt`) and every CA
+/// certificate still trusted (`bundle.crt`).
+pub const CA_CONFIGMAP: &str = "rolemesh-ca";
+pub const CA_CERT_KEY: &str = "ca.crt";
+pub const CA_BUNDLE_KEY: &str = "bundle.crt";
+
+/// Everything needed to sign workload certificates.
+#[derive(Clone)]
+pub struct CaState {
+    pub signer: Arc<dyn Signer>,
+    pub ca_der: Vec<u8>,
+    /// PEM appended after the leaf in `tls.crt`: the CA certificate and any chain above it.
+    pub chain_pem: String,
+    /// PEM of every CA certificate in force, the content of `ca.crt` and the trust bundles.
+    pub bundle_pem: String,
+    pub trust_domain: String,
+    pub verification: IdentityVerification,
+    pub fingerprint: String,
+    pub not_after: OffsetDateTime,
+    /// The MTLSAuthority generation this state was built from.
+    pub generation: Option<i64>,
+}
+
+impl fmt::Debug for CaState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CaState")
+            .field("signer", &self.signer.describe())
+            .field("trust_domain", &self.trust_domain)
+            .field("fingerprint", &self.fingerprint)
+            .field("not_after", &self.not_after)
+            .finish()
+    }
+}
+
+pub fn pem_of(der: &[u8]) -> String {
+    pem_encode("CERTIFICATE", der)
+}
+
+fn pem_encode(tag: &str, der: &[u8]) -> String {
+    use base64::Engine;
+    let body = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut out = format!("-----BEGIN {tag}-----\n");
+    for line in body.as_bytes().chunks(64) {
+        out.push_str(&String::from_utf8_lossy(line));
+        out.push('\n');
+    }
+    out.push_str(&format!("-----END {tag}-----\n"));
+    out
+}
+
+/// Builds the signer an MTLSAuthority names.
+pub async fn connect_signer(
+    client: &Client,
+    namespace: &str,
+    authority: &MTLSAuthority,
+    aws: &aws_config::SdkConfig,
+    metrics: &Metrics,
+) -> Result<Arc<dyn Signer>> {
+    let name = authority.metadata.name.clone().unwrap_or_default();
+    let spec = &authority.spec.signer;
+    match spec.signer_type {
+        SignerType::Local => {
+            let local = spec.local.as_ref().ok_or_else(|| Error::AuthorityInvalid {
+                name: name.clone(),
+                message: "signer.type is local but signer.local is missing".into(),
+            })?;
+            Ok(Arc::new(
+                LocalSigner::load_or_create(client, namespace, &local.secret_name, metrics.clone())
+                    .await?,
+            ))
+        }
+        SignerType::Kms => {
+            let kms = spec.kms.as_ref().ok_or_else(|| Error::AuthorityInvalid {
+                name: name.clone(),
+                message: "signer.type is kms but signer.kms is missing".into(),
+            })?;
+            let config = aws_sdk_kms::config::Builder::from(aws)
+                .region(aws_sdk_kms::config::Region::new(kms.region.clone()))
+                .retry_config(
+                    aws_sdk_kms::config::retry::RetryConfig::standard().with_max_attempts(4),
+                )
+                .build();
+            let client = aws_sdk_kms::Client::from_conf(config);
+            Ok(Arc::new(
+                KmsSigner::connect(client, &kms.key_id, metrics.clone()).await?,
+            ))
+        }
+    }
+}
+
+/// Signs `params` with the CA signer on a blocking thread (rcgen's signing is synchronous).
+pub async fn sign_certificate<T: Send + 'static>(
+    signer: &Arc<dyn Signer>,
+    build: impl FnOnce(&RcgenKey) -> std::result::Result<T, rcgen::Error> + Send + 'static,
+) -> Result<T> {
+    let key = RcgenKey::new(signer.clone(), tokio::runtime::Handle::current())?;
+    tokio::task::spawn_blocking(move || {
+        build(&key).map_err(|e| match key.take_error() {
+            Some(signer_error) => signer_error,
+            None => Error::BuildCertificate(e.to_string()),
+        })
+    })
+    .await
+    .map_err(|e| Error::BuildCertificate(format!("signing task failed: {e}")))?
+}
+
+fn usable_ca(
+    info: &CertificateInfo,
+    signer: &dyn Signer,
+    trust_domain: &str,
+    now: OffsetDateTime,
+) -> bool {
+    let life = info.not_after - info.not_before;
+    info.is_ca
+        && info.public_key_matches(signer.public_key_spki())
+        && info.uri_sans.iter().any(|u| u == &format!("spiffe://{trust_domain}"))
+        && info.is_valid_at(now)
+        // Replace a self-signed CA in the last third of its life, well before leaves outlive it.
+        && info.not_after - now > life / 3
+}
+
+/// Establishes the CA for `authority`: the user's CA when given (checked against the signer), or
+/// the self-signed CA stored in ConfigMap `rolemesh-ca`, made anew through the signer when there
+/// is none or it no longer fits (other key, other trust domain, last third of its life).
+pub async fn establish_ca(
+    client: &Client,
+    namespace: &str,
+    authority: &MTLSAuthority,
+    aws: &aws_config::SdkConfig,
+    metrics: &Metrics,
+) -> Result<CaState> {
+    let name = authority.metadata.name.clone().unwrap_or_default();
+    let trust_domain = authority.spec.trust_domain.clone();
+    let signer = connect_signer(client, namespace, authority, aws, metrics).await?;
+    let now = OffsetDateTime::now_utc();
+    let invalid = |message: String| Error::AuthorityInvalid {
+        name: name.clone(),
+        message,
+    };
+
+    if let Some(user) = &authority.spec.ca {
+        let user_err = |message: String| Error::UserCa {
+            authority: name.clone(),
+            message,
+        };
+        let certs =
+            certificates_from_pem(&user.certificate).map_err(|e| user_err(e.to_string()))?;
+        let ca_der = certs
+            .first()
+            .cloned()
+            .ok_or_else(|| user_err("ca.certificate holds no PEM certificate".into()))?;
+        let info = inspect_certificate(&ca_der).map_err(|e| user_err(e.to_string()))?;
+        if !info.is_ca {
+            return Err(user_err(
+                "ca.certificate is not a CA certificate (basicConstraints CA:TRUE)".into(),
+            ));
+        }
+        if !info.public_key_matches(signer.public_key_spki()) {
+            return Err(user_err(format!(
+                "the public key of ca.certificate is not the key of the signer ({}); issue the CA certificate for that key",
+                signer.describe()
+            )));
+        }
+        if !info.is_valid_at(now) {
+            return Err(user_err(format!(
+                "ca.certificate is not valid now (valid {} to {})",
+                info.not_before, info.not_after
+            )));
+        }
+        let chain = match &user.chain {
+            Some(pem) => {
+                certificates_from_pem(pem).map_err(|e| user_err(format!("ca.chain: {e}")))?
+            }
+            None => Vec::new(),
+        };
+        let mut chain_pem = pem_of(&ca_der);
+        for der in &chain {
+            chain_pem.push_str(&pem_of(der));
+        }
+        // The root (last of the chain) is the trust anchor; without a chain the CA itself is.
+        let anchor = chain.last().cloned().unwrap_or_else(|| ca_der.clone());
+        return Ok(CaState {
+            fingerprint: sha256_hex(&ca_der),
+            not_after: info.not_after,
+            ca_der,
+            chain_pem,
+            bundle_pem: pem_of(&anchor),
+            signer,
+            trust_domain,
+            verification: authority.spec.identity_verification,
+            generation: authority.metadata.generation,
+        });
+    }
+
+    let ca_duration = match &authority.spec.ca_duration {
+        Some(text) => parse_duration(text).map_err(|e| invalid(e.to_string()))?,
+        None => DEFAULT_CA_DURATION,
+    };
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
+    let existing = api
+        .get_opt(CA_CONFIGMAP)
+        .await
+        .map_err(Error::kube(format!(
+            "read ConfigMap {namespace}/{CA_CONFIGMAP}"
+        )))?;
+    let stored = |key: &str| {
+        existing
+            .as_ref()
+            .and_then(|cm| cm.data.as_ref())
+            .and_then(|d| d.get(key))
+            .cloned()
+    };
+    if let Some(pem) = stored(CA_CERT_KEY)
+        && let Some(der) = certificates_from_pem(&pem)
+            .ok()
+            .and_then(|c| c.into_iter().next())
+        && let Ok(info) = inspect_certificate(&der)
+        && usable_ca(&info, signer.as_ref(), &trust_domain, now)
+    {
+        let bundle_pem = stored(CA_BUNDLE_KEY).unwrap_or_else(|| pem_of(&der));
+        return Ok(CaState {
+            fingerprint: sha256_hex(&der),
+            not_after: info.not_after,
+            chain_pem: pem_of(&der),
+            ca_der: der,
+            bundle_pem,
+            signer,
+            trust_domain,
+            verification: authority.spec.identity_verification,
+            generation: authority.metadata.generation,
+        });
+    }
+
+    // A new self-signed CA, signed through the signer (one Sign call).
+    let params = ca_params(&trust_domain, ca_duration, now);
+    let ca_der = sign_certificate(&signer, move |key| {
+        Ok(params.self_signed(key)?.der().to_vec())
+    })
+    .await?;
+    let info = inspect_certificate(&ca_der).map_err(|e| Error::BuildCertificate(e.to_string()))?;
+    // Keep every earlier CA that has not expired, so leaves signed by it stay trusted while they
+    // are re-issued under the new one.
+    let mut bundle_pem = pem_of(&ca_der);
+    if let Some(old_bundle) = stored(CA_BUNDLE_KEY) {
+        for der in certificates_from_pem(&old_bundle).unwrap_or_default() {
+            if der != ca_der && inspect_certificate(&der).is_ok_and(|i| i.is_valid_at(now)) {
+                bundle_pem.push_str(&pem_of(&der));
+            }
+        }
+    }
+    let configmap = ConfigMap {
+        metadata: ObjectMeta {
+            name: Some(CA_CONFIGMAP.into()),
+            namespace: Some(namespace.into()),
+            resource_version: existing
+                .as_ref()
+                .and_then(|cm| cm.metadata.resource_version.clone()),
+            labels: Some(BTreeMap::from([(
+                "app.kubernetes.io/managed-by".to_string(),
+                "rolemesh".to_string(),
+            )])),
+            ..Default::default()
+        },
+        data: Some(BTreeMap::from([
+            (CA_CERT_KEY.to_string(), pem_of(&ca_der)),
+            (CA_BUNDLE_KEY.to_string(), bundle_pem.clone()),
+        ])),
+        ..Default::default()
+    };
+    // Optimistic concurrency: if another writer got there first, the caller retries and loads it.
+    if existing.is_some() {
+        api.replace(CA_CONFIGMAP, &PostParams::default(), &configmap)
+            .await
+    } else {
+        api.create(&PostParams::default(), &configmap).await
+    }
+    .map_err(Error::kube(format!(
+        "store the CA certificate in ConfigMap {namespace}/{CA_CONFIGMAP}"
+    )))?;
+    info!(fingerprint = %sha256_hex(&ca_der), not_after = %info.not_after, signer = %signer.describe(), "issued a new self-signed CA certificate");
+    Ok(CaState {
+        fingerprint: sha256_hex(&ca_der),
+        not_after: info.not_after,
+        chain_pem: pem_of(&ca_der),
+        ca_der,
+        bundle_pem,
+        signer,
+        trust_domain,
+        verification: authority.spec.identity_verification,
+        generation: authority.metadata.generation,
+    })
+}
+
+/// How often the CA is re-checked even when nothing changed (to roll it before it expires).
+pub const CA_RECHECK: Duration = Duration::from_secs(300);

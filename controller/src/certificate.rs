@@ -1,0 +1,263 @@
+//! Workload certificates and their Secrets: issuing one, and deciding whether the one a Secret
+//! holds is still good (whole, chained to the CA in force, the right identity, not due).
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::{
+    ByteString, api::core::v1::Secret, apimachinery::pkg::apis::meta::v1::OwnerReference,
+};
+use kube::api::ObjectMeta;
+use rcgen::{Issuer, KeyPair, PublicKeyData};
+use rolemesh_profile::{
+    CertificateInfo, CertificateProfile, IssuedCertificate, WorkloadIdentity,
+    inspect::certificates_from_pem,
+    inspect_certificate,
+    profile::{BACKDATE, generate_workload_key},
+};
+use rustls_pki_types::{CertificateDer, UnixTime};
+use time::OffsetDateTime;
+
+use crate::{
+    ca::{CaState, pem_of, sign_certificate},
+    error::{Error, Result},
+};
+
+pub const SECRET_SUFFIX: &str = "-rolemesh-tls";
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+pub const MANAGED_BY_VALUE: &str = "rolemesh";
+/// Label selector of everything the controller manages, and the only Secrets it watches.
+pub const MANAGED_SELECTOR: &str = "app.kubernetes.io/managed-by=rolemesh";
+pub const POLICY_LABEL: &str = "rolemesh.dev/policy";
+pub const SERVICE_ACCOUNT_LABEL: &str = "rolemesh.dev/service-account";
+/// Set to any new value on an MTLSPolicy (all its ServiceAccounts) or a ServiceAccount to re-issue.
+pub const ROTATE_ANNOTATION: &str = "rolemesh.dev/rotate";
+/// On a Secret: the policy's and the ServiceAccount's `rolemesh.dev/rotate` values it was issued
+/// for, so that a new value is recognised as a request.
+pub const ISSUED_FOR_POLICY_ROTATION: &str = "rolemesh.dev/issued-for-policy-rotate";
+pub const ISSUED_FOR_SA_ROTATION: &str = "rolemesh.dev/issued-for-serviceaccount-rotate";
+/// On a Secret: how the role was verified at issuance (`sts` or `none`).
+pub const VERIFICATION_ANNOTATION: &str = "rolemesh.dev/verification";
+
+pub fn secret_name(service_account: &str) -> String {
+    format!("{service_account}{SECRET_SUFFIX}")
+}
+
+/// Issues a workload certificate for `identity`: a new key, one Sign call.
+pub async fn issue_certificate(
+    ca: &CaState,
+    identity: &WorkloadIdentity,
+    profile: &CertificateProfile,
+) -> Result<IssuedCertificate> {
+    let now = OffsetDateTime::now_utc();
+    let key = generate_workload_key().map_err(|e| Error::BuildCertificate(e.to_string()))?;
+    let params = profile
+        .leaf_params(identity, &[], now)
+        .map_err(|e| Error::BuildCertificate(e.to_string()))?;
+    let ca_der = ca.ca_der.clone();
+    let (leaf_der, key) = sign_certificate(&ca.signer, move |signing_key| {
+        let issuer =
+            Issuer::from_ca_cert_der(&CertificateDer::from(ca_der.as_slice()), signing_key)?;
+        let cert = params.signed_by(&key, &issuer)?;
+        Ok((cert.der().to_vec(), key))
+    })
+    .await?;
+    let info =
+        inspect_certificate(&leaf_der).map_err(|e| Error::BuildCertificate(e.to_string()))?;
+    Ok(IssuedCertificate {
+        chain_pem: format!("{}{}", pem_of(&leaf_der), ca.chain_pem),
+        key_pem: key.serialize_pem(),
+        serial_hex: info.serial_hex,
+        not_before: info.not_before,
+        not_after: info.not_after,
+    })
+}
+
+/// What a workload needs done to its Secret.
+#[derive(Debug)]
+pub enum Need {
+    /// The Secret is good as it is.
+    Nothing(Box<CertificateInfo>),
+    /// The certificate is good but `ca.crt` is not the bundle in force.
+    RefreshBundle(Box<CertificateInfo>),
+    /// A new certificate is needed, for this reason (a metrics label).
+    Issue(&'static str, String),
+}
+
+fn secret_field<'a>(secret: &'a Secret, key: &str) -> Option<&'a [u8]> {
+    secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(key))
+        .map(|b| b.0.as_slice())
+}
+
+/// Checks the certificate a Secret holds: parsed with x509-parser (via the profile crate), the
+/// chain verified with rustls-webpki against the CA in force, the key checked against the leaf.
+pub fn check_certificate(
+    secret: &Secret,
+    ca: &CaState,
+    identity: &WorkloadIdentity,
+    now: OffsetDateTime,
+) -> std::result::Result<CertificateInfo, String> {
+    let chain_pem = secret_field(secret, "tls.crt")
+        .and_then(|b| std::str::from_utf8(b).ok())
+        .ok_or("tls.crt is missing or not PEM")?;
+    let key_pem = secret_field(secret, "tls.key")
+        .and_then(|b| std::str::from_utf8(b).ok())
+        .ok_or("tls.key is missing or not PEM")?;
+    let chain = certificates_from_pem(chain_pem).map_err(|e| format!("tls.crt: {e}"))?;
+    let leaf = chain.first().ok_or("tls.crt holds no certificate")?;
+    let info = inspect_certificate(leaf).map_err(|e| format!("tls.crt: {e}"))?;
+    let key = KeyPair::from_pem(key_pem).map_err(|e| format!("tls.key: {e}"))?;
+    if !info.public_key_matches(&key.subject_public_key_info()) {
+        return Err("tls.key does not match the certificate in tls.crt".into());
+    }
+    let found = info.workload_identity().map_err(|e| e.to_string())?;
+    if &found != identity {
+        return Err(format!(
+            "the certificate names {} with role {}, expected {} with role {}",
+            found.spiffe_id, found.role_arn, identity.spiffe_id, identity.role_arn
+        ));
+    }
+    let ca_der = CertificateDer::from(ca.ca_der.as_slice());
+    let anchor = webpki::anchor_from_trusted_cert(&ca_der)
+        .map_err(|e| format!("the CA certificate is unusable as a trust anchor: {e:?}"))?;
+    let leaf_der = CertificateDer::from(leaf.as_slice());
+    let end_entity =
+        webpki::EndEntityCert::try_from(&leaf_der).map_err(|e| format!("tls.crt: {e:?}"))?;
+    let unix = UnixTime::since_unix_epoch(std::time::Duration::from_secs(
+        now.unix_timestamp().max(0) as u64,
+    ));
+    end_entity
+        .verify_for_usage(
+            webpki::ALL_VERIFICATION_ALGS,
+            &[anchor],
+            &[],
+            unix,
+            webpki::KeyUsage::client_auth(),
+            None,
+            None,
+        )
+        .map_err(|e| format!("the certificate does not verify against the CA in force: {e:?}"))?;
+    Ok(info)
+}
+
+/// Decides what a workload's Secret needs.
+pub fn assess(
+    secret: Option<&Secret>,
+    ca: &CaState,
+    identity: &WorkloadIdentity,
+    profile: &CertificateProfile,
+    rotation: &RotationRequests,
+    now: OffsetDateTime,
+) -> Need {
+    let Some(secret) = secret else {
+        return Need::Issue("new", "no certificate yet".into());
+    };
+    let info = match check_certificate(secret, ca, identity, now) {
+        Ok(info) => info,
+        Err(why) if why.starts_with("the certificate names") => {
+            return Need::Issue("identity-change", why);
+        }
+        Err(why) => return Need::Issue("repair", why),
+    };
+    let annotations = secret.metadata.annotations.clone().unwrap_or_default();
+    if annotations.get(ISSUED_FOR_POLICY_ROTATION) != rotation.policy.as_ref()
+        || annotations.get(ISSUED_FOR_SA_ROTATION) != rotation.service_account.as_ref()
+    {
+        return Need::Issue("rotation", "rotation requested".into());
+    }
+    let life = info.not_after - info.not_before;
+    let wanted = time::Duration::try_from(profile.duration).unwrap_or(life);
+    // A changed duration in the policy applies at once, not only at the next renewal.
+    if (life - wanted - time::Duration::try_from(BACKDATE).unwrap_or_default()).abs()
+        > time::Duration::minutes(1)
+    {
+        return Need::Issue(
+            "renewal",
+            "the policy's certificate duration changed".into(),
+        );
+    }
+    if now >= profile.renewal_time(info.not_before, info.not_after, &info.serial) {
+        return Need::Issue("renewal", "due for renewal".into());
+    }
+    if secret_field(secret, "ca.crt") != Some(ca.bundle_pem.as_bytes()) {
+        return Need::RefreshBundle(Box::new(info));
+    }
+    Need::Nothing(Box::new(info))
+}
+
+/// The `rolemesh.dev/rotate` values in force for one workload.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RotationRequests {
+    pub policy: Option<String>,
+    pub service_account: Option<String>,
+}
+
+/// What goes into a workload Secret besides the certificate.
+pub struct SecretContext<'a> {
+    pub namespace: &'a str,
+    pub service_account: &'a str,
+    pub policy_name: &'a str,
+    pub owner: OwnerReference,
+    pub rotation: &'a RotationRequests,
+    pub verification: &'a str,
+}
+
+/// The whole Secret for a workload; written in one request, so it is never half-written.
+pub fn workload_secret(
+    context: &SecretContext<'_>,
+    chain_pem: &str,
+    key_pem: &str,
+    bundle_pem: &str,
+) -> Secret {
+    let mut annotations = BTreeMap::from([(
+        VERIFICATION_ANNOTATION.to_string(),
+        context.verification.to_string(),
+    )]);
+    if let Some(value) = &context.rotation.policy {
+        annotations.insert(ISSUED_FOR_POLICY_ROTATION.into(), value.clone());
+    }
+    if let Some(value) = &context.rotation.service_account {
+        annotations.insert(ISSUED_FOR_SA_ROTATION.into(), value.clone());
+    }
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(secret_name(context.service_account)),
+            namespace: Some(context.namespace.to_string()),
+            labels: Some(BTreeMap::from([
+                (MANAGED_BY_LABEL.to_string(), MANAGED_BY_VALUE.to_string()),
+                (POLICY_LABEL.to_string(), context.policy_name.to_string()),
+                (
+                    SERVICE_ACCOUNT_LABEL.to_string(),
+                    context.service_account.to_string(),
+                ),
+            ])),
+            annotations: Some(annotations),
+            owner_references: Some(vec![context.owner.clone()]),
+            ..Default::default()
+        },
+        type_: Some("kubernetes.io/tls".into()),
+        data: Some(BTreeMap::from([
+            (
+                "tls.crt".to_string(),
+                ByteString(chain_pem.as_bytes().to_vec()),
+            ),
+            (
+                "tls.key".to_string(),
+                ByteString(key_pem.as_bytes().to_vec()),
+            ),
+            (
+                "ca.crt".to_string(),
+                ByteString(bundle_pem.as_bytes().to_vec()),
+            ),
+        ])),
+        ..Default::default()
+    }
+}
+
+/// The PEM fields of an existing Secret, to re-write it with a new `ca.crt` only.
+pub fn existing_pems(secret: &Secret) -> Option<(String, String)> {
+    let get = |key| secret_field(secret, key).and_then(|b| String::from_utf8(b.to_vec()).ok());
+    Some((get("tls.crt")?, get("tls.key")?))
+}

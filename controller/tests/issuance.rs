@@ -1,0 +1,585 @@
+//! Issuance on the local control plane and the local AWS endpoint: the real controller binary,
+//! real STS verification of IRSA tokens, real KMS signing, certificates checked by parsing and
+//! by `openssl verify`.
+
+mod support;
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use k8s_openapi::api::core::v1::{Event, Secret, ServiceAccount};
+use kube::{
+    Api,
+    api::{DeleteParams, ListParams, Patch, PatchParams},
+};
+use rolemesh_crds::MTLSPolicy;
+use rolemesh_profile::{ROLE_ARN_OID_DOTTED, inspect::certificates_from_pem};
+use rolemesh_tests::{cluster, eventually, in_namespace, install_crds};
+use serde_json::json;
+use support::*;
+use time::OffsetDateTime;
+
+fn init() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}
+
+/// Every field of the certificate profile, for a Secret the controller wrote.
+fn assert_profile(
+    secret: &Secret,
+    namespace: &str,
+    service_account: &str,
+    role: &str,
+    trust_domain: &str,
+) -> Result<()> {
+    let info = leaf_of(secret)?;
+    ensure!(
+        info.uri_sans
+            == vec![format!(
+                "spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}"
+            )],
+        "URI SANs {:?}",
+        info.uri_sans
+    );
+    ensure!(
+        info.role_arn.as_deref() == Some(role),
+        "role extension {:?}",
+        info.role_arn
+    );
+    ensure!(
+        !info.role_extension_malformed,
+        "role extension malformed or critical"
+    );
+    ensure!(
+        info.eku_server_auth && info.eku_client_auth,
+        "EKU must be serverAuth+clientAuth"
+    );
+    ensure!(
+        info.key_usage_digital_signature && info.key_usage_critical,
+        "KeyUsage digitalSignature, critical"
+    );
+    ensure!(!info.is_ca, "a workload certificate must not be a CA");
+    ensure!(
+        info.serial.len() == 16 && info.serial[0] & 0x80 == 0,
+        "serial must be a positive 128-bit number: {}",
+        info.serial_hex
+    );
+    let now = OffsetDateTime::now_utc();
+    ensure!(
+        info.not_before < now - Duration::from_secs(60),
+        "notBefore must be backdated: {}",
+        info.not_before
+    );
+    let life = info.not_after - info.not_before;
+    ensure!(
+        life > time::Duration::hours(24) && life < time::Duration::hours(25),
+        "default lifetime 24h (+ backdate): {life}"
+    );
+    ensure!(
+        info.public_key_der.len() == 91,
+        "ECDSA P-256 SubjectPublicKeyInfo is 91 bytes, got {}",
+        info.public_key_der.len()
+    );
+    ensure!(secret.type_.as_deref() == Some("kubernetes.io/tls"));
+    let key = field(secret, "tls.key");
+    ensure!(
+        key.starts_with("-----BEGIN PRIVATE KEY-----"),
+        "tls.key must be PKCS#8 PEM"
+    );
+    let chain = certificates_from_pem(&field(secret, "tls.crt"))?;
+    ensure!(
+        chain.len() >= 2,
+        "tls.crt must carry the leaf and the CA chain"
+    );
+    let labels = secret.metadata.labels.clone().unwrap_or_default();
+    ensure!(
+        labels
+            .get("app.kubernetes.io/managed-by")
+            .map(String::as_str)
+            == Some("rolemesh")
+    );
+    let owners = secret.metadata.owner_references.clone().unwrap_or_default();
+    ensure!(
+        owners.len() == 1 && owners[0].kind == "MTLSPolicy",
+        "owned by its MTLSPolicy: {owners:?}"
+    );
+    // openssl shows the role extension under its OID.
+    let _ = ROLE_ARN_OID_DOTTED;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_signer_issues_verified_certificates_and_restores_them() -> Result<()> {
+    init();
+    let env = cluster().await?;
+    install_crds(&env).await?;
+    in_namespace("issue-local", |ns| async move {
+        let authority = create_authority(&ns, local_authority_spec("mesh.test", "sts")).await?;
+        let result = async {
+            let role = ns
+                .env
+                .create_irsa_role(&unique("payments"), &ns.name, "payments")
+                .await?;
+            apply_service_account(&ns, "payments", Some(&role)).await?;
+            apply_policy(
+                &ns,
+                "shop",
+                json!({ "serviceAccounts": { "names": ["payments"] } }),
+            )
+            .await?;
+            let controller = ControllerProcess::start(&ns, &authority, "replica-a", &[])?;
+
+            // Issued, verified, every profile field, and accepted by openssl for both purposes.
+            let (secret, info) = wait_for_secret(&ns, "payments-rolemesh-tls", None).await?;
+            assert_profile(&secret, &ns.name, "payments", &role, "mesh.test")?;
+            let bundle = trust_bundle(&ns).await?;
+            ensure!(
+                field(&secret, "ca.crt") == bundle,
+                "ca.crt is the namespace's trust bundle"
+            );
+            openssl_verify(&secret, &bundle, "sslclient")?;
+            openssl_verify(&secret, &bundle, "sslserver")?;
+            let entry = wait_for_workload(&ns, "shop", "payments", |w| {
+                w.serial.as_deref() == Some(info.serial_hex.as_str())
+            })
+            .await?;
+            ensure!(entry.verified && entry.reason == "Issued", "{entry:?}");
+            ensure!(entry.role_arn.as_deref() == Some(role.as_str()));
+            let status = policy_status(&ns, "shop").await?;
+            ensure!(status.covered_service_accounts == 1);
+            ensure!(
+                status
+                    .conditions
+                    .iter()
+                    .any(|c| c.type_ == "Ready" && c.status == "True"),
+                "{:?}",
+                status.conditions
+            );
+            let authority_status = Api::<rolemesh_crds::MTLSAuthority>::all(ns.client.clone())
+                .get(&authority)
+                .await?
+                .status
+                .unwrap_or_default();
+            ensure!(
+                authority_status.ca_fingerprint.is_some(),
+                "authority status carries the CA fingerprint"
+            );
+
+            // Idempotent: nothing changes while nothing changes.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let again = leaf_of(
+                &Api::<Secret>::namespaced(ns.client.clone(), &ns.name)
+                    .get("payments-rolemesh-tls")
+                    .await?,
+            )?;
+            ensure!(
+                again.serial_hex == info.serial_hex,
+                "a settled Secret must not be re-issued"
+            );
+
+            // A deleted Secret comes back.
+            let secrets: Api<Secret> = ns.api();
+            secrets
+                .delete("payments-rolemesh-tls", &DeleteParams::default())
+                .await?;
+            let (restored, restored_info) =
+                wait_for_secret(&ns, "payments-rolemesh-tls", Some(&info.serial_hex)).await?;
+            openssl_verify(&restored, &bundle, "sslclient")?;
+
+            // An edited Secret (a key that does not match) is repaired.
+            let other_key =
+                rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?.serialize_pem();
+            let patch = json!({ "stringData": { "tls.key": other_key } });
+            secrets
+                .patch(
+                    "payments-rolemesh-tls",
+                    &PatchParams::default(),
+                    &Patch::Merge(patch),
+                )
+                .await?;
+            let (repaired, repaired_info) = wait_for_secret(
+                &ns,
+                "payments-rolemesh-tls",
+                Some(&restored_info.serial_hex),
+            )
+            .await?;
+            assert_profile(&repaired, &ns.name, "payments", &role, "mesh.test")?;
+
+            // Rotation on demand, for the whole policy: new key, lastRotation, an Event.
+            let old_key = field(&repaired, "tls.key");
+            let policies: Api<MTLSPolicy> = ns.api();
+            annotate(&policies, "shop", "rolemesh.dev/rotate", "r1").await?;
+            let (rotated, rotated_info) = wait_for_secret(
+                &ns,
+                "payments-rolemesh-tls",
+                Some(&repaired_info.serial_hex),
+            )
+            .await?;
+            ensure!(
+                field(&rotated, "tls.key") != old_key,
+                "rotation must use a new key"
+            );
+            let status = eventually("lastRotation", WAIT, || async {
+                let status = policy_status(&ns, "shop").await?;
+                Ok(status
+                    .last_rotation
+                    .filter(|r| r.request == "r1")
+                    .map(|r| r.service_accounts))
+            })
+            .await?;
+            ensure!(status == vec!["payments".to_string()]);
+            let events: Api<Event> = ns.api();
+            eventually("a Rotated event", WAIT, || async {
+                let list = events.list(&ListParams::default()).await?;
+                Ok(list
+                    .items
+                    .iter()
+                    .any(|e| e.reason.as_deref() == Some("Rotated"))
+                    .then_some(()))
+            })
+            .await?;
+
+            // Rotation of one ServiceAccount.
+            let sas: Api<ServiceAccount> = ns.api();
+            annotate(&sas, "payments", "rolemesh.dev/rotate", "sa-1").await?;
+            let (_, sa_rotated) =
+                wait_for_secret(&ns, "payments-rolemesh-tls", Some(&rotated_info.serial_hex))
+                    .await?;
+
+            // A changed role annotation re-verifies and re-issues with the new role.
+            let new_role = ns
+                .env
+                .create_irsa_role(&unique("payments-v2"), &ns.name, "payments")
+                .await?;
+            apply_service_account(&ns, "payments", Some(&new_role)).await?;
+            let (changed, _) =
+                wait_for_secret(&ns, "payments-rolemesh-tls", Some(&sa_rotated.serial_hex)).await?;
+            assert_profile(&changed, &ns.name, "payments", &new_role, "mesh.test")?;
+
+            ensure!(
+                controller
+                    .metric("rolemesh_certificates_issued_total{reason=\"new\"}")
+                    .await?
+                    >= 1.0
+            );
+            drop(controller);
+            Ok(())
+        }
+        .await;
+        delete_authority(&ns, &authority).await;
+        result
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_end_in_status_reasons_and_no_certificate() -> Result<()> {
+    init();
+    let env = cluster().await?;
+    install_crds(&env).await?;
+    in_namespace("issue-refuse", |ns| async move {
+        let authority = create_authority(&ns, local_authority_spec("mesh.test", "sts")).await?;
+        let result = async {
+            // A role whose trust policy trusts another ServiceAccount: STS refuses.
+            let foreign = ns.env.create_irsa_role(&unique("foreign"), &ns.name, "someone-else").await?;
+            apply_service_account(&ns, "untrusted", Some(&foreign)).await?;
+            apply_service_account(&ns, "unannotated", None).await?;
+            apply_service_account(&ns, "malformed", Some("arn:aws:iam::12:user/bob")).await?;
+            let good = ns.env.create_irsa_role(&unique("good"), &ns.name, "good").await?;
+            apply_service_account(&ns, "good", Some(&good)).await?;
+            apply_policy(&ns, "p", json!({ "serviceAccounts": { "names": ["untrusted", "unannotated", "malformed", "missing", "good"] } })).await?;
+            let _controller = ControllerProcess::start(&ns, &authority, "replica-a", &[])?;
+
+            let untrusted = wait_for_workload(&ns, "p", "untrusted", |w| w.reason == "StsRefused").await?;
+            let message = untrusted.message.unwrap_or_default();
+            ensure!(message.contains(&format!("system:serviceaccount:{}:untrusted", ns.name)), "{message}");
+            ensure!(!untrusted.verified && untrusted.serial.is_none());
+            let unannotated = wait_for_workload(&ns, "p", "unannotated", |w| w.reason == "MissingRoleAnnotation").await?;
+            ensure!(unannotated.message.unwrap_or_default().contains("eks.amazonaws.com/role-arn"));
+            wait_for_workload(&ns, "p", "malformed", |w| w.reason == "InvalidRoleArn").await?;
+            wait_for_workload(&ns, "p", "missing", |w| w.reason == "ServiceAccountNotFound").await?;
+            wait_for_workload(&ns, "p", "good", |w| w.verified).await?;
+            let secrets: Api<Secret> = ns.api();
+            for name in ["untrusted", "unannotated", "malformed"] {
+                ensure!(secrets.get_opt(&format!("{name}-rolemesh-tls")).await?.is_none(), "{name} must get no certificate");
+            }
+            let status = policy_status(&ns, "p").await?;
+            let ready = status.conditions.iter().find(|c| c.type_ == "Ready").context("Ready condition")?;
+            ensure!(ready.status == "False" && ready.message.contains("of 5"), "{ready:?}");
+            let events: Api<Event> = ns.api();
+            eventually("a StsRefused warning event", WAIT, || async {
+                let list = events.list(&ListParams::default()).await?;
+                Ok(list.items.iter().any(|e| e.reason.as_deref() == Some("StsRefused") && e.type_.as_deref() == Some("Warning")).then_some(()))
+            })
+            .await?;
+
+            // Fixing the trust (a role that trusts it) issues without anything else touched.
+            let fixed = ns.env.create_irsa_role(&unique("fixed"), &ns.name, "untrusted").await?;
+            apply_service_account(&ns, "untrusted", Some(&fixed)).await?;
+            wait_for_secret(&ns, "untrusted-rolemesh-tls", None).await?;
+
+            // Removing a ServiceAccount from the policy removes its Secret; deleting the policy
+            // removes the rest (garbage collection by owner).
+            apply_policy(&ns, "p", json!({ "serviceAccounts": { "names": ["good"] } })).await?;
+            eventually("the uncovered Secret to go", WAIT, || async {
+                Ok(secrets.get_opt("untrusted-rolemesh-tls").await?.is_none().then_some(()))
+            })
+            .await?;
+            Api::<MTLSPolicy>::namespaced(ns.client.clone(), &ns.name).delete("p", &DeleteParams::default()).await?;
+            eventually("the policy's Secrets to be garbage-collected", WAIT, || async {
+                Ok(secrets.get_opt("good-rolemesh-tls").await?.is_none().then_some(()))
+            })
+            .await?;
+            Ok(())
+        }
+        .await;
+        delete_authority(&ns, &authority).await;
+        result
+    })
+    .await
+}
+
+async fn create_kms_key(env: &rolemesh_tests::ClusterEnv) -> Result<(String, String)> {
+    let kms = aws_sdk_kms::Client::new(&env.aws_config().await);
+    let key = kms
+        .create_key()
+        .key_spec(aws_sdk_kms::types::KeySpec::EccNistP256)
+        .key_usage(aws_sdk_kms::types::KeyUsageType::SignVerify)
+        .description("rolemesh test CA")
+        .send()
+        .await?;
+    let meta = key.key_metadata().context("KMS returned no key")?;
+    Ok((
+        meta.arn().unwrap_or(meta.key_id()).to_string(),
+        meta.key_id().to_string(),
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kms_signer_issues_and_recovers_from_an_outage_without_touching_secrets() -> Result<()> {
+    init();
+    let env = cluster().await?;
+    install_crds(&env).await?;
+    let (key_arn, _key_id) = create_kms_key(&env).await?;
+    let kms = aws_sdk_kms::Client::new(&env.aws_config().await);
+    in_namespace("issue-kms", |ns| async move {
+        let authority = create_authority(
+            &ns,
+            json!({
+                "trustDomain": "kms.test",
+                "signer": { "type": "kms", "kms": { "keyId": key_arn, "region": "us-east-1" } },
+            }),
+        )
+        .await?;
+        let result = async {
+            let role = ns
+                .env
+                .create_irsa_role(&unique("orders"), &ns.name, "orders")
+                .await?;
+            apply_service_account(&ns, "orders", Some(&role)).await?;
+            apply_policy(
+                &ns,
+                "p",
+                json!({ "serviceAccounts": { "names": ["orders"] } }),
+            )
+            .await?;
+            // KMS (only KMS: STS stays reachable) goes through a forwarder that can fail.
+            let kms_endpoint = FaultyEndpoint::start(ns.env.aws_endpoint()).await?;
+            let controller = ControllerProcess::start_with_env(
+                &ns,
+                &authority,
+                "replica-a",
+                &[],
+                &[("AWS_ENDPOINT_URL_KMS", &kms_endpoint.url)],
+            )?;
+            let (secret, info) = wait_for_secret(&ns, "orders-rolemesh-tls", None).await?;
+            assert_profile(&secret, &ns.name, "orders", &role, "kms.test")?;
+            let bundle = trust_bundle(&ns).await?;
+            openssl_verify(&secret, &bundle, "sslclient")?;
+            openssl_verify(&secret, &bundle, "sslserver")?;
+            // The CA's public key is the KMS key's: the private key never left KMS.
+            let public = kms
+                .get_public_key()
+                .key_id(&key_arn)
+                .send()
+                .await
+                .map_err(|e| {
+                    anyhow::anyhow!(aws_sdk_kms::error::DisplayErrorContext(e).to_string())
+                })?;
+            let ca = certificates_from_pem(&bundle)?;
+            let ca_info = rolemesh_profile::inspect_certificate(&ca[0])?;
+            ensure!(
+                Some(ca_info.public_key_der.as_slice()) == public.public_key().map(|b| b.as_ref()),
+                "CA key is the KMS key"
+            );
+            // One Sign call for the CA, one per leaf.
+            let calls = controller
+                .metric("rolemesh_signer_sign_calls_total{signer=\"kms\"}")
+                .await?;
+            ensure!(
+                calls == 2.0,
+                "expected 2 KMS Sign calls (CA + one leaf), saw {calls}"
+            );
+
+            // KMS throttles every call while a rotation is requested: the Secret stays as it
+            // is and valid, status says why.
+            kms_endpoint.set_throttling(true);
+            let policies: Api<MTLSPolicy> = ns.api();
+            annotate(&policies, "p", "rolemesh.dev/rotate", "during-outage").await?;
+            let failing =
+                wait_for_workload(&ns, "p", "orders", |w| w.reason == "SignerThrottled").await?;
+            ensure!(
+                failing
+                    .message
+                    .unwrap_or_default()
+                    .contains("left as it is")
+            );
+            let secrets: Api<Secret> = ns.api();
+            let untouched = secrets.get("orders-rolemesh-tls").await?;
+            ensure!(
+                leaf_of(&untouched)?.serial_hex == info.serial_hex,
+                "the existing Secret must be untouched"
+            );
+            openssl_verify(&untouched, &bundle, "sslclient")?;
+            ensure!(
+                controller
+                    .metric("rolemesh_signer_sign_errors_total{signer=\"kms\",class=\"throttled\"}")
+                    .await?
+                    >= 1.0
+            );
+
+            // KMS is back: issuance resumes by itself.
+            kms_endpoint.set_throttling(false);
+            let (rotated, _) =
+                wait_for_secret(&ns, "orders-rolemesh-tls", Some(&info.serial_hex)).await?;
+            openssl_verify(&rotated, &bundle, "sslclient")?;
+            wait_for_workload(&ns, "p", "orders", |w| w.reason == "Issued").await?;
+            Ok(())
+        }
+        .await;
+        delete_authority(&ns, &authority).await;
+        result
+    })
+    .await
+}
+
+/// Whole Secrets and no second issuance for one need, across a kill -9 in the middle of issuing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_killed_mid_issuance_leaves_every_secret_whole() -> Result<()> {
+    init();
+    let env = cluster().await?;
+    install_crds(&env).await?;
+    in_namespace("issue-kill", |ns| async move {
+        let authority = create_authority(&ns, local_authority_spec("kill.test", "none")).await?;
+        let result = async {
+            const COUNT: usize = 40;
+            for i in 0..COUNT {
+                apply_service_account(&ns, &format!("sa-{i}"), Some(&format!("arn:aws:iam::111122223333:role/sa-{i}"))).await?;
+            }
+            let sa_api: Api<ServiceAccount> = ns.api();
+            for i in 0..COUNT {
+                annotate(&sa_api, &format!("sa-{i}"), "team", "a").await?;
+            }
+            apply_policy(&ns, "p", json!({ "serviceAccounts": { "selector": { "matchLabels": {} }, "names": [] } })).await?;
+            // The selector above selects all; label them for a real selector instead.
+            apply_policy(&ns, "p", json!({ "serviceAccounts": { "names": (0..COUNT).map(|i| format!("sa-{i}")).collect::<Vec<_>>() } })).await?;
+            let secrets: Api<Secret> = ns.api();
+            let mut first = ControllerProcess::start(&ns, &authority, "replica-a", &["--issue-concurrency", "2"])?;
+            eventually("the first Secrets", WAIT, || async {
+                let n = secrets.list(&ListParams::default().labels("app.kubernetes.io/managed-by=rolemesh")).await?.items.len();
+                Ok((n >= 3).then_some(()))
+            })
+            .await?;
+            first.kill();
+            let before: Vec<Secret> = secrets.list(&ListParams::default().labels("app.kubernetes.io/managed-by=rolemesh")).await?.items;
+            ensure!(before.len() < COUNT, "the kill came too late to be mid-issuance");
+
+            let second = ControllerProcess::start(&ns, &authority, "replica-b", &[])?;
+            let all = eventually("every Secret", Duration::from_secs(120), || async {
+                let list = secrets.list(&ListParams::default().labels("app.kubernetes.io/managed-by=rolemesh")).await?.items;
+                Ok((list.len() == COUNT).then_some(list))
+            })
+            .await?;
+            let bundle = trust_bundle(&ns).await?;
+            for secret in &all {
+                let info = leaf_of(secret)?;
+                let key = rcgen::KeyPair::from_pem(&field(secret, "tls.key"))?;
+                use rcgen::PublicKeyData;
+                ensure!(info.public_key_matches(&key.subject_public_key_info()), "key matches cert");
+                openssl_verify(secret, &bundle, "sslclient")?;
+            }
+            // Secrets that existed at the kill were whole and were kept, not issued again.
+            for old in &before {
+                let now = all.iter().find(|s| s.metadata.name == old.metadata.name).context("secret vanished")?;
+                ensure!(leaf_of(old)?.serial_hex == leaf_of(now)?.serial_hex, "{:?} was issued twice", old.metadata.name);
+            }
+            let issued = second.metric("rolemesh_certificates_issued_total{reason=\"new\"}").await?;
+            ensure!(issued as usize == COUNT - before.len(), "the restarted controller issued {issued}, expected {}", COUNT - before.len());
+            Ok(())
+        }
+        .await;
+        delete_authority(&ns, &authority).await;
+        result
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_two_replicas_only_the_leader_writes() -> Result<()> {
+    init();
+    let env = cluster().await?;
+    install_crds(&env).await?;
+    in_namespace("issue-leader", |ns| async move {
+        let authority = create_authority(&ns, local_authority_spec("leader.test", "none")).await?;
+        let result = async {
+            apply_service_account(&ns, "a", Some("arn:aws:iam::111122223333:role/a")).await?;
+            apply_policy(
+                &ns,
+                "p",
+                json!({ "serviceAccounts": { "names": ["a", "b"] } }),
+            )
+            .await?;
+            let mut one = ControllerProcess::start(&ns, &authority, "replica-1", &[])?;
+            wait_for_secret(&ns, "a-rolemesh-tls", None).await?;
+            let two = ControllerProcess::start(&ns, &authority, "replica-2", &[])?;
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            ensure!(
+                one.metric("rolemesh_leader").await? == 1.0,
+                "replica-1 leads"
+            );
+            ensure!(
+                two.metric("rolemesh_leader").await? == 0.0,
+                "replica-2 waits"
+            );
+            apply_service_account(&ns, "b", Some("arn:aws:iam::111122223333:role/b")).await?;
+            wait_for_secret(&ns, "b-rolemesh-tls", None).await?;
+            ensure!(
+                two.metric("rolemesh_signer_sign_calls_total{signer=\"local\"}")
+                    .await?
+                    == 0.0,
+                "the follower must not sign"
+            );
+            ensure!(
+                two.metric("rolemesh_certificates_issued_total{reason=\"new\"}")
+                    .await?
+                    == 0.0
+            );
+
+            // The leader dies without releasing the lease: the other takes over once it expires.
+            one.kill();
+            let secrets: Api<Secret> = ns.api();
+            secrets
+                .delete("a-rolemesh-tls", &DeleteParams::default())
+                .await?;
+            wait_for_secret(&ns, "a-rolemesh-tls", None).await?;
+            ensure!(
+                two.metric("rolemesh_leader").await? == 1.0,
+                "replica-2 took over"
+            );
+            Ok(())
+        }
+        .await;
+        delete_authority(&ns, &authority).await;
+        result
+    })
+    .await
+}

@@ -1,0 +1,432 @@
+//! Running the real `rolemesh-controller` binary against the local control plane, and the
+//! objects the issuance tests need.
+#![allow(dead_code)]
+
+use std::{
+    collections::BTreeMap,
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail};
+use k8s_openapi::{
+    ByteString,
+    api::core::v1::{ConfigMap, Secret, ServiceAccount},
+};
+use kube::{
+    Api,
+    api::{Patch, PatchParams, PostParams},
+};
+use rolemesh_crds::{MTLSAuthority, MTLSPolicy};
+use rolemesh_profile::{CertificateInfo, inspect::certificates_from_pem, inspect_certificate};
+use rolemesh_tests::{TestNamespace, eventually};
+use serde_json::json;
+
+pub const WAIT: Duration = Duration::from_secs(60);
+
+/// A controller process; killed when dropped.
+pub struct ControllerProcess {
+    pub child: Child,
+    pub metrics_port: u16,
+    pub log_path: std::path::PathBuf,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(19090)
+}
+
+impl ControllerProcess {
+    /// Starts the controller scoped to the test namespace, with its own authority and lease.
+    pub fn start(
+        ns: &TestNamespace,
+        authority: &str,
+        identity: &str,
+        extra: &[&str],
+    ) -> Result<Self> {
+        Self::start_with_env(ns, authority, identity, extra, &[])
+    }
+
+    pub fn start_with_env(
+        ns: &TestNamespace,
+        authority: &str,
+        identity: &str,
+        extra: &[&str],
+        vars: &[(&str, &str)],
+    ) -> Result<Self> {
+        let metrics_port = free_port();
+        let log_dir = rolemesh_tests::repo_root().join("target/test-logs");
+        std::fs::create_dir_all(&log_dir)?;
+        let log_path = log_dir.join(format!("controller-{}-{identity}.log", ns.name));
+        let log = std::fs::File::create(&log_path)?;
+        let mut command = Command::new(env!("CARGO_BIN_EXE_rolemesh-controller"));
+        for (key, value) in ns.env.vars() {
+            command.env(key, value);
+        }
+        command
+            .env("POD_NAME", identity)
+            .env("RUST_LOG", "info,rolemesh_controller=debug")
+            .args([
+                "--namespace",
+                &ns.name,
+                "--watch-namespace",
+                &ns.name,
+                "--authority",
+                authority,
+            ])
+            .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
+            .args(extra)
+            .envs(vars.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(log);
+        let child = command.spawn().context("starting rolemesh-controller")?;
+        Ok(Self {
+            child,
+            metrics_port,
+            log_path,
+        })
+    }
+
+    /// The Prometheus exposition of the running controller.
+    pub async fn metrics(&self) -> Result<String> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.metrics_port)).await?;
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            .await?;
+        let mut body = String::new();
+        stream.read_to_string(&mut body).await?;
+        Ok(body)
+    }
+
+    /// The value of one sample (name with labels, as exposed), 0 when absent.
+    pub async fn metric(&self, sample: &str) -> Result<f64> {
+        let text = self.metrics().await?;
+        Ok(text
+            .lines()
+            .filter(|l| l.starts_with(sample) && l[sample.len()..].starts_with(' '))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum())
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+}
+
+impl Drop for ControllerProcess {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!(
+                "--- controller log {} ---\n{}",
+                self.log_path.display(),
+                self.log()
+            );
+        }
+    }
+}
+
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}-{:08x}", rand::random::<u32>())
+}
+
+/// Creates a cluster-scoped MTLSAuthority; returns its name. Delete it with `delete_authority`.
+pub async fn create_authority(ns: &TestNamespace, spec: serde_json::Value) -> Result<String> {
+    let name = unique("test");
+    let api: Api<MTLSAuthority> = Api::all(ns.client.clone());
+    let authority: MTLSAuthority = serde_json::from_value(json!({
+        "apiVersion": "rolemesh.dev/v1alpha1",
+        "kind": "MTLSAuthority",
+        "metadata": { "name": name, "labels": { "rolemesh.dev/test-namespace": ns.name } },
+        "spec": spec,
+    }))?;
+    api.create(&PostParams::default(), &authority)
+        .await
+        .context("creating MTLSAuthority")?;
+    Ok(name)
+}
+
+pub async fn delete_authority(ns: &TestNamespace, name: &str) {
+    let api: Api<MTLSAuthority> = Api::all(ns.client.clone());
+    let _ = api.delete(name, &Default::default()).await;
+}
+
+pub fn local_authority_spec(trust_domain: &str, verification: &str) -> serde_json::Value {
+    json!({
+        "trustDomain": trust_domain,
+        "signer": { "type": "local", "local": { "secretName": "rolemesh-ca-key" } },
+        "identityVerification": verification,
+    })
+}
+
+pub async fn apply_service_account(
+    ns: &TestNamespace,
+    name: &str,
+    role: Option<&str>,
+) -> Result<()> {
+    let api: Api<ServiceAccount> = ns.api();
+    let annotations = match role {
+        Some(role) => json!({ "eks.amazonaws.com/role-arn": role }),
+        None => json!({}),
+    };
+    let body = json!({
+        "apiVersion": "v1", "kind": "ServiceAccount",
+        "metadata": { "name": name, "annotations": annotations },
+    });
+    api.patch(
+        name,
+        &PatchParams::apply("rolemesh-tests").force(),
+        &Patch::Apply(body),
+    )
+    .await?;
+    Ok(())
+}
+
+pub async fn apply_policy(ns: &TestNamespace, name: &str, spec: serde_json::Value) -> Result<()> {
+    let api: Api<MTLSPolicy> = ns.api();
+    let body = json!({
+        "apiVersion": "rolemesh.dev/v1alpha1", "kind": "MTLSPolicy",
+        "metadata": { "name": name }, "spec": spec,
+    });
+    api.patch(
+        name,
+        &PatchParams::apply("rolemesh-tests").force(),
+        &Patch::Apply(body),
+    )
+    .await?;
+    Ok(())
+}
+
+pub async fn annotate<K>(api: &Api<K>, name: &str, key: &str, value: &str) -> Result<()>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let patch = json!({ "metadata": { "annotations": { key: value } } });
+    api.patch(name, &PatchParams::default(), &Patch::Merge(patch))
+        .await?;
+    Ok(())
+}
+
+pub fn field(secret: &Secret, key: &str) -> String {
+    secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(key))
+        .map(|b: &ByteString| String::from_utf8_lossy(&b.0).into_owned())
+        .unwrap_or_default()
+}
+
+/// The leaf certificate of a Secret, parsed.
+pub fn leaf_of(secret: &Secret) -> Result<CertificateInfo> {
+    let chain = certificates_from_pem(&field(secret, "tls.crt"))?;
+    let leaf = chain.first().context("tls.crt holds no certificate")?;
+    Ok(inspect_certificate(leaf)?)
+}
+
+/// Waits until Secret `name` holds a certificate whose serial differs from `not_serial`.
+pub async fn wait_for_secret(
+    ns: &TestNamespace,
+    name: &str,
+    not_serial: Option<&str>,
+) -> Result<(Secret, CertificateInfo)> {
+    let api: Api<Secret> = ns.api();
+    eventually(
+        &format!("Secret {name} with a new certificate"),
+        WAIT,
+        || async {
+            let Some(secret) = api.get_opt(name).await? else {
+                return Ok(None);
+            };
+            let info = leaf_of(&secret)?;
+            if Some(info.serial_hex.as_str()) == not_serial {
+                return Ok(None);
+            }
+            Ok(Some((secret, info)))
+        },
+    )
+    .await
+}
+
+pub async fn trust_bundle(ns: &TestNamespace) -> Result<String> {
+    let api: Api<ConfigMap> = ns.api();
+    eventually("the trust bundle ConfigMap", WAIT, || async {
+        Ok(api
+            .get_opt("rolemesh-trust-bundle")
+            .await?
+            .and_then(|cm| cm.data)
+            .and_then(|d| d.get("ca.crt").cloned()))
+    })
+    .await
+}
+
+/// `openssl verify -CAfile <bundle> -untrusted <rest of chain> -purpose <purpose> <leaf>`.
+pub fn openssl_verify(secret: &Secret, bundle: &str, purpose: &str) -> Result<()> {
+    let dir = tempdir()?;
+    let chain = certificates_from_pem(&field(secret, "tls.crt"))?;
+    let pem = |der: &[u8]| {
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+        let lines: Vec<&str> = b64
+            .as_bytes()
+            .chunks(64)
+            .map(|c| std::str::from_utf8(c).unwrap_or(""))
+            .collect();
+        format!(
+            "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
+            lines.join("\n")
+        )
+    };
+    std::fs::write(dir.join("leaf.pem"), pem(&chain[0]))?;
+    let untrusted: String = chain[1..].iter().map(|d| pem(d)).collect();
+    std::fs::write(
+        dir.join("untrusted.pem"),
+        if untrusted.is_empty() {
+            pem(&chain[0])
+        } else {
+            untrusted
+        },
+    )?;
+    std::fs::write(dir.join("bundle.pem"), bundle)?;
+    let output = Command::new("openssl")
+        .current_dir(&dir)
+        .args([
+            "verify",
+            "-CAfile",
+            "bundle.pem",
+            "-untrusted",
+            "untrusted.pem",
+            "-purpose",
+            purpose,
+            "leaf.pem",
+        ])
+        .output()
+        .context("running openssl verify")?;
+    let _ = std::fs::remove_dir_all(&dir);
+    if !output.status.success() {
+        bail!(
+            "openssl verify -purpose {purpose} refused the certificate: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(())
+}
+
+fn tempdir() -> Result<std::path::PathBuf> {
+    let dir = std::env::temp_dir().join(unique("rolemesh-verify"));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+pub async fn policy_status(
+    ns: &TestNamespace,
+    name: &str,
+) -> Result<rolemesh_crds::MTLSPolicyStatus> {
+    let api: Api<MTLSPolicy> = ns.api();
+    Ok(api.get(name).await?.status.unwrap_or_default())
+}
+
+/// Waits until the policy's status entry for `service_account` satisfies `check`.
+pub async fn wait_for_workload(
+    ns: &TestNamespace,
+    policy: &str,
+    service_account: &str,
+    check: impl Fn(&rolemesh_crds::WorkloadStatus) -> bool,
+) -> Result<rolemesh_crds::WorkloadStatus> {
+    eventually(
+        &format!("status of {service_account} in MTLSPolicy {policy}"),
+        WAIT,
+        || async {
+            let status = policy_status(ns, policy).await?;
+            let entry = status
+                .workloads
+                .into_iter()
+                .find(|w| w.service_account == service_account);
+            match entry {
+                Some(w) if check(&w) => Ok(Some(w)),
+                Some(w) => bail!("last seen: {w:?}"),
+                None => Ok(None),
+            }
+        },
+    )
+    .await
+}
+
+pub fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// A TCP forwarder in front of the local AWS endpoint that can be switched to answer every
+/// request with KMS throttling, as a KMS outage looks to the SDK.
+pub struct FaultyEndpoint {
+    pub url: String,
+    throttling: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FaultyEndpoint {
+    pub async fn start(upstream: &str) -> Result<Self> {
+        use std::sync::{
+            Arc,
+            atomic::{AtomicBool, Ordering},
+        };
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let upstream = upstream.trim_start_matches("http://").to_string();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}", listener.local_addr()?);
+        let throttling = Arc::new(AtomicBool::new(false));
+        let flag = throttling.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let upstream = upstream.clone();
+                let flag = flag.clone();
+                tokio::spawn(async move {
+                    if flag.load(Ordering::SeqCst) {
+                        let mut buf = vec![0u8; 65536];
+                        let _ =
+                            tokio::time::timeout(Duration::from_millis(200), client.read(&mut buf))
+                                .await;
+                        let body = r#"{"__type":"ThrottlingException","message":"Rate exceeded"}"#;
+                        let response = format!(
+                            "HTTP/1.1 400 Bad Request\r\nContent-Type: application/x-amz-json-1.1\r\nx-amzn-ErrorType: ThrottlingException\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                            body.len()
+                        );
+                        let _ = client.write_all(response.as_bytes()).await;
+                        let _ = client.shutdown().await;
+                        return;
+                    }
+                    if let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+            }
+        });
+        Ok(Self {
+            url,
+            throttling,
+            task,
+        })
+    }
+
+    pub fn set_throttling(&self, on: bool) {
+        self.throttling
+            .store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for FaultyEndpoint {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
