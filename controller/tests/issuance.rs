@@ -583,3 +583,144 @@ async fn with_two_replicas_only_the_leader_writes() -> Result<()> {
     })
     .await
 }
+
+/// A CA the user brings (an intermediate under their offline root, for the signer's key):
+/// `tls.crt` carries the chain, the trust bundle holds the root.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_supplied_intermediate_ca_signs_with_its_chain() -> Result<()> {
+    init();
+    let env = cluster().await?;
+    install_crds(&env).await?;
+    in_namespace("issue-userca", |ns| async move {
+        use rolemesh_profile::profile::{DEFAULT_CA_DURATION, ca_params};
+        // The signer's key (local signer, in the Secret the controller would otherwise create).
+        let ca_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let secrets: Api<Secret> = ns.api();
+        secrets
+            .create(
+                &Default::default(),
+                &serde_json::from_value(json!({
+                    "apiVersion": "v1", "kind": "Secret",
+                    "metadata": { "name": "rolemesh-ca-key" },
+                    "stringData": { "tls.key": ca_key.serialize_pem() },
+                }))?,
+            )
+            .await?;
+        // The offline root, and the intermediate it signs for the signer's key.
+        let now = OffsetDateTime::now_utc();
+        let root_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let mut root_params = ca_params("user.test", DEFAULT_CA_DURATION * 2, now);
+        root_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        root_params.distinguished_name = rcgen::DistinguishedName::new();
+        root_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "offline root");
+        let root = root_params.self_signed(&root_key)?;
+        let root_issuer = rcgen::Issuer::from_params(&root_params, &root_key);
+        let intermediate =
+            ca_params("user.test", DEFAULT_CA_DURATION, now).signed_by(&ca_key, &root_issuer)?;
+        let authority = create_authority(
+            &ns,
+            json!({
+                "trustDomain": "user.test",
+                "signer": { "type": "local", "local": { "secretName": "rolemesh-ca-key" } },
+                "identityVerification": "none",
+                "ca": { "certificate": intermediate.pem(), "chain": root.pem() },
+            }),
+        )
+        .await?;
+        let result = async {
+            apply_service_account(&ns, "api", Some("arn:aws:iam::111122223333:role/api")).await?;
+            apply_policy(&ns, "p", json!({ "serviceAccounts": { "names": ["api"] } })).await?;
+            let _controller = ControllerProcess::start(&ns, &authority, "replica-a", &[])?;
+            let (secret, _) = wait_for_secret(&ns, "api-rolemesh-tls", None).await?;
+            let chain = certificates_from_pem(&field(&secret, "tls.crt"))?;
+            ensure!(
+                chain.len() == 3,
+                "leaf + intermediate + root, got {}",
+                chain.len()
+            );
+            ensure!(
+                chain[1] == intermediate.der().to_vec(),
+                "the intermediate follows the leaf"
+            );
+            let bundle = trust_bundle(&ns).await?;
+            ensure!(
+                certificates_from_pem(&bundle)? == vec![root.der().to_vec()],
+                "the bundle holds the root only"
+            );
+            openssl_verify(&secret, &bundle, "sslclient")?;
+            openssl_verify(&secret, &bundle, "sslserver")?;
+            let status =
+                wait_for_workload(&ns, "p", "api", |w| w.reason == "IssuedUnverified").await?;
+            ensure!(
+                !status.verified
+                    && status
+                        .message
+                        .unwrap_or_default()
+                        .contains("identityVerification: none")
+            );
+            Ok(())
+        }
+        .await;
+        delete_authority(&ns, &authority).await;
+        result
+    })
+    .await
+}
+
+/// A new CA (here: a new trust domain) re-issues every Secret under it while the bundle keeps
+/// the old CA, so peers holding old certificates stay trusted until they are replaced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_ca_reissues_and_the_bundle_keeps_the_old_one() -> Result<()> {
+    init();
+    let env = cluster().await?;
+    install_crds(&env).await?;
+    in_namespace("issue-carotate", |ns| async move {
+        let authority = create_authority(&ns, local_authority_spec("one.test", "none")).await?;
+        let result = async {
+            apply_service_account(&ns, "api", Some("arn:aws:iam::111122223333:role/api")).await?;
+            apply_policy(&ns, "p", json!({ "serviceAccounts": { "names": ["api"] } })).await?;
+            let _controller = ControllerProcess::start(&ns, &authority, "replica-a", &[])?;
+            let (_, first) = wait_for_secret(&ns, "api-rolemesh-tls", None).await?;
+            let old_bundle = trust_bundle(&ns).await?;
+            let authorities: Api<rolemesh_crds::MTLSAuthority> = Api::all(ns.client.clone());
+            authorities
+                .patch(
+                    &authority,
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({ "spec": { "trustDomain": "two.test" } })),
+                )
+                .await?;
+            let (secret, second) =
+                wait_for_secret(&ns, "api-rolemesh-tls", Some(&first.serial_hex)).await?;
+            ensure!(
+                second.uri_sans[0].starts_with("spiffe://two.test/"),
+                "{:?}",
+                second.uri_sans
+            );
+            let configmaps: Api<k8s_openapi::api::core::v1::ConfigMap> = ns.api();
+            let bundle = eventually("a bundle with both CAs", WAIT, || async {
+                let bundle = configmaps
+                    .get("rolemesh-trust-bundle")
+                    .await?
+                    .data
+                    .and_then(|d| d.get("ca.crt").cloned())
+                    .unwrap_or_default();
+                Ok((certificates_from_pem(&bundle)?.len() == 2).then_some(bundle))
+            })
+            .await?;
+            ensure!(
+                bundle.contains(old_bundle.trim()),
+                "the old CA stays in the bundle"
+            );
+            ensure!(field(&secret, "ca.crt") == bundle);
+            openssl_verify(&secret, &bundle, "sslclient")?;
+            Ok(())
+        }
+        .await;
+        delete_authority(&ns, &authority).await;
+        result
+    })
+    .await
+}
