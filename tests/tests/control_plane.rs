@@ -43,10 +43,16 @@ async fn kubectl_explain_shows_field_descriptions() -> Result<()> {
         "outbound",
         "Lifetime and renewal of the certificates",
     ] {
-        ensure!(explained.contains(text), "explain lacks {text:?}:\n{explained}");
+        ensure!(
+            explained.contains(text),
+            "explain lacks {text:?}:\n{explained}"
+        );
     }
     let explained = env.kubectl(&["explain", "mtlsauthority.spec.signer.type"])?;
-    ensure!(explained.contains("AWS KMS"), "explain signer.type:\n{explained}");
+    ensure!(
+        explained.contains("AWS KMS"),
+        "explain signer.type:\n{explained}"
+    );
     Ok(())
 }
 
@@ -60,7 +66,10 @@ async fn kubectl_get_prints_policy_columns() -> Result<()> {
         let table = ns.env.kubectl(&["get", "mtlsp", "-n", &ns.name])?;
         let header = table.lines().next().unwrap_or_default();
         for column in ["NAME", "READY", "WORKLOADS", "SOONEST EXPIRY", "AGE"] {
-            ensure!(header.contains(column), "column {column} missing in:\n{table}");
+            ensure!(
+                header.contains(column),
+                "column {column} missing in:\n{table}"
+            );
         }
         ensure!(table.contains("payments"), "policy missing in:\n{table}");
         Ok(())
@@ -158,9 +167,18 @@ async fn api_server_refuses_invalid_objects_naming_the_field() -> Result<()> {
         for (what, manifest, field, words) in INVALID {
             let out = ns.env.kubectl_apply(&ns.name, manifest)?;
             let stderr = String::from_utf8_lossy(&out.stderr);
-            ensure!(!out.status.success(), "{what}: accepted, but must be refused");
-            ensure!(stderr.contains(field), "{what}: refusal does not name {field}:\n{stderr}");
-            ensure!(stderr.contains(words), "{what}: refusal lacks {words:?}:\n{stderr}");
+            ensure!(
+                !out.status.success(),
+                "{what}: accepted, but must be refused"
+            );
+            ensure!(
+                stderr.contains(field),
+                "{what}: refusal does not name {field}:\n{stderr}"
+            );
+            ensure!(
+                stderr.contains(words),
+                "{what}: refusal lacks {words:?}:\n{stderr}"
+            );
         }
         // The valid policy is accepted, so the refusals above are about the fields named.
         let out = ns.env.kubectl_apply(&ns.name, VALID_POLICY)?;
@@ -188,12 +206,18 @@ async fn token_request_mints_sts_audience_tokens() -> Result<()> {
         let issued = accounts
             .create_token_request("workload", &PostParams::default(), &request)
             .await?;
-        let token = issued.status.context("TokenRequest returned no status")?.token;
+        let token = issued
+            .status
+            .context("TokenRequest returned no status")?
+            .token;
         let payload = token.split('.').nth(1).context("token is not a JWT")?;
         let claims: serde_json::Value = serde_json::from_slice(
             &base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload)?,
         )?;
-        ensure!(claims["aud"] == serde_json::json!(["sts.amazonaws.com"]), "aud: {claims}");
+        ensure!(
+            claims["aud"] == serde_json::json!(["sts.amazonaws.com"]),
+            "aud: {claims}"
+        );
         let subject = format!("system:serviceaccount:{}:workload", ns.name);
         ensure!(claims["sub"] == subject.as_str(), "sub: {claims}");
         Ok(())
@@ -222,9 +246,11 @@ async fn garbage_collector_deletes_owned_objects() -> Result<()> {
         ]);
         secrets.create(&PostParams::default(), &owned).await?;
         maps.delete("owner", &DeleteParams::background()).await?;
-        eventually("the owned Secret to be collected", Duration::from_secs(60), || async {
-            Ok(secrets.get_opt("owned").await?.is_none().then_some(()))
-        })
+        eventually(
+            "the owned Secret to be collected",
+            Duration::from_secs(60),
+            || async { Ok(secrets.get_opt("owned").await?.is_none().then_some(())) },
+        )
         .await
     })
     .await
