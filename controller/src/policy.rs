@@ -775,8 +775,12 @@ async fn reconcile_policy(policy: &MTLSPolicy, ctx: &Context) -> Result<Action> 
     let mut transient = false;
     let mut issued_count = 0usize;
     let mut rotated: Vec<String> = Vec::new();
+    let mut first_failure: Option<WorkloadStatus> = None;
     for outcome in outcomes {
         transient |= outcome.transient;
+        if outcome.transient && first_failure.is_none() {
+            first_failure = Some(outcome.status.clone());
+        }
         if let Some(at) = outcome.renew_at {
             renew_at = Some(renew_at.map_or(at, |r| r.min(at)));
         }
@@ -787,6 +791,18 @@ async fn reconcile_policy(policy: &MTLSPolicy, ctx: &Context) -> Result<Action> 
             }
         }
         statuses.insert(outcome.status.service_account.clone(), outcome.status);
+    }
+    if let Some(failure) = &first_failure {
+        // One event per reconcile, not per ServiceAccount: an outage must not flood the API.
+        publish(
+            ctx,
+            policy,
+            EventType::Warning,
+            &failure.reason,
+            "IssueCertificates",
+            failure.message.as_deref().unwrap_or_default(),
+        )
+        .await;
     }
     if issued_count > 0 {
         publish(

@@ -30,6 +30,9 @@ pub const KMS_RAW_LIMIT: usize = 4096;
 /// Key of the PKCS#8 PEM private key in the local signer's Secret.
 pub const LOCAL_KEY_FIELD: &str = "tls.key";
 
+/// Most KMS Sign calls in flight at once from one controller.
+pub const KMS_MAX_IN_FLIGHT: usize = 32;
+
 /// A CA signing key. `sign` returns a DER ECDSA-Sig-Value over SHA-256 of `message`.
 pub trait Signer: Send + Sync + 'static {
     /// "kms" or "local", for metrics.
@@ -186,6 +189,9 @@ impl Signer for LocalSigner {
 pub struct KmsSigner {
     client: aws_sdk_kms::Client,
     key_id: String,
+    /// Bounds Sign calls in flight across all policies, so a burst of issuance stays under the
+    /// account's KMS request quota instead of turning into throttling errors.
+    in_flight: tokio::sync::Semaphore,
     spki: Vec<u8>,
     metrics: Metrics,
 }
@@ -291,6 +297,7 @@ impl KmsSigner {
         Ok(Self {
             client,
             key_id: key_id.to_string(),
+            in_flight: tokio::sync::Semaphore::new(KMS_MAX_IN_FLIGHT),
             spki,
             metrics,
         })
@@ -319,6 +326,8 @@ impl Signer for KmsSigner {
             } else {
                 (MessageType::Digest, Sha256::digest(message).to_vec())
             };
+            // The permit is only refused once the semaphore is closed, which never happens.
+            let _permit = self.in_flight.acquire().await.ok();
             let started = Instant::now();
             let result = self
                 .client
