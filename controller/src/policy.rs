@@ -133,6 +133,10 @@ impl Context {
             secret.metadata.name.clone(),
             self.written.lock(),
         ) {
+            // Entries are normally dropped when the watch catches up; this bounds the rest.
+            if written.len() >= 1024 {
+                written.retain(|_, (_, at)| at.elapsed() < Duration::from_secs(30));
+            }
             written.insert((ns, name), (secret, Instant::now()));
         }
     }
