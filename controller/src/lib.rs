@@ -11,6 +11,7 @@ pub mod leader;
 pub mod metrics;
 pub mod policy;
 pub mod signer;
+pub mod webhook_tls;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -57,6 +58,8 @@ pub struct ControllerConfig {
     pub issue_concurrency: usize,
     /// Only this namespace's policies, ServiceAccounts and Secrets, when set.
     pub watch_namespace: Option<String>,
+    /// The webhook's serving certificate and caBundle to keep current; `None` leaves them alone.
+    pub webhook_tls: Option<rolemesh_webhook::tls::WebhookTlsConfig>,
 }
 
 fn scoped<K>(client: &Client, namespace: Option<&str>) -> Api<K>
@@ -346,6 +349,10 @@ pub async fn run(
     metrics.set_leader(true);
 
     let (ca_trigger, ca_changes) = mpsc::channel::<()>(1);
+    let webhook_task = config
+        .webhook_tls
+        .clone()
+        .map(|webhook| tokio::spawn(webhook_tls::maintain_webhook_tls(client.clone(), webhook)));
     let ca_task = tokio::spawn(maintain_ca(
         client.clone(),
         config.clone(),
@@ -403,6 +410,9 @@ pub async fn run(
         }
     };
     ca_task.abort();
+    if let Some(task) = webhook_task {
+        task.abort();
+    }
     metrics.set_leader(false);
     if config.leader_election && !matches!(result, Err(Error::LostLease { .. })) {
         leader::release(&client, &lease).await;

@@ -39,7 +39,8 @@ struct Args {
     /// Certificates issued at once per policy.
     #[arg(long, env = "ROLEMESH_ISSUE_CONCURRENCY", default_value_t = 16)]
     issue_concurrency: usize,
-    /// Webhook Service name: DNS names of the webhook serving certificate.
+    /// Webhook Service name: DNS names of the webhook serving certificate; empty to not manage
+    /// the webhook's certificate at all.
     #[arg(
         long,
         env = "ROLEMESH_WEBHOOK_SERVICE",
@@ -89,6 +90,16 @@ async fn main() -> anyhow::Result<()> {
     let aws = aws_config::defaults(aws_config::BehaviorVersion::latest())
         .load()
         .await;
+    let webhook_tls = (!args.webhook_service.is_empty()).then(|| {
+        let mut webhook = rolemesh_webhook::tls::WebhookTlsConfig::for_service(
+            &args.namespace,
+            &args.webhook_service,
+        );
+        webhook.webhook_configuration =
+            Some(args.webhook_configuration.clone()).filter(|c| !c.is_empty());
+        webhook.ip_addresses = args.webhook_ip.clone();
+        webhook
+    });
     let config = ControllerConfig {
         namespace: args.namespace,
         authority: args.authority,
@@ -98,12 +109,8 @@ async fn main() -> anyhow::Result<()> {
         identity: replica_identity(),
         issue_concurrency: args.issue_concurrency,
         watch_namespace: args.watch_namespace,
+        webhook_tls,
     };
-    let _ = (
-        &args.webhook_service,
-        &args.webhook_configuration,
-        &args.webhook_ip,
-    );
     let shutdown = async {
         let mut term =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();

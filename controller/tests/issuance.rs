@@ -485,17 +485,17 @@ async fn a_controller_killed_mid_issuance_leaves_every_secret_whole() -> Result<
             let secrets: Api<Secret> = ns.api();
             let mut first = ControllerProcess::start(&ns, &authority, "replica-a", &["--issue-concurrency", "2"])?;
             eventually("the first Secrets", WAIT, || async {
-                let n = secrets.list(&ListParams::default().labels("app.kubernetes.io/managed-by=rolemesh")).await?.items.len();
+                let n = secrets.list(&ListParams::default().labels("rolemesh.dev/policy=p")).await?.items.len();
                 Ok((n >= 3).then_some(()))
             })
             .await?;
             first.kill();
-            let before: Vec<Secret> = secrets.list(&ListParams::default().labels("app.kubernetes.io/managed-by=rolemesh")).await?.items;
+            let before: Vec<Secret> = secrets.list(&ListParams::default().labels("rolemesh.dev/policy=p")).await?.items;
             ensure!(before.len() < COUNT, "the kill came too late to be mid-issuance");
 
             let second = ControllerProcess::start(&ns, &authority, "replica-b", &[])?;
             let all = eventually("every Secret", Duration::from_secs(120), || async {
-                let list = secrets.list(&ListParams::default().labels("app.kubernetes.io/managed-by=rolemesh")).await?.items;
+                let list = secrets.list(&ListParams::default().labels("rolemesh.dev/policy=p")).await?.items;
                 Ok((list.len() == COUNT).then_some(list))
             })
             .await?;

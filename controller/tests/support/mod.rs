@@ -77,6 +77,8 @@ impl ControllerProcess {
                 authority,
             ])
             .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
+            // Tests run in parallel: none may touch a shared webhook configuration.
+            .arg("--webhook-configuration=")
             .args(extra)
             .envs(vars.iter().copied())
             .stdout(Stdio::null())

@@ -1,0 +1,57 @@
+//! Who is injected: pods labelled `rolemesh.dev/inject: "true"`, or in a namespace labelled
+//! `rolemesh.dev/inject: enabled`, unless the pod says `"false"`; never pods in kube-system or in
+//! rolemesh's own namespace, never mirror (static) pods. The registration expresses the same rules
+//! with selectors so the API server does not call for other pods; the webhook checks again.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::Pod;
+
+use crate::inject::INJECT_LABEL;
+
+/// Annotation the kubelet puts on mirror pods of static pods.
+pub const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
+/// Namespaces never injected, whatever their labels.
+pub const SYSTEM_NAMESPACES: &[&str] = &["kube-system", "kube-public", "kube-node-lease"];
+
+/// What the pod alone says.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PodSelection {
+    /// Inject.
+    Inject,
+    /// Leave the pod alone, for this reason (logged and counted).
+    Skip(&'static str),
+    /// The pod does not say; its namespace's labels decide.
+    AskNamespace,
+}
+
+/// Decides from the pod and its namespace name alone.
+pub fn select_pod(pod: &Pod, namespace: &str, own_namespace: &str) -> PodSelection {
+    if SYSTEM_NAMESPACES.contains(&namespace) {
+        return PodSelection::Skip("system namespace");
+    }
+    if namespace == own_namespace {
+        return PodSelection::Skip("rolemesh's own namespace");
+    }
+    let annotations = pod.metadata.annotations.as_ref();
+    if annotations.is_some_and(|a| a.contains_key(MIRROR_ANNOTATION)) {
+        return PodSelection::Skip("mirror pod");
+    }
+    let label = pod
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(INJECT_LABEL));
+    match label.map(String::as_str) {
+        Some("true") => PodSelection::Inject,
+        Some("false") => PodSelection::Skip("pod opted out"),
+        _ => PodSelection::AskNamespace,
+    }
+}
+
+/// Whether a namespace with these labels opts its pods in.
+pub fn namespace_opted_in(labels: Option<&BTreeMap<String, String>>) -> bool {
+    labels
+        .and_then(|l| l.get(INJECT_LABEL))
+        .is_some_and(|v| v == "enabled")
+}

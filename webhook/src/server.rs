@@ -1,0 +1,360 @@
+//! The HTTP side: AdmissionReview in, AdmissionReview out, over rustls with the serving
+//! certificate resolved per handshake; plus a plain-HTTP admin listener.
+
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use axum::{
+    Router,
+    body::Bytes,
+    extract::{DefaultBodyLimit, State},
+    http::{StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use kube::{
+    Api, Client,
+    core::{
+        DynamicObject,
+        admission::{AdmissionRequest, AdmissionResponse, AdmissionReview},
+    },
+};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, info, warn};
+
+use crate::{
+    error::{Error, Result},
+    inject::{InjectorConfig, injection_patch},
+    lookup::Lookups,
+    metrics::Metrics,
+    selection::{PodSelection, namespace_opted_in, select_pod},
+    tls::{ServingCertResolver, certified_key, server_config},
+};
+
+/// Largest AdmissionReview accepted; bigger bodies get 413.
+pub const MAX_BODY_BYTES: usize = 3 * 1024 * 1024;
+/// How long a client may take to send its request headers.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// The webhook answers within this, well inside the registration's `timeoutSeconds`.
+pub const DECISION_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What every request handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    pub lookups: Lookups,
+    pub injector: Arc<InjectorConfig>,
+    pub own_namespace: Arc<str>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Decides one admission request: `Ok(None)` admits unchanged, `Ok(Some(patch))` admits with the
+/// patch, `Err` refuses with the error's message.
+pub async fn decide(
+    state: &AppState,
+    request: &AdmissionRequest<DynamicObject>,
+) -> Result<Option<json_patch::Patch>> {
+    if request.kind.kind != "Pod" || !request.kind.group.is_empty() {
+        return Err(Error::BadRequest(format!(
+            "expected a Pod, got {}/{}",
+            request.kind.group, request.kind.kind
+        )));
+    }
+    let object = request
+        .object
+        .as_ref()
+        .ok_or_else(|| Error::BadRequest("the request carries no object".into()))?;
+    let pod: Pod = serde_json::from_value(serde_json::to_value(object)?)?;
+    let namespace = request
+        .namespace
+        .clone()
+        .or_else(|| pod.metadata.namespace.clone())
+        .ok_or_else(|| Error::BadRequest("the request names no namespace".into()))?;
+    let pod_name = pod
+        .metadata
+        .name
+        .clone()
+        .or_else(|| pod.metadata.generate_name.clone())
+        .unwrap_or_default();
+    match select_pod(&pod, &namespace, &state.own_namespace) {
+        PodSelection::Skip(why) => {
+            debug!(namespace = %namespace, pod = %pod_name, reason = why, "not injecting");
+            return Ok(None);
+        }
+        PodSelection::Inject => {}
+        PodSelection::AskNamespace => {
+            let labels = state.lookups.namespace_labels(&namespace).await?;
+            if !namespace_opted_in(labels.as_ref()) {
+                return Ok(None);
+            }
+        }
+    }
+    let service_account = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.service_account_name.clone())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "default".to_string());
+    let policy = state
+        .lookups
+        .covering_policy(&namespace, &service_account, &pod_name)
+        .await?;
+    let trust_domain = state.lookups.trust_domain().await?;
+    let patch = injection_patch(&pod, &policy, &trust_domain, &state.injector)?;
+    Ok(Some(patch))
+}
+
+fn review_response(review: AdmissionResponse) -> Response {
+    match serde_json::to_vec(&review.into_review()) {
+        Ok(json) => ([(header::CONTENT_TYPE, "application/json")], json).into_response(),
+        Err(error) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("failed to encode the response: {error}"),
+        )
+            .into_response(),
+    }
+}
+
+async fn mutate_pod(State(state): State<AppState>, body: Bytes) -> Response {
+    let started = Instant::now();
+    let review: AdmissionReview<DynamicObject> = match serde_json::from_slice(&body) {
+        Ok(review) => review,
+        Err(error) => {
+            state
+                .metrics
+                .admission("bad_request", started.elapsed().as_secs_f64());
+            return (
+                StatusCode::BAD_REQUEST,
+                format!("the body is not an AdmissionReview: {error}"),
+            )
+                .into_response();
+        }
+    };
+    let request: AdmissionRequest<DynamicObject> = match review.try_into() {
+        Ok(request) => request,
+        Err(error) => {
+            state
+                .metrics
+                .admission("bad_request", started.elapsed().as_secs_f64());
+            return (
+                StatusCode::BAD_REQUEST,
+                format!("the AdmissionReview has no usable request: {error}"),
+            )
+                .into_response();
+        }
+    };
+    let decision = match tokio::time::timeout(DECISION_TIMEOUT, decide(&state, &request)).await {
+        Ok(decision) => decision,
+        Err(_) => Err(Error::Timeout(DECISION_TIMEOUT)),
+    };
+    let response = AdmissionResponse::from(&request);
+    let (outcome, response) = match decision {
+        Ok(None) => ("skipped", response),
+        Ok(Some(patch)) if patch.0.is_empty() => ("already_injected", response),
+        Ok(Some(patch)) => match response.with_patch(patch) {
+            Ok(response) => ("injected", response),
+            Err(error) => (
+                "error",
+                AdmissionResponse::from(&request)
+                    .deny(format!("rolemesh could not encode its patch: {error}")),
+            ),
+        },
+        Err(error) => {
+            let outcome = if error.is_refusal() {
+                "denied"
+            } else {
+                "error"
+            };
+            warn!(%error, namespace = ?request.namespace, "refused a pod");
+            (
+                outcome,
+                AdmissionResponse::from(&request).deny(error.to_string()),
+            )
+        }
+    };
+    state
+        .metrics
+        .admission(outcome, started.elapsed().as_secs_f64());
+    review_response(response)
+}
+
+/// The admission router: `POST /mutate-pod`, with a body limit (413 beyond it) and panics turned
+/// into 500s so one bad request never takes the server down.
+pub fn admission_router(state: AppState) -> Router {
+    Router::new()
+        .route("/mutate-pod", post(mutate_pod))
+        .route("/healthz", get(|| async { "ok" }))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(tower_http::catch_panic::CatchPanicLayer::new())
+        .with_state(state)
+}
+
+/// Serves `router` over TLS on `listener`, resolving the certificate per handshake.
+pub async fn serve_tls(
+    listener: TcpListener,
+    router: Router,
+    resolver: Arc<ServingCertResolver>,
+) -> Result<()> {
+    let acceptor = TlsAcceptor::from(server_config(resolver)?);
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                warn!(%error, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let router = router.clone();
+        tokio::spawn(async move {
+            let tls = match tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(error)) => {
+                    debug!(%error, %peer, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    debug!(%peer, "TLS handshake timed out");
+                    return;
+                }
+            };
+            let service = hyper::service::service_fn(
+                move |request: hyper::Request<hyper::body::Incoming>| {
+                    let router = router.clone();
+                    async move {
+                        tower::ServiceExt::oneshot(router, request.map(axum::body::Body::new)).await
+                    }
+                },
+            );
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .keep_alive(true);
+            if let Err(error) = builder
+                .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                .await
+            {
+                debug!(%error, %peer, "connection ended with an error");
+            }
+        });
+    }
+}
+
+/// `/healthz`, `/readyz` (caches synced and a certificate loaded) and `/metrics`, plain HTTP.
+pub async fn serve_admin(
+    listen: SocketAddr,
+    state: AppState,
+    cert_loaded: Arc<std::sync::atomic::AtomicBool>,
+) -> Result<()> {
+    let listener = TcpListener::bind(listen)
+        .await
+        .map_err(Error::io(format!("binding the admin listener {listen}")))?;
+    let ready_state = state.clone();
+    let metrics = state.metrics.clone();
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let ready = ready_state.lookups.synced()
+                    && cert_loaded.load(std::sync::atomic::Ordering::Acquire);
+                async move {
+                    if ready {
+                        (StatusCode::OK, "ready")
+                    } else {
+                        (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+                    }
+                }
+            }),
+        )
+        .route(
+            "/metrics",
+            get(move || {
+                let text = metrics.encode();
+                async move {
+                    (
+                        [(
+                            header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        text,
+                    )
+                }
+            }),
+        );
+    axum::serve(listener, app)
+        .await
+        .map_err(Error::io("serving the admin listener"))
+}
+
+/// Loads the serving certificate from Secret `namespace/name` (written by the controller) and
+/// keeps loading new versions; the webhook never writes it.
+pub async fn follow_serving_secret(
+    client: Client,
+    namespace: String,
+    name: String,
+    resolver: Arc<ServingCertResolver>,
+    metrics: Arc<Metrics>,
+    loaded: Arc<std::sync::atomic::AtomicBool>,
+) {
+    let api: Api<Secret> = Api::namespaced(client, &namespace);
+    let mut last_version = String::new();
+    loop {
+        match api.get_opt(&name).await {
+            Ok(Some(secret)) => {
+                let version = secret.metadata.resource_version.clone().unwrap_or_default();
+                if version != last_version {
+                    let field = |key: &str| {
+                        secret
+                            .data
+                            .as_ref()
+                            .and_then(|d| d.get(key))
+                            .map(|b| String::from_utf8_lossy(&b.0).into_owned())
+                    };
+                    match (field("tls.crt"), field("tls.key")) {
+                        (Some(cert), Some(key)) => match certified_key(&cert, &key) {
+                            Ok(certified) => {
+                                let serial =
+                                    rolemesh_profile::inspect::certificates_from_pem(&cert)
+                                        .ok()
+                                        .and_then(|c| c.into_iter().next())
+                                        .and_then(|der| {
+                                            rolemesh_profile::inspect_certificate(&der).ok()
+                                        })
+                                        .map(|info| {
+                                            metrics.serving_cert_loaded(
+                                                info.not_after.unix_timestamp(),
+                                            );
+                                            info.serial_hex
+                                        })
+                                        .unwrap_or_default();
+                                resolver.set(certified, serial.clone());
+                                loaded.store(true, std::sync::atomic::Ordering::Release);
+                                last_version = version;
+                                info!(serial = %serial, "serving certificate loaded");
+                            }
+                            Err(error) => {
+                                warn!(%error, secret = %name, "the serving certificate Secret is unusable; keeping the current one")
+                            }
+                        },
+                        _ => {
+                            warn!(secret = %name, "the serving certificate Secret lacks tls.crt or tls.key")
+                        }
+                    }
+                }
+            }
+            Ok(None) => {
+                warn!(namespace = %namespace, secret = %name, "waiting for the controller to write the serving certificate Secret")
+            }
+            Err(error) => warn!(%error, "failed to read the serving certificate Secret"),
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}
