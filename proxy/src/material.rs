@@ -1,0 +1,264 @@
+//! The workload's certificate, key and trust bundle: read from the mounted Secret and ConfigMap,
+//! validated as a set, and turned into the TLS configurations every listener uses.
+
+use std::{
+    fmt,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use rolemesh_profile::{
+    WorkloadIdentity,
+    inspect::{certificates_from_pem, inspect_certificate},
+    proxy_config::ProxyConfig,
+};
+use rustls::{
+    ClientConfig, RootCertStore, ServerConfig,
+    client::{Resumption, verify_server_cert_signed_by_trust_anchor},
+    crypto::CryptoProvider,
+    server::{NoServerSessionStorage, ParsedCertificate},
+    sign::CertifiedKey,
+    version::TLS13,
+};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime, pem::PemObject};
+
+use crate::{
+    ProxyError,
+    verify::{PeerClientVerifier, UpstreamVerifier},
+};
+
+/// The raw bytes of one certificate set as found on disk.
+#[derive(Clone, PartialEq, Eq)]
+pub struct FileSet {
+    pub cert_chain: Vec<u8>,
+    pub key: Vec<u8>,
+    pub trust_bundle: Vec<u8>,
+}
+
+impl fmt::Debug for FileSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FileSet")
+            .field("cert_chain_len", &self.cert_chain.len())
+            .field("key", &"<redacted>")
+            .field("trust_bundle_len", &self.trust_bundle.len())
+            .finish()
+    }
+}
+
+/// Paths of the three files.
+#[derive(Clone, Debug)]
+pub struct MaterialPaths {
+    pub cert_chain: PathBuf,
+    pub key: PathBuf,
+    pub trust_bundle: PathBuf,
+}
+
+impl MaterialPaths {
+    pub fn from_config(config: &ProxyConfig) -> Self {
+        Self {
+            cert_chain: config.identity_dir.join("tls.crt"),
+            key: config.identity_dir.join("tls.key"),
+            trust_bundle: config.trust_bundle.clone(),
+        }
+    }
+
+    /// Reads the set. The chain is read again at the end: if it changed, kubelet swapped the
+    /// directory while we were reading and the set may mix two versions, so the caller retries.
+    pub fn read(&self) -> Result<Option<FileSet>, ProxyError> {
+        let read = |path: &Path| {
+            std::fs::read(path).map_err(|source| ProxyError::ReadMaterial {
+                path: path.to_path_buf(),
+                source,
+            })
+        };
+        let cert_chain = read(&self.cert_chain)?;
+        let key = read(&self.key)?;
+        let trust_bundle = read(&self.trust_bundle)?;
+        if read(&self.cert_chain)? != cert_chain {
+            return Ok(None);
+        }
+        Ok(Some(FileSet {
+            cert_chain,
+            key,
+            trust_bundle,
+        }))
+    }
+}
+
+/// A validated certificate set.
+pub struct Material {
+    pub certified_key: Arc<CertifiedKey>,
+    pub roots: Arc<RootCertStore>,
+    pub identity: WorkloadIdentity,
+    pub serial_hex: String,
+    pub not_after_unix: i64,
+}
+
+impl fmt::Debug for Material {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Material")
+            .field("identity", &self.identity)
+            .field("serial_hex", &self.serial_hex)
+            .field("not_after_unix", &self.not_after_unix)
+            .field("roots", &self.roots.len())
+            .field("key", &"<redacted>")
+            .finish()
+    }
+}
+
+impl Material {
+    /// Parses and checks a set: the key is the certificate's, the certificate chains to the
+    /// bundle now, and it carries a rolemesh identity in `trust_domain`.
+    pub fn validate(
+        files: &FileSet,
+        trust_domain: &str,
+        provider: &CryptoProvider,
+    ) -> Result<Self, ProxyError> {
+        let invalid =
+            |what: &str, e: &dyn fmt::Display| ProxyError::ValidateMaterial(format!("{what}: {e}"));
+        let chain_pem = std::str::from_utf8(&files.cert_chain)
+            .map_err(|e| invalid("tls.crt is not text", &e))?;
+        let chain: Vec<CertificateDer<'static>> = certificates_from_pem(chain_pem)
+            .map_err(|e| invalid("tls.crt", &e))?
+            .into_iter()
+            .map(CertificateDer::from)
+            .collect();
+        let bundle_pem = std::str::from_utf8(&files.trust_bundle)
+            .map_err(|e| invalid("trust bundle is not text", &e))?;
+        let mut roots = RootCertStore::empty();
+        for der in certificates_from_pem(bundle_pem).map_err(|e| invalid("trust bundle", &e))? {
+            roots
+                .add(CertificateDer::from(der))
+                .map_err(|e| invalid("trust bundle", &e))?;
+        }
+        let key = PrivateKeyDer::from_pem_slice(&files.key).map_err(|e| invalid("tls.key", &e))?;
+        let signing_key = provider
+            .key_provider
+            .load_private_key(key)
+            .map_err(|e| invalid("tls.key", &e))?;
+        let certified_key = CertifiedKey::new(chain, signing_key);
+        certified_key
+            .keys_match()
+            .map_err(|e| invalid("tls.key does not belong to tls.crt", &e))?;
+        let leaf = certified_key
+            .end_entity_cert()
+            .map_err(|e| invalid("tls.crt", &e))?;
+        let parsed = ParsedCertificate::try_from(leaf).map_err(|e| invalid("tls.crt", &e))?;
+        verify_server_cert_signed_by_trust_anchor(
+            &parsed,
+            &roots,
+            certified_key.cert.get(1..).unwrap_or_default(),
+            UnixTime::now(),
+            provider.signature_verification_algorithms.all,
+        )
+        .map_err(|e| invalid("tls.crt does not chain to the trust bundle", &e))?;
+        let info = inspect_certificate(leaf).map_err(|e| invalid("tls.crt", &e))?;
+        let identity = info
+            .workload_identity()
+            .map_err(|e| invalid("tls.crt", &e))?;
+        if identity.spiffe_id.trust_domain() != trust_domain {
+            return Err(ProxyError::ValidateMaterial(format!(
+                "tls.crt is for {}, not in trust domain {trust_domain}",
+                identity.spiffe_id
+            )));
+        }
+        Ok(Self {
+            certified_key: Arc::new(certified_key),
+            roots: Arc::new(roots),
+            identity,
+            serial_hex: info.serial_hex,
+            not_after_unix: info.not_after.unix_timestamp(),
+        })
+    }
+}
+
+/// The TLS configurations built from one [`Material`], one per mapping, swapped as a whole on
+/// reload so that every handshake sees a consistent certificate, key and bundle.
+#[derive(Debug)]
+pub struct TlsConfigs {
+    pub material: Material,
+    pub inbound: Vec<Arc<ServerConfig>>,
+    pub outbound: Vec<Arc<ClientConfig>>,
+}
+
+impl TlsConfigs {
+    pub fn build(
+        material: Material,
+        config: &ProxyConfig,
+        provider: &Arc<CryptoProvider>,
+    ) -> Result<Self, ProxyError> {
+        let build_err = |e: rustls::Error| ProxyError::BuildTls(e.to_string());
+        let mut inbound = Vec::with_capacity(config.inbound.len());
+        for listener in &config.inbound {
+            let verifier = PeerClientVerifier::new(
+                material.roots.clone(),
+                provider.clone(),
+                &config.trust_domain,
+                listener.allow.clone(),
+            )
+            .map_err(build_err)?;
+            let mut server = ServerConfig::builder_with_provider(provider.clone())
+                .with_protocol_versions(&[&TLS13])
+                .map_err(build_err)?
+                .with_client_cert_verifier(Arc::new(verifier))
+                .with_cert_resolver(Arc::new(AlwaysResolvesServerCert(
+                    material.certified_key.clone(),
+                )));
+            // Every connection is a full handshake that re-checks the peer against the current
+            // bundle and policy; a session cache would also cost memory in every pod.
+            server.session_storage = Arc::new(NoServerSessionStorage {});
+            server.send_tls13_tickets = 0;
+            inbound.push(Arc::new(server));
+        }
+        let mut outbound = Vec::with_capacity(config.outbound.len());
+        for listener in &config.outbound {
+            let verifier = UpstreamVerifier::new(
+                material.roots.clone(),
+                provider.clone(),
+                &config.trust_domain,
+                listener.expect.clone(),
+            );
+            let mut client = ClientConfig::builder_with_provider(provider.clone())
+                .with_protocol_versions(&[&TLS13])
+                .map_err(build_err)?
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(verifier))
+                .with_client_cert_resolver(Arc::new(AlwaysResolvesClientCert(
+                    material.certified_key.clone(),
+                )));
+            client.resumption = Resumption::disabled();
+            outbound.push(Arc::new(client));
+        }
+        Ok(Self {
+            material,
+            inbound,
+            outbound,
+        })
+    }
+}
+
+#[derive(Debug)]
+struct AlwaysResolvesClientCert(Arc<CertifiedKey>);
+
+impl rustls::client::ResolvesClientCert for AlwaysResolvesClientCert {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+#[derive(Debug)]
+struct AlwaysResolvesServerCert(Arc<CertifiedKey>);
+
+impl rustls::server::ResolvesServerCert for AlwaysResolvesServerCert {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+}
