@@ -46,9 +46,9 @@ pub const TRUST_BUNDLE_KEY: &str = "ca.crt";
 /// Environment variable pointing TLS libraries (OpenSSL, Go, rustls-native-certs) at the bundle.
 pub const SSL_CERT_FILE_ENV: &str = "SSL_CERT_FILE";
 /// Path the proxy answers its startup probe on (admin port).
-pub const PROXY_HEALTH_PATH: &str = "/healthz";
+pub const PROXY_HEALTH_PATH: &str = "/live";
 /// Path the proxy answers its readiness probe on (admin port).
-pub const PROXY_READY_PATH: &str = "/readyz";
+pub const PROXY_READY_PATH: &str = "/ready";
 /// User and group the proxy runs as (distroless `nonroot`).
 pub const PROXY_UID: i64 = 65532;
 
