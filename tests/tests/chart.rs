@@ -56,7 +56,10 @@ async fn helm_lint_is_clean_and_the_rendered_chart_passes_a_server_side_dry_run(
     let out = String::from_utf8_lossy(&lint.stdout);
     ensure!(lint.status.success() && !out.contains("[WARNING]") && !out.contains("[ERROR]"), "helm lint:\n{out}");
     in_namespace("chart-dry", |ns| async move {
-        let rendered = helm(&ns.env, &["template", "rolemesh", &chart(), "-n", &ns.name, "--kube-version", "1.34.4",
+        // A release name of its own: cluster-scoped objects (ClusterRoles, the webhook
+        // configuration) of a real `rolemesh` release may exist and must not be merged with.
+        let release = format!("rm{}", &ns.name[ns.name.len() - 8..]);
+        let rendered = helm(&ns.env, &["template", &release, &chart(), "-n", &ns.name, "--kube-version", "1.34.4",
             "--set", "authority.create=true", "--set", "serviceMonitor.enabled=false", "--set", "crds.keep=true"])?;
         let manifests = rolemesh_tests::expect_success("helm", &["template"], &rendered)?;
         ensure!(manifests.contains("helm.sh/resource-policy: keep"), "crds.keep keeps the CRDs on uninstall");
@@ -135,4 +138,67 @@ async fn install_upgrade_uninstall_and_least_privilege() -> Result<()> {
     })
     .await
     .context("chart install test")
+}
+
+/// Collects every field path below `node` (an OpenAPI v3 schema) as `spec.inbound[].port`.
+fn field_paths(node: &serde_json::Value, prefix: &str, out: &mut Vec<String>) {
+    if let Some(properties) = node.get("properties").and_then(|p| p.as_object()) {
+        for (name, child) in properties {
+            let path = if prefix.is_empty() { name.clone() } else { format!("{prefix}.{name}") };
+            if matches!(path.as_str(), "apiVersion" | "kind" | "metadata") {
+                continue;
+            }
+            out.push(path.clone());
+            field_paths(child, &path, out);
+            if let Some(items) = child.get("items") {
+                field_paths(items, &format!("{path}[]"), out);
+            }
+        }
+    }
+}
+
+/// docs/reference.md is generated from the CRDs; this keeps it from falling behind them.
+#[test]
+fn docs_reference_names_every_crd_field() -> Result<()> {
+    let reference = std::fs::read_to_string(repo_root().join("docs/reference.md"))?;
+    let mut missing = Vec::new();
+    let mut checked = 0;
+    for crd in rolemesh_crds::crds() {
+        let kind = crd.spec.names.kind.clone();
+        ensure!(reference.contains(&format!("## {kind}")), "docs/reference.md has no section for {kind}");
+        for version in &crd.spec.versions {
+            let schema = serde_json::to_value(version.schema.as_ref().and_then(|s| s.open_api_v3_schema.as_ref()))?;
+            let mut paths = Vec::new();
+            field_paths(&schema, "", &mut paths);
+            for path in paths {
+                checked += 1;
+                if !reference.contains(&format!("`{path}`")) {
+                    missing.push(format!("{kind} {path}"));
+                }
+            }
+        }
+    }
+    ensure!(checked > 40, "only {checked} fields found in the CRDs");
+    ensure!(missing.is_empty(), "docs/reference.md lacks (run `python3 docs/gen_reference.py > docs/reference.md`):\n{}", missing.join("\n"));
+    Ok(())
+}
+
+/// The docs justify each broad RBAC rule, explain the common failure reasons by name, and give
+/// the AWS permissions the install needs.
+#[test]
+fn docs_cover_the_chart_rbac_and_runbook() -> Result<()> {
+    let read = |p: &str| std::fs::read_to_string(repo_root().join(p));
+    let security = read("docs/security-model.md")?;
+    for must in ["serviceaccounts/token", "secrets", "configmaps", "mutatingwebhookconfigurations", "leases", "RBAC cannot restrict by label"] {
+        ensure!(security.contains(must), "docs/security-model.md must justify the {must} rule");
+    }
+    let runbook = read("docs/operations.md")?;
+    for reason in ["MissingRoleAnnotation", "StsRefused", "RoleMismatch", "SignerAccessDenied", "SignerThrottled", "SignerUnavailable", "AuthorityMissing"] {
+        ensure!(runbook.contains(reason), "docs/operations.md must explain {reason}");
+    }
+    let install = read("docs/install-eks.md")?;
+    for must in ["ECC_NIST_P256", "kms:Sign", "kms:GetPublicKey", "sts:AssumeRoleWithWebIdentity", "eks.amazonaws.com/role-arn"] {
+        ensure!(install.contains(must), "docs/install-eks.md must mention {must}");
+    }
+    Ok(())
 }
