@@ -309,3 +309,37 @@ where
     });
     reader
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(service_accounts: serde_json::Value) -> MTLSPolicy {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "rolemesh.dev/v1alpha1", "kind": "MTLSPolicy",
+            "metadata": { "name": "p", "namespace": "shop" },
+            "spec": { "serviceAccounts": service_accounts },
+        }))
+        .expect("policy fixture")
+    }
+
+    #[test]
+    fn names_decide_without_labels() {
+        let by_name = policy(serde_json::json!({ "names": ["web"] }));
+        assert_eq!(policy_covers(&by_name, "web", None), Some(true));
+        assert_eq!(policy_covers(&by_name, "db", None), Some(false));
+    }
+
+    #[test]
+    fn a_selector_needs_the_service_account_labels() {
+        let by_label =
+            policy(serde_json::json!({ "selector": { "matchLabels": { "tier": "front" } } }));
+        assert_eq!(policy_covers(&by_label, "web", None), None);
+        let front = BTreeMap::from([("tier".to_string(), "front".to_string())]);
+        assert_eq!(policy_covers(&by_label, "web", Some(&front)), Some(true));
+        assert_eq!(
+            policy_covers(&by_label, "web", Some(&BTreeMap::new())),
+            Some(false)
+        );
+    }
+}

@@ -55,3 +55,67 @@ pub fn namespace_opted_in(labels: Option<&BTreeMap<String, String>>) -> bool {
         .and_then(|l| l.get(INJECT_LABEL))
         .is_some_and(|v| v == "enabled")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(labels: &[(&str, &str)], annotations: &[(&str, &str)]) -> Pod {
+        let map = |pairs: &[(&str, &str)]| {
+            Some(
+                pairs
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect::<BTreeMap<_, _>>(),
+            )
+        };
+        let mut pod = Pod::default();
+        pod.metadata.labels = map(labels);
+        pod.metadata.annotations = map(annotations);
+        pod
+    }
+
+    #[test]
+    fn the_pod_label_decides_first() {
+        let opted_in = pod(&[(INJECT_LABEL, "true")], &[]);
+        assert_eq!(
+            select_pod(&opted_in, "shop", "rolemesh"),
+            PodSelection::Inject
+        );
+        let opted_out = pod(&[(INJECT_LABEL, "false")], &[]);
+        assert!(matches!(
+            select_pod(&opted_out, "shop", "rolemesh"),
+            PodSelection::Skip(_)
+        ));
+        let silent = pod(&[("app", "web")], &[]);
+        assert_eq!(
+            select_pod(&silent, "shop", "rolemesh"),
+            PodSelection::AskNamespace
+        );
+    }
+
+    #[test]
+    fn system_own_namespace_and_mirror_pods_are_never_injected() {
+        let opted_in = pod(&[(INJECT_LABEL, "true")], &[]);
+        for namespace in ["kube-system", "rolemesh"] {
+            assert!(matches!(
+                select_pod(&opted_in, namespace, "rolemesh"),
+                PodSelection::Skip(_)
+            ));
+        }
+        let mirror = pod(&[(INJECT_LABEL, "true")], &[(MIRROR_ANNOTATION, "x")]);
+        assert!(matches!(
+            select_pod(&mirror, "shop", "rolemesh"),
+            PodSelection::Skip(_)
+        ));
+    }
+
+    #[test]
+    fn only_enabled_namespaces_opt_in() {
+        let labels = |v: &str| BTreeMap::from([(INJECT_LABEL.to_string(), v.to_string())]);
+        assert!(namespace_opted_in(Some(&labels("enabled"))));
+        assert!(!namespace_opted_in(Some(&labels("true"))));
+        assert!(!namespace_opted_in(Some(&BTreeMap::new())));
+        assert!(!namespace_opted_in(None));
+    }
+}
