@@ -143,13 +143,19 @@ impl Metrics {
             direction,
             flow,
         };
+        // One statement per lookup: a Family's read guard lives to the end of its statement, and a
+        // second get_or_create on the same Family within it would wait for itself.
+        let open = self.open.get_or_create(&labels).clone();
+        let total = self.total.get_or_create(&labels).clone();
+        let bytes_in = self.bytes.get_or_create(&flow("in")).clone();
+        let bytes_out = self.bytes.get_or_create(&flow("out")).clone();
         MappingMetrics {
             name: name.to_string(),
             direction,
-            open: self.open.get_or_create(&labels).clone(),
-            total: self.total.get_or_create(&labels).clone(),
-            bytes_in: self.bytes.get_or_create(&flow("in")).clone(),
-            bytes_out: self.bytes.get_or_create(&flow("out")).clone(),
+            open,
+            total,
+            bytes_in,
+            bytes_out,
             failures: self.failures.clone(),
         }
     }

@@ -1,0 +1,359 @@
+//! Test harness: certificates from the project's own issuance code (signed with rcgen here),
+//! the proxy binary with a kubelet-style mounted Secret, small loopback apps and clients.
+#![allow(dead_code)]
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::{TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicU64, Ordering},
+    time::{Duration, Instant},
+};
+
+use rcgen::{CertificateParams, Issuer, KeyPair, SanType};
+use rolemesh_profile::{
+    CertificateProfile, SpiffeId, WorkloadIdentity, inspect_certificate,
+    profile::{ca_params, generate_workload_key},
+};
+use time::OffsetDateTime;
+
+pub const TD: &str = "rolemesh.test";
+pub const CLIENT_ROLE: &str = "arn:aws:iam::111122223333:role/frontend";
+pub const SERVER_ROLE: &str = "arn:aws:iam::111122223333:role/payments";
+pub const BANNER: &str = "hello-from-app";
+
+pub struct Ca {
+    params: CertificateParams,
+    key: KeyPair,
+    pub pem: String,
+}
+
+pub struct Leaf {
+    pub chain_pem: String,
+    pub key_pem: String,
+    pub serial_hex: String,
+}
+
+impl Ca {
+    pub fn new(trust_domain: &str) -> Ca {
+        let key = generate_workload_key().unwrap();
+        let params = ca_params(
+            trust_domain,
+            Duration::from_secs(30 * 86400),
+            OffsetDateTime::now_utc(),
+        );
+        let pem = params.self_signed(&key).unwrap().pem();
+        Ca { params, key, pem }
+    }
+
+    /// A leaf from the rolemesh profile, with `tweak` applied to make it bad in one way.
+    pub fn leaf_with(
+        &self,
+        td: &str,
+        sa: &str,
+        role: &str,
+        tweak: impl FnOnce(&mut CertificateParams),
+    ) -> Leaf {
+        let identity = WorkloadIdentity::new(SpiffeId::new(td, "shop", sa).unwrap(), role).unwrap();
+        let mut params = CertificateProfile::default()
+            .leaf_params(
+                &identity,
+                &["localhost".to_string()],
+                OffsetDateTime::now_utc(),
+            )
+            .unwrap();
+        tweak(&mut params);
+        let key = generate_workload_key().unwrap();
+        let issuer = Issuer::from_params(&self.params, &self.key);
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        let serial_hex = inspect_certificate(cert.der()).unwrap().serial_hex;
+        Leaf {
+            chain_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            serial_hex,
+        }
+    }
+
+    pub fn leaf(&self, sa: &str, role: &str) -> Leaf {
+        self.leaf_with(TD, sa, role, |_| {})
+    }
+}
+
+pub fn add_uri_san(params: &mut CertificateParams, uri: &str) {
+    params
+        .subject_alt_names
+        .push(SanType::URI(uri.to_string().try_into().unwrap()));
+}
+
+static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+pub fn temp_dir(tag: &str) -> PathBuf {
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!(
+        "rolemesh-proxy-test-{tag}-{}-{n}",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A directory laid out as kubelet mounts a Secret: the files live in a timestamped directory,
+/// `..data` points at it, and the visible names point through `..data`.
+pub struct MountedSecret {
+    pub dir: PathBuf,
+    generation: u32,
+}
+
+impl MountedSecret {
+    pub fn new(dir: &Path, leaf: &Leaf, ca_pem: &str) -> MountedSecret {
+        let mut mounted = MountedSecret {
+            dir: dir.to_path_buf(),
+            generation: 0,
+        };
+        mounted.swap(leaf.chain_pem.as_bytes(), leaf.key_pem.as_bytes(), ca_pem);
+        for name in ["tls.crt", "tls.key", "ca.crt"] {
+            std::os::unix::fs::symlink(format!("..data/{name}"), dir.join(name)).unwrap();
+        }
+        mounted
+    }
+
+    /// Writes a new generation and swaps `..data` atomically (rename of a symlink), as kubelet does.
+    pub fn swap(&mut self, chain: &[u8], key: &[u8], ca_pem: &str) {
+        self.generation += 1;
+        let generation = format!(
+            "..2026_11_24_00_00_{:02}.{}",
+            self.generation, self.generation
+        );
+        let target = self.dir.join(&generation);
+        std::fs::create_dir_all(&target).unwrap();
+        std::fs::write(target.join("tls.crt"), chain).unwrap();
+        std::fs::write(target.join("tls.key"), key).unwrap();
+        std::fs::write(target.join("ca.crt"), ca_pem).unwrap();
+        let tmp = self.dir.join("..data_tmp");
+        let _ = std::fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(&generation, &tmp).unwrap();
+        std::fs::rename(&tmp, self.dir.join("..data")).unwrap();
+    }
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// An app on 127.0.0.1 that greets with [`BANNER`] and echoes lines until it reads `quit`.
+pub fn echo_app() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            std::thread::spawn(move || {
+                let _ = stream.set_nodelay(true);
+                if stream.write_all(format!("{BANNER}\n").as_bytes()).is_err() {
+                    return;
+                }
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut line = String::new();
+                while reader.read_line(&mut line).map(|n| n > 0).unwrap_or(false) {
+                    if line.trim() == "quit" {
+                        return;
+                    }
+                    if stream.write_all(line.as_bytes()).is_err() {
+                        return;
+                    }
+                    line.clear();
+                }
+            });
+        }
+    });
+    port
+}
+
+/// A one-request HTTP app for curl.
+pub fn http_app() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 1024];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut chunk) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let body = "hello over mtls\n";
+                let _ = stream.write_all(
+                    format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    )
+                    .as_bytes(),
+                );
+            });
+        }
+    });
+    port
+}
+
+pub struct Proxy {
+    child: Child,
+    pub admin_port: u16,
+    pub log: PathBuf,
+}
+
+impl Proxy {
+    /// Starts the binary with `config` (JSON) in a file and waits until /ready says 200.
+    pub fn start(dir: &Path, config: serde_json::Value) -> Proxy {
+        let admin_port = config["adminPort"].as_u64().unwrap() as u16;
+        let path = dir.join("config.json");
+        std::fs::write(&path, config.to_string()).unwrap();
+        let log = dir.join("proxy.log");
+        let child = Command::new(env!("CARGO_BIN_EXE_rolemesh-proxy"))
+            .arg("--config-file")
+            .arg(&path)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let proxy = Proxy {
+            child,
+            admin_port,
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some((status, _)) = http_get(admin_port, "/ready")
+                && status == 200
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "proxy not ready: {}",
+                proxy.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        proxy
+    }
+
+    pub fn metrics(&self) -> String {
+        http_get(self.admin_port, "/metrics").unwrap().1
+    }
+
+    /// The value of the handshake-failure counter for `reason` (summed over mappings).
+    pub fn failures(&self, reason: &str) -> u64 {
+        metric_sum(
+            &self.metrics(),
+            "rolemesh_proxy_handshake_failures_total",
+            &format!("reason=\"{reason}\""),
+        )
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn metric_sum(metrics: &str, name: &str, label: &str) -> u64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(name) && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).ok()?;
+    let status = text.split(' ').nth(1)?.parse().ok()?;
+    Some((status, text))
+}
+
+/// Writes PEM files for an openssl/curl client and returns (cert, key, ca) paths.
+pub fn client_files(
+    dir: &Path,
+    name: &str,
+    leaf: &Leaf,
+    ca_pem: &str,
+) -> (PathBuf, PathBuf, PathBuf) {
+    let cert = dir.join(format!("{name}.crt"));
+    let key = dir.join(format!("{name}.key"));
+    let ca = dir.join(format!("{name}-ca.crt"));
+    std::fs::write(&cert, &leaf.chain_pem).unwrap();
+    std::fs::write(&key, &leaf.key_pem).unwrap();
+    std::fs::write(&ca, ca_pem).unwrap();
+    (cert, key, ca)
+}
+
+/// Runs `openssl s_client` against `port`, sends "ping" then "quit", returns (success, stdout+stderr).
+pub fn s_client(port: u16, extra: &[&str]) -> (bool, String) {
+    let mut child = Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            &format!("127.0.0.1:{port}"),
+            "-quiet",
+        ])
+        .args(extra)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("openssl is installed (tests/tools/install.sh)");
+    {
+        let mut stdin = child.stdin.take().unwrap();
+        let _ = stdin.write_all(b"ping\n");
+        // Give the handshake and the echo time before asking the app to close.
+        std::thread::sleep(Duration::from_millis(300));
+        let _ = stdin.write_all(b"quit\n");
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let output = child.wait_with_output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.success(), text)
+}
