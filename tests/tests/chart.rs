@@ -12,7 +12,10 @@ use kube::{Api, api::PostParams};
 use rolemesh_tests::{ClusterEnv, cluster, in_namespace, install_crds, repo_root};
 
 fn chart() -> String {
-    repo_root().join("charts/rolemesh").to_string_lossy().into_owned()
+    repo_root()
+        .join("charts/rolemesh")
+        .to_string_lossy()
+        .into_owned()
 }
 
 fn helm(env: &ClusterEnv, args: &[&str]) -> Result<std::process::Output> {
@@ -22,15 +25,28 @@ fn helm(env: &ClusterEnv, args: &[&str]) -> Result<std::process::Output> {
 /// Confines the webhook registration to one namespace, so that this release's Fail-policy
 /// webhook (pointing at nothing) never meets other tests' pods.
 fn confined(namespace: &str) -> String {
-    format!(r#"webhook.namespaceSelectorExtra=[{{"key":"kubernetes.io/metadata.name","operator":"In","values":["{namespace}-none"]}}]"#)
+    format!(
+        r#"webhook.namespaceSelectorExtra=[{{"key":"kubernetes.io/metadata.name","operator":"In","values":["{namespace}-none"]}}]"#
+    )
 }
 
-async fn allowed(env: &ClusterEnv, user: &str, verb: &str, group: &str, resource: &str, namespace: Option<&str>, name: Option<&str>) -> Result<bool> {
+async fn allowed(
+    env: &ClusterEnv,
+    user: &str,
+    verb: &str,
+    group: &str,
+    resource: &str,
+    namespace: Option<&str>,
+    name: Option<&str>,
+) -> Result<bool> {
     let client = env.client().await?;
     let review = SubjectAccessReview {
         spec: SubjectAccessReviewSpec {
             user: Some(user.to_string()),
-            groups: Some(vec!["system:serviceaccounts".into(), "system:authenticated".into()]),
+            groups: Some(vec![
+                "system:serviceaccounts".into(),
+                "system:authenticated".into(),
+            ]),
             resource_attributes: Some(ResourceAttributes {
                 verb: Some(verb.into()),
                 group: Some(group.into()),
@@ -44,7 +60,9 @@ async fn allowed(env: &ClusterEnv, user: &str, verb: &str, group: &str, resource
         },
         ..Default::default()
     };
-    let answer = Api::<SubjectAccessReview>::all(client).create(&PostParams::default(), &review).await?;
+    let answer = Api::<SubjectAccessReview>::all(client)
+        .create(&PostParams::default(), &review)
+        .await?;
     Ok(answer.status.map(|s| s.allowed).unwrap_or(false))
 }
 
@@ -54,23 +72,76 @@ async fn helm_lint_is_clean_and_the_rendered_chart_passes_a_server_side_dry_run(
     install_crds(&env).await?;
     let lint = helm(&env, &["lint", "--strict", &chart()])?;
     let out = String::from_utf8_lossy(&lint.stdout);
-    ensure!(lint.status.success() && !out.contains("[WARNING]") && !out.contains("[ERROR]"), "helm lint:\n{out}");
+    ensure!(
+        lint.status.success() && !out.contains("[WARNING]") && !out.contains("[ERROR]"),
+        "helm lint:\n{out}"
+    );
     in_namespace("chart-dry", |ns| async move {
         // A release name of its own: cluster-scoped objects (ClusterRoles, the webhook
         // configuration) of a real `rolemesh` release may exist and must not be merged with.
         let release = format!("rm{}", &ns.name[ns.name.len() - 8..]);
-        let rendered = helm(&ns.env, &["template", &release, &chart(), "-n", &ns.name, "--kube-version", "1.34.4",
-            "--set", "authority.create=true", "--set", "serviceMonitor.enabled=false", "--set", "crds.keep=true"])?;
+        let rendered = helm(
+            &ns.env,
+            &[
+                "template",
+                &release,
+                &chart(),
+                "-n",
+                &ns.name,
+                "--kube-version",
+                "1.34.4",
+                "--set",
+                "authority.create=true",
+                "--set",
+                "serviceMonitor.enabled=false",
+                "--set",
+                "crds.keep=true",
+            ],
+        )?;
         let manifests = rolemesh_tests::expect_success("helm", &["template"], &rendered)?;
-        ensure!(manifests.contains("helm.sh/resource-policy: keep"), "crds.keep keeps the CRDs on uninstall");
-        for kind in ["Deployment", "Service", "PodDisruptionBudget", "MutatingWebhookConfiguration", "ClusterRole", "Role", "ServiceAccount", "MTLSAuthority", "CustomResourceDefinition"] {
-            ensure!(manifests.contains(&format!("kind: {kind}\n")), "the chart renders a {kind}");
+        ensure!(
+            manifests.contains("helm.sh/resource-policy: keep"),
+            "crds.keep keeps the CRDs on uninstall"
+        );
+        for kind in [
+            "Deployment",
+            "Service",
+            "PodDisruptionBudget",
+            "MutatingWebhookConfiguration",
+            "ClusterRole",
+            "Role",
+            "ServiceAccount",
+            "MTLSAuthority",
+            "CustomResourceDefinition",
+        ] {
+            ensure!(
+                manifests.contains(&format!("kind: {kind}\n")),
+                "the chart renders a {kind}"
+            );
         }
-        ensure!(manifests.contains("failurePolicy: Fail") && manifests.contains("sideEffects: None") && manifests.contains("reinvocationPolicy: IfNeeded"));
-        let dry = ns.env.run("kubectl", &["apply", "--dry-run=server", "-n", &ns.name, "-f", "-"], Some(&manifests))?;
-        let text = format!("{}{}", String::from_utf8_lossy(&dry.stdout), String::from_utf8_lossy(&dry.stderr));
-        ensure!(dry.status.success(), "server-side dry run refused the chart:\n{text}");
-        ensure!(text.matches("(server dry run)").count() >= 15, "every object went through the dry run:\n{text}");
+        ensure!(
+            manifests.contains("failurePolicy: Fail")
+                && manifests.contains("sideEffects: None")
+                && manifests.contains("reinvocationPolicy: IfNeeded")
+        );
+        let dry = ns.env.run(
+            "kubectl",
+            &["apply", "--dry-run=server", "-n", &ns.name, "-f", "-"],
+            Some(&manifests),
+        )?;
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&dry.stdout),
+            String::from_utf8_lossy(&dry.stderr)
+        );
+        ensure!(
+            dry.status.success(),
+            "server-side dry run refused the chart:\n{text}"
+        );
+        ensure!(
+            text.matches("(server dry run)").count() >= 15,
+            "every object went through the dry run:\n{text}"
+        );
         Ok(())
     })
     .await
@@ -144,7 +215,11 @@ async fn install_upgrade_uninstall_and_least_privilege() -> Result<()> {
 fn field_paths(node: &serde_json::Value, prefix: &str, out: &mut Vec<String>) {
     if let Some(properties) = node.get("properties").and_then(|p| p.as_object()) {
         for (name, child) in properties {
-            let path = if prefix.is_empty() { name.clone() } else { format!("{prefix}.{name}") };
+            let path = if prefix.is_empty() {
+                name.clone()
+            } else {
+                format!("{prefix}.{name}")
+            };
             if matches!(path.as_str(), "apiVersion" | "kind" | "metadata") {
                 continue;
             }
@@ -165,9 +240,17 @@ fn docs_reference_names_every_crd_field() -> Result<()> {
     let mut checked = 0;
     for crd in rolemesh_crds::crds() {
         let kind = crd.spec.names.kind.clone();
-        ensure!(reference.contains(&format!("## {kind}")), "docs/reference.md has no section for {kind}");
+        ensure!(
+            reference.contains(&format!("## {kind}")),
+            "docs/reference.md has no section for {kind}"
+        );
         for version in &crd.spec.versions {
-            let schema = serde_json::to_value(version.schema.as_ref().and_then(|s| s.open_api_v3_schema.as_ref()))?;
+            let schema = serde_json::to_value(
+                version
+                    .schema
+                    .as_ref()
+                    .and_then(|s| s.open_api_v3_schema.as_ref()),
+            )?;
             let mut paths = Vec::new();
             field_paths(&schema, "", &mut paths);
             for path in paths {
@@ -179,7 +262,11 @@ fn docs_reference_names_every_crd_field() -> Result<()> {
         }
     }
     ensure!(checked > 40, "only {checked} fields found in the CRDs");
-    ensure!(missing.is_empty(), "docs/reference.md lacks (run `python3 docs/gen_reference.py > docs/reference.md`):\n{}", missing.join("\n"));
+    ensure!(
+        missing.is_empty(),
+        "docs/reference.md lacks (run `python3 docs/gen_reference.py > docs/reference.md`):\n{}",
+        missing.join("\n")
+    );
     Ok(())
 }
 
@@ -189,16 +276,46 @@ fn docs_reference_names_every_crd_field() -> Result<()> {
 fn docs_cover_the_chart_rbac_and_runbook() -> Result<()> {
     let read = |p: &str| std::fs::read_to_string(repo_root().join(p));
     let security = read("docs/security-model.md")?;
-    for must in ["serviceaccounts/token", "secrets", "configmaps", "mutatingwebhookconfigurations", "leases", "RBAC cannot restrict by label"] {
-        ensure!(security.contains(must), "docs/security-model.md must justify the {must} rule");
+    for must in [
+        "serviceaccounts/token",
+        "secrets",
+        "configmaps",
+        "mutatingwebhookconfigurations",
+        "leases",
+        "RBAC cannot restrict by label",
+    ] {
+        ensure!(
+            security.contains(must),
+            "docs/security-model.md must justify the {must} rule"
+        );
     }
     let runbook = read("docs/operations.md")?;
-    for reason in ["MissingRoleAnnotation", "StsRefused", "RoleMismatch", "SignerAccessDenied", "SignerThrottled", "SignerUnavailable", "AuthorityMissing"] {
-        ensure!(runbook.contains(reason), "docs/operations.md must explain {reason}");
+    for reason in [
+        "MissingRoleAnnotation",
+        "StsRefused",
+        "RoleMismatch",
+        "SignerAccessDenied",
+        "SignerThrottled",
+        "SignerUnavailable",
+        "AuthorityMissing",
+    ] {
+        ensure!(
+            runbook.contains(reason),
+            "docs/operations.md must explain {reason}"
+        );
     }
     let install = read("docs/install-eks.md")?;
-    for must in ["ECC_NIST_P256", "kms:Sign", "kms:GetPublicKey", "sts:AssumeRoleWithWebIdentity", "eks.amazonaws.com/role-arn"] {
-        ensure!(install.contains(must), "docs/install-eks.md must mention {must}");
+    for must in [
+        "ECC_NIST_P256",
+        "kms:Sign",
+        "kms:GetPublicKey",
+        "sts:AssumeRoleWithWebIdentity",
+        "eks.amazonaws.com/role-arn",
+    ] {
+        ensure!(
+            install.contains(must),
+            "docs/install-eks.md must mention {must}"
+        );
     }
     Ok(())
 }

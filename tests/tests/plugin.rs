@@ -1,0 +1,154 @@
+//! `kubectl rolemesh` as a kubectl plugin against objects this test writes itself, status
+//! subresource included, so the plugin's contract (columns, JSON/YAML fields, annotations, exit
+//! codes) is checked without a controller. controller/tests/plugin.rs runs it against
+//! certificates the real controller issued.
+
+use std::process::Command;
+
+use anyhow::{Context, Result, ensure};
+use k8s_openapi::api::core::v1::ServiceAccount;
+use kube::{
+    ResourceExt,
+    api::{Patch, PatchParams},
+};
+use rolemesh_crds::MTLSPolicy;
+use rolemesh_tests::{TestNamespace, cluster, in_namespace, install_crds, repo_root};
+use serde_json::json;
+
+/// Runs `kubectl rolemesh ARGS` with the project's kubectl and the plugin on PATH; returns the
+/// exit code, stdout and stderr.
+fn kubectl_rolemesh(ns: &TestNamespace, args: &[&str]) -> Result<(i32, String, String)> {
+    let plugin_dir = repo_root().join("target/debug");
+    ensure!(
+        plugin_dir.join("kubectl-rolemesh").exists(),
+        "build the plugin first: cargo build -p kubectl-rolemesh"
+    );
+    let kubectl = ns.env.tool("kubectl");
+    let path = format!(
+        "{}:{}:{}",
+        kubectl.parent().context("tools dir")?.display(),
+        plugin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let mut command = Command::new(&kubectl);
+    for (key, value) in ns.env.vars() {
+        command.env(key, value);
+    }
+    let output = command
+        .env("PATH", path)
+        .arg("rolemesh")
+        .args(args)
+        .output()?;
+    Ok((
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    ))
+}
+
+const ROLE: &str = "arn:aws:iam::111122223333:role/web";
+
+async fn policy_with_status(ns: &TestNamespace) -> Result<()> {
+    let manifest = format!(
+        "apiVersion: rolemesh.dev/v1alpha1\nkind: MTLSPolicy\nmetadata: {{name: p, namespace: {ns}}}\n\
+         spec:\n  serviceAccounts: {{names: [web, api]}}\n",
+        ns = ns.name
+    );
+    rolemesh_tests::expect_success(
+        "kubectl",
+        &["apply"],
+        &ns.env.kubectl_apply(&ns.name, &manifest)?,
+    )?;
+    ns.env
+        .kubectl(&["create", "serviceaccount", "web", "-n", &ns.name])?;
+    // What the controller would write; the plugin only reads it.
+    let status = json!({ "status": {
+        "coveredServiceAccounts": 2,
+        "workloads": [
+            { "serviceAccount": "web", "roleArn": ROLE, "spiffeId": format!("spiffe://plugin.test/ns/{}/sa/web", ns.name),
+              "verified": true, "reason": "Issued", "secretName": "web-rolemesh-tls", "serial": "0a1b2c3d4e5f",
+              "notBefore": "2030-01-01T00:00:00Z", "notAfter": "2030-01-02T00:00:00Z" },
+            { "serviceAccount": "api", "verified": false, "reason": "MissingRoleAnnotation",
+              "message": "annotate the ServiceAccount with eks.amazonaws.com/role-arn" }
+        ]
+    }});
+    ns.api::<MTLSPolicy>()
+        .patch_status("p", &PatchParams::default(), &Patch::Merge(&status))
+        .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugin_subcommands_and_exit_codes_on_hand_written_objects() -> Result<()> {
+    let env = cluster().await?;
+    install_crds(&env).await?;
+    in_namespace("plugin-cli", |ns| async move {
+        // Nothing there yet: "not found" is exit 3, for every subcommand that looks something up.
+        for args in [
+            vec!["status", "-n", ns.name.as_str()],
+            vec!["trust-bundle", "-n", ns.name.as_str()],
+            vec!["rotate", "p", "-n", ns.name.as_str()],
+            vec!["inspect", "web-rolemesh-tls", "-n", ns.name.as_str()],
+        ] {
+            let (code, _, err) = kubectl_rolemesh(&ns, &args)?;
+            ensure!(code == 3, "{args:?} on an empty namespace: exit {code} (want 3): {err}");
+            ensure!(err.starts_with("error: "), "errors go to stderr, prefixed: {err}");
+        }
+        for args in [vec!["frobnicate"], vec!["status", "-o", "xml"], vec!["rotate"]] {
+            let (code, _, _) = kubectl_rolemesh(&ns, &args)?;
+            ensure!(code == 2, "{args:?} is a usage error: exit {code} (want 2)");
+        }
+        let (code, help, _) = kubectl_rolemesh(&ns, &["--help"])?;
+        ensure!(code == 0 && help.contains("Exit codes"), "--help documents the exit codes:\n{help}");
+
+        policy_with_status(&ns).await?;
+
+        // status: a table per identity, and the same rows as JSON and YAML.
+        let (code, table, err) = kubectl_rolemesh(&ns, &["status", "-n", &ns.name])?;
+        ensure!(code == 0, "status: {err}");
+        let header = table.lines().next().unwrap_or_default();
+        for column in ["NAMESPACE", "POLICY", "SERVICEACCOUNT", "ROLE", "VERIFIED", "REASON", "SERIAL", "EXPIRES"] {
+            ensure!(header.contains(column), "status table lacks {column}:\n{table}");
+        }
+        let web = table.lines().find(|l| l.contains(" web ")).context(table.clone())?;
+        ensure!(web.contains(ROLE) && web.contains("true") && web.contains("0a1b2c3d4e5f") && web.contains("2030-01-02"), "{web}");
+        let api = table.lines().find(|l| l.contains(" api ")).context(table.clone())?;
+        ensure!(api.contains("false") && api.contains("MissingRoleAnnotation"), "{api}");
+
+        let (code, out, _) = kubectl_rolemesh(&ns, &["status", "-n", &ns.name, "-o", "json"])?;
+        let rows: serde_json::Value = serde_json::from_str(&out).context(out.clone())?;
+        ensure!(code == 0 && rows.as_array().map(Vec::len) == Some(2), "{rows}");
+        let web = rows.as_array().into_iter().flatten().find(|r| r["serviceAccount"] == "web").context("web row")?;
+        ensure!(web["roleArn"] == ROLE && web["verified"] == true && web["serial"] == "0a1b2c3d4e5f", "{web}");
+        ensure!(web["spiffeId"] == format!("spiffe://plugin.test/ns/{}/sa/web", ns.name).as_str(), "{web}");
+        let (code, yaml, _) = kubectl_rolemesh(&ns, &["status", "-n", &ns.name, "-o", "yaml"])?;
+        ensure!(code == 0 && yaml.contains("serviceAccount: api") && yaml.contains("reason: MissingRoleAnnotation"), "{yaml}");
+        let (code, all, _) = kubectl_rolemesh(&ns, &["status", "-A"])?;
+        ensure!(code == 0 && all.contains(&ns.name), "status -A lists this namespace too:\n{all}");
+
+        // rotate: an RFC 3339 timestamp annotation on the policy, or on one ServiceAccount.
+        let (code, out, err) = kubectl_rolemesh(&ns, &["rotate", "p", "-n", &ns.name])?;
+        ensure!(code == 0 && out.contains("rolemesh.dev/rotate"), "rotate: {out}{err}");
+        let policy = ns.api::<MTLSPolicy>().get("p").await?;
+        let stamp = policy.annotations().get("rolemesh.dev/rotate").cloned().context("policy annotation")?;
+        ensure!(serde_json::from_value::<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>(json!(stamp)).is_ok(), "not RFC 3339: {stamp}");
+        let (code, _, err) = kubectl_rolemesh(&ns, &["rotate", "p", "-n", &ns.name, "--service-account", "web"])?;
+        ensure!(code == 0, "rotate --service-account: {err}");
+        let account = ns.api::<ServiceAccount>().get("web").await?;
+        ensure!(account.annotations().contains_key("rolemesh.dev/rotate"), "ServiceAccount annotated");
+        let (code, _, err) = kubectl_rolemesh(&ns, &["rotate", "p", "-n", &ns.name, "--service-account", "nobody"])?;
+        ensure!(code == 3 && err.contains("nobody"), "missing ServiceAccount: exit {code}: {err}");
+
+        // trust-bundle: prints ca.crt of the namespace's bundle exactly.
+        let bundle = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+        let manifest = format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: rolemesh-trust-bundle}}\ndata:\n  ca.crt: |\n    {}\n",
+            bundle.trim_end().replace('\n', "\n    ")
+        );
+        rolemesh_tests::expect_success("kubectl", &["apply"], &ns.env.kubectl_apply(&ns.name, &manifest)?)?;
+        let (code, printed, err) = kubectl_rolemesh(&ns, &["trust-bundle", "-n", &ns.name])?;
+        ensure!(code == 0 && printed == bundle, "trust-bundle printed {printed:?} ({err})");
+        Ok(())
+    })
+    .await
+}
