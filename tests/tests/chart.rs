@@ -8,7 +8,15 @@ use k8s_openapi::api::{
     authorization::v1::{ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec},
     rbac::v1::ClusterRole,
 };
-use kube::{Api, api::PostParams};
+use k8s_openapi::api::{
+    admissionregistration::v1::MutatingWebhookConfiguration,
+    core::v1::{Service, ServiceAccount},
+    policy::v1::PodDisruptionBudget,
+};
+use kube::{
+    Api,
+    api::{Patch, PatchParams, PostParams},
+};
 use rolemesh_tests::{ClusterEnv, cluster, in_namespace, install_crds, repo_root};
 
 fn chart() -> String {
@@ -156,7 +164,8 @@ async fn install_upgrade_uninstall_and_least_privilege() -> Result<()> {
         let confine = confined(&ns.name);
         // The CRDs already exist (installed by the suite, not by helm), so this release leaves them out.
         let install = helm(&ns.env, &["install", &release, &chart(), "-n", &ns.name, "--set", "crds.enabled=false",
-            "--set", "webhook.url=https://127.0.0.1:1/mutate-pod", "--set-json", &confine])?;
+            "--set", "webhook.url=https://127.0.0.1:1/mutate-pod", "--set-json", &confine,
+            "--set-string", r"controller.serviceAccount.annotations.eks\.amazonaws\.com/role-arn=arn:aws:iam::111122223333:role/rolemesh-controller"])?;
         rolemesh_tests::expect_success("helm", &["install"], &install)?;
         let deployments: Api<Deployment> = ns.api();
         let controller = format!("{release}-rolemesh-controller");
@@ -164,6 +173,48 @@ async fn install_upgrade_uninstall_and_least_privilege() -> Result<()> {
         ensure!(deployments.get_opt(&format!("{release}-rolemesh-webhook")).await?.is_some());
         let notes = String::from_utf8_lossy(&install.stdout);
         ensure!(notes.contains("kubectl rolemesh status"), "NOTES tell the next step:\n{notes}");
+        ensure!(notes.contains("Development mode"), "NOTES say the webhook URL is in use:\n{notes}");
+
+        // Every object, with the values given.
+        let accounts: Api<ServiceAccount> = ns.api();
+        let controller_account = accounts.get(&controller).await?;
+        ensure!(
+            controller_account.metadata.annotations.unwrap_or_default().get("eks.amazonaws.com/role-arn").map(String::as_str)
+                == Some("arn:aws:iam::111122223333:role/rolemesh-controller"),
+            "the controller's ServiceAccount carries the IRSA annotation from values"
+        );
+        ensure!(accounts.get_opt(&format!("{release}-rolemesh-webhook")).await?.is_some());
+        ensure!(ns.api::<Service>().get_opt(&format!("{release}-rolemesh-webhook")).await?.is_some(), "webhook Service");
+        ensure!(ns.api::<PodDisruptionBudget>().get_opt(&format!("{release}-rolemesh-webhook")).await?.is_some(), "webhook PDB");
+        let webhook_pod = deployments.get(&format!("{release}-rolemesh-webhook")).await?.spec.context("spec")?.template.spec.context("pod spec")?;
+        let hardened = webhook_pod.containers[0].security_context.clone().context("securityContext")?;
+        ensure!(
+            hardened.run_as_non_root == Some(true) && hardened.read_only_root_filesystem == Some(true)
+                && hardened.allow_privilege_escalation == Some(false),
+            "hardened securityContext by default"
+        );
+        let configs: Api<MutatingWebhookConfiguration> = Api::all(ns.client.clone());
+        let webhook_name = format!("{release}-rolemesh-webhook");
+        let config = configs.get(&webhook_name).await?;
+        let hooks = config.webhooks.clone().unwrap_or_default();
+        ensure!(hooks.len() == 2, "one webhook per opt-in route (pod label, namespace label)");
+        for hook in &hooks {
+            ensure!(hook.client_config.url.as_deref() == Some("https://127.0.0.1:1/mutate-pod") && hook.client_config.service.is_none(), "development mode uses the URL");
+            ensure!(hook.failure_policy.as_deref() == Some("Fail") && hook.side_effects == "None" && hook.reinvocation_policy.as_deref() == Some("IfNeeded"));
+            ensure!(hook.timeout_seconds.is_some_and(|t| t <= 10) && hook.admission_review_versions == ["v1"]);
+            let excluded = hook.namespace_selector.as_ref().and_then(|s| s.match_expressions.clone()).unwrap_or_default();
+            ensure!(
+                excluded.iter().any(|e| e.operator == "NotIn"
+                    && e.values.as_ref().is_some_and(|v| v.contains(&"kube-system".to_string()) && v.contains(&ns.name))),
+                "kube-system and the release namespace are never sent to the webhook"
+            );
+        }
+
+        // The controller owns the caBundle: helm upgrade must not reset it.
+        let ca_patch = serde_json::json!({"webhooks": [
+            {"name": hooks[0].name, "clientConfig": {"caBundle": "Y2EtZnJvbS1jb250cm9sbGVy"}},
+            {"name": hooks[1].name, "clientConfig": {"caBundle": "Y2EtZnJvbS1jb250cm9sbGVy"}}]});
+        configs.patch(&webhook_name, &PatchParams::default(), &Patch::Strategic(&ca_patch)).await?;
 
         // Least privilege, asked of the API server.
         let controller_sa = format!("system:serviceaccount:{}:{release}-rolemesh-controller", ns.name);
@@ -183,11 +234,27 @@ async fn install_upgrade_uninstall_and_least_privilege() -> Result<()> {
         ensure!(!allowed(env, &webhook_sa, "get", "", "secrets", Some(&ns.name), Some("rolemesh-ca-key")).await?, "but not the CA key");
         ensure!(!allowed(env, &webhook_sa, "list", "", "secrets", Some("default"), None).await?, "nor Secrets elsewhere");
         ensure!(!allowed(env, &webhook_sa, "update", "rolemesh.dev", "mtlspolicies", Some("default"), None).await?, "the webhook only reads");
+        for (verb, group, resource) in [("create", "", "pods"), ("patch", "", "pods"), ("impersonate", "", "serviceaccounts"), ("escalate", "rbac.authorization.k8s.io", "roles"), ("bind", "rbac.authorization.k8s.io", "clusterroles"), ("create", "", "serviceaccounts/token")] {
+            ensure!(!allowed(env, &webhook_sa, verb, group, resource, Some("default"), None).await?, "webhook must not {verb} {resource}");
+        }
+        // What the design requires and docs/security-model.md justifies: RBAC cannot select Secrets
+        // by label, so the controller may list Secrets in any namespace (it only ever watches
+        // app.kubernetes.io/managed-by=rolemesh). Asserted so a change here is a conscious one.
+        ensure!(allowed(env, &controller_sa, "list", "", "secrets", Some("kube-system"), None).await?, "controller lists Secrets cluster-wide (documented)");
+        ensure!(!allowed(env, &controller_sa, "patch", "", "serviceaccounts", Some("default"), None).await?, "controller never edits ServiceAccounts (their role annotation)");
+        ensure!(!allowed(env, &controller_sa, "update", "rolemesh.dev", "mtlspolicies", Some("default"), None).await?, "controller never rewrites a policy's spec");
 
         // Upgrade with a changed value.
         let upgrade = helm(&ns.env, &["upgrade", &release, &chart(), "-n", &ns.name, "--reuse-values", "--set", "controller.replicas=1"])?;
         rolemesh_tests::expect_success("helm", &["upgrade"], &upgrade)?;
         ensure!(deployments.get(&controller).await?.spec.and_then(|s| s.replicas) == Some(1), "upgrade applied");
+        for hook in configs.get(&webhook_name).await?.webhooks.unwrap_or_default() {
+            ensure!(
+                hook.client_config.ca_bundle.as_ref().map(|b| b.0.as_slice()) == Some(b"ca-from-controller".as_slice()),
+                "helm upgrade kept the caBundle the controller wrote ({})",
+                hook.name
+            );
+        }
 
         // A bad value is refused by the schema, naming it.
         let bad = helm(&ns.env, &["upgrade", &release, &chart(), "-n", &ns.name, "--reuse-values", "--set", "logFormat=xml"])?;
