@@ -263,6 +263,10 @@ async fn install_upgrade_uninstall_and_least_privilege() -> Result<()> {
         let bad = helm(&ns.env, &["upgrade", &release, &chart(), "-n", &ns.name, "--reuse-values", "--set", "webhook.timeoutSeconds=90"])?;
         ensure!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("timeoutSeconds"));
 
+        let bad = helm(&ns.env, &["upgrade", &release, &chart(), "-n", &ns.name, "--reuse-values", "--set", "authority.create=true", "--set", "authority.signer.type=kms"])?;
+        let stderr = String::from_utf8_lossy(&bad.stderr);
+        ensure!(!bad.status.success() && stderr.contains("/authority/signer/kms/keyId"), "a KMS authority without a key is refused:\n{stderr}");
+
         // Uninstall removes everything it created.
         rolemesh_tests::expect_success("helm", &["uninstall"], &helm(&ns.env, &["uninstall", &release, "-n", &ns.name, "--wait"])?)?;
         ensure!(deployments.get_opt(&controller).await?.is_none(), "deployment removed");
