@@ -4,14 +4,12 @@
 
 use anyhow::{Context, Result, ensure};
 use k8s_openapi::api::{
+    admissionregistration::v1::MutatingWebhookConfiguration,
     apps::v1::Deployment,
     authorization::v1::{ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec},
-    rbac::v1::ClusterRole,
-};
-use k8s_openapi::api::{
-    admissionregistration::v1::MutatingWebhookConfiguration,
     core::v1::{Service, ServiceAccount},
     policy::v1::PodDisruptionBudget,
+    rbac::v1::ClusterRole,
 };
 use kube::{
     Api,
@@ -272,8 +270,11 @@ async fn install_upgrade_uninstall_and_least_privilege() -> Result<()> {
         ensure!(deployments.get_opt(&controller).await?.is_none(), "deployment removed");
         let roles: Api<ClusterRole> = Api::all(ns.client.clone());
         ensure!(roles.get_opt(&format!("{release}-rolemesh-controller")).await?.is_none(), "cluster role removed");
-        let configs: Api<k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration> = Api::all(ns.client.clone());
         ensure!(configs.get_opt(&format!("{release}-rolemesh-webhook")).await?.is_none(), "webhook configuration removed");
+        ensure!(roles.get_opt(&format!("{release}-rolemesh-webhook")).await?.is_none(), "webhook cluster role removed");
+        ensure!(accounts.get_opt(&controller).await?.is_none(), "ServiceAccounts removed");
+        ensure!(ns.api::<Service>().get_opt(&webhook_name).await?.is_none(), "Service removed");
+        ensure!(ns.api::<PodDisruptionBudget>().get_opt(&webhook_name).await?.is_none(), "PDB removed");
         let crds: Api<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> = Api::all(ns.client.clone());
         ensure!(crds.get_opt("mtlspolicies.rolemesh.dev").await?.is_some(), "the CRDs stay");
         Ok(())
