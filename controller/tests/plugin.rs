@@ -3,10 +3,8 @@
 
 mod support;
 
-use std::process::Command;
-
-use anyhow::{Context, Result, ensure};
-use rolemesh_tests::{cluster, in_namespace, install_crds, repo_root};
+use anyhow::{Result, ensure};
+use rolemesh_tests::{cluster, in_namespace, install_crds};
 use serde_json::json;
 use support::*;
 
@@ -14,32 +12,7 @@ fn kubectl_rolemesh(
     ns: &rolemesh_tests::TestNamespace,
     args: &[&str],
 ) -> Result<(i32, String, String)> {
-    let plugin_dir = repo_root().join("target/debug");
-    ensure!(
-        plugin_dir.join("kubectl-rolemesh").exists(),
-        "build the plugin first: cargo build -p kubectl-rolemesh"
-    );
-    let tools = ns.env.tool("kubectl");
-    let path = format!(
-        "{}:{}:{}",
-        plugin_dir.display(),
-        tools.parent().context("tools dir")?.display(),
-        std::env::var("PATH").unwrap_or_default()
-    );
-    let mut command = Command::new(&tools);
-    for (key, value) in ns.env.vars() {
-        command.env(key, value);
-    }
-    let output = command
-        .env("PATH", path)
-        .arg("rolemesh")
-        .args(args)
-        .output()?;
-    Ok((
-        output.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    ))
+    ns.env.kubectl_plugin(args)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

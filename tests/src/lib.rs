@@ -166,6 +166,36 @@ impl ClusterEnv {
         expect_success("kubectl", args, &output)
     }
 
+    /// `kubectl rolemesh ARGS`: the plugin as kubectl finds it on PATH (target/debug, built by
+    /// `make test` before the tests run). Returns exit code, stdout and stderr.
+    pub fn kubectl_plugin(&self, args: &[&str]) -> Result<(i32, String, String)> {
+        let plugin_dir = repo_root().join("target/debug");
+        if !plugin_dir.join("kubectl-rolemesh").exists() {
+            bail!("build the plugin first: cargo build -p kubectl-rolemesh");
+        }
+        let kubectl = self.tool("kubectl");
+        let path = format!(
+            "{}:{}:{}",
+            kubectl.parent().context("tools dir")?.display(),
+            plugin_dir.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let mut command = Command::new(&kubectl);
+        for (key, value) in self.vars() {
+            command.env(key, value);
+        }
+        let output = command
+            .env("PATH", path)
+            .arg("rolemesh")
+            .args(args)
+            .output()?;
+        Ok((
+            output.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        ))
+    }
+
     /// `kubectl apply -f -` with the given manifest; returns the whole output so callers can
     /// check refusals.
     pub fn kubectl_apply(&self, namespace: &str, manifest: &str) -> Result<Output> {

@@ -3,8 +3,6 @@
 //! codes) is checked without a controller. controller/tests/plugin.rs runs it against
 //! certificates the real controller issued.
 
-use std::process::Command;
-
 use anyhow::{Context, Result, ensure};
 use k8s_openapi::api::core::v1::ServiceAccount;
 use kube::{
@@ -12,38 +10,13 @@ use kube::{
     api::{Patch, PatchParams},
 };
 use rolemesh_crds::MTLSPolicy;
-use rolemesh_tests::{TestNamespace, cluster, in_namespace, install_crds, repo_root};
+use rolemesh_tests::{TestNamespace, cluster, in_namespace, install_crds};
 use serde_json::json;
 
 /// Runs `kubectl rolemesh ARGS` with the project's kubectl and the plugin on PATH; returns the
 /// exit code, stdout and stderr.
 fn kubectl_rolemesh(ns: &TestNamespace, args: &[&str]) -> Result<(i32, String, String)> {
-    let plugin_dir = repo_root().join("target/debug");
-    ensure!(
-        plugin_dir.join("kubectl-rolemesh").exists(),
-        "build the plugin first: cargo build -p kubectl-rolemesh"
-    );
-    let kubectl = ns.env.tool("kubectl");
-    let path = format!(
-        "{}:{}:{}",
-        kubectl.parent().context("tools dir")?.display(),
-        plugin_dir.display(),
-        std::env::var("PATH").unwrap_or_default()
-    );
-    let mut command = Command::new(&kubectl);
-    for (key, value) in ns.env.vars() {
-        command.env(key, value);
-    }
-    let output = command
-        .env("PATH", path)
-        .arg("rolemesh")
-        .args(args)
-        .output()?;
-    Ok((
-        output.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    ))
+    ns.env.kubectl_plugin(args)
 }
 
 const ROLE: &str = "arn:aws:iam::111122223333:role/web";
