@@ -24,7 +24,7 @@ wait_for() { # wait_for SECONDS DESCRIPTION COMMAND...
 }
 
 step "Building rolemesh (controller, webhook, proxy, kubectl plugin)"
-cargo build --quiet --bins -p rolemesh-controller -p rolemesh-webhook -p rolemesh-proxy -p kubectl-rolemesh
+cargo build --quiet --bin rolemesh-controller --bin rolemesh-webhook --bin rolemesh-proxy --bin kubectl-rolemesh
 export PATH="$root/target/debug:$PATH"
 
 step "Starting the local control plane (kube-apiserver + etcd + kube-controller-manager) and the local AWS endpoint"
