@@ -1,0 +1,1097 @@
+//! `controller-bench`: the controller part of `make bench`. Runs the release `rolemesh-controller`
+//! binary against the local control plane and the local AWS endpoint and prints figures and
+//! ratios next to their targets; it fails only when a scenario could not run, never because a
+//! target was missed (the machine is shared and noisy, so figures are reported, not asserted).
+//!
+//! Scenarios, each in namespaces of its own that are deleted at the end:
+//! - issue:  time for the idle controller to issue N ServiceAccounts (identityVerification none),
+//!   as a ratio to a bare kube client creating N Secrets of the same size at the same concurrency.
+//! - kms:    KMS Sign calls per issued certificate with the kms signer.
+//! - sts:    issuance rate with STS verification of IRSA tokens (informational).
+//! - memory: controller RSS with many covered ServiceAccounts, then again with many unrelated
+//!   large Secrets in the watched namespace.
+#![forbid(unsafe_code)]
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    fmt::Write as _,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use futures::{StreamExt, TryStreamExt, stream};
+use k8s_openapi::{
+    ByteString,
+    api::core::v1::{Namespace, Secret, ServiceAccount},
+};
+use kube::{
+    Api, Client, ResourceExt,
+    api::{DeleteParams, ObjectMeta, PostParams},
+    core::PartialObjectMeta,
+    runtime::{WatchStreamExt, watcher},
+};
+use rolemesh_crds::{MTLSAuthority, MTLSPolicy};
+use rolemesh_tests::{ClusterEnv, cluster, install_crds, repo_root};
+use serde_json::json;
+
+const MANAGED_SELECTOR: &str = "app.kubernetes.io/managed-by=rolemesh";
+const ROLE_ANNOTATION: &str = "eks.amazonaws.com/role-arn";
+
+/// Benchmarks of the rolemesh controller on the local control plane (`make cluster`).
+#[derive(Debug, Parser)]
+#[command(name = "controller-bench")]
+struct Args {
+    /// The controller binary to run (build it with `cargo build --release -p rolemesh-controller`).
+    #[arg(long, env = "ROLEMESH_BENCH_CONTROLLER")]
+    controller: Option<PathBuf>,
+    /// Scenarios to run, comma-separated: issue, kms, sts, memory.
+    #[arg(long, value_delimiter = ',', default_value = "issue,kms,sts,memory")]
+    scenarios: Vec<String>,
+    /// The controller's --issue-concurrency, and the bare client's requests in flight.
+    #[arg(long, default_value_t = 16)]
+    issue_concurrency: usize,
+    /// ServiceAccounts issued per round of the issue scenario.
+    #[arg(long, default_value_t = 1000)]
+    issue_count: usize,
+    /// Rounds of the issue scenario (controller and bare client alternate; medians reported).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// ServiceAccounts of the kms scenario.
+    #[arg(long, default_value_t = 200)]
+    kms_count: usize,
+    /// ServiceAccounts (each with its own IAM role) of the sts scenario.
+    #[arg(long, default_value_t = 100)]
+    sts_count: usize,
+    /// Covered ServiceAccounts of the memory scenario.
+    #[arg(long, default_value_t = 10_000)]
+    memory_count: usize,
+    /// ServiceAccounts per MTLSPolicy in the memory scenario (a policy's status lists each one).
+    #[arg(long, default_value_t = 1000)]
+    memory_per_policy: usize,
+    /// Unrelated Secrets added in the second memory run.
+    #[arg(long, default_value_t = 10_000)]
+    unrelated_count: usize,
+    /// Bytes of data in each unrelated Secret.
+    #[arg(long, default_value_t = 32 * 1024)]
+    unrelated_bytes: usize,
+    /// Requests in flight while creating the objects a scenario starts from.
+    #[arg(long, default_value_t = 32)]
+    setup_concurrency: usize,
+    /// RSS samples per memory run (one a second; the median is reported).
+    #[arg(long, default_value_t = 5)]
+    rss_samples: usize,
+}
+
+fn main() -> Result<()> {
+    rustls::crypto::aws_lc_rs::default_provider()
+        .install_default()
+        .map_err(|_| anyhow::anyhow!("a rustls crypto provider was already installed"))?;
+    let args = Args::parse();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(run(args))
+}
+
+/// One line of the final table.
+struct Row {
+    metric: String,
+    measured: String,
+    target: String,
+    ok: Option<bool>,
+}
+
+impl Row {
+    fn new(metric: &str, measured: String, target: &str, ok: Option<bool>) -> Self {
+        Self {
+            metric: metric.into(),
+            measured,
+            target: target.into(),
+            ok,
+        }
+    }
+}
+
+struct Bench {
+    args: Args,
+    env: ClusterEnv,
+    client: Client,
+    controller_bin: PathBuf,
+    log_dir: PathBuf,
+    namespaces: Vec<String>,
+    authorities: Vec<String>,
+    roles: Vec<String>,
+    rows: Vec<Row>,
+}
+
+async fn run(args: Args) -> Result<()> {
+    let env = cluster().await?;
+    install_crds(&env).await?;
+    let client = env.client().await?;
+    let controller_bin = args
+        .controller
+        .clone()
+        .unwrap_or_else(|| repo_root().join("target/release/rolemesh-controller"));
+    if !controller_bin.is_file() {
+        bail!(
+            "{} is missing: build it with `cargo build --release -p rolemesh-controller`",
+            controller_bin.display()
+        );
+    }
+    let log_dir = repo_root().join("target/bench-logs");
+    std::fs::create_dir_all(&log_dir)?;
+    let mut bench = Bench {
+        args,
+        env,
+        client,
+        controller_bin,
+        log_dir,
+        namespaces: Vec::new(),
+        authorities: Vec::new(),
+        roles: Vec::new(),
+        rows: Vec::new(),
+    };
+    println!(
+        "controller {} | --issue-concurrency {} | {} cores | logs in {}",
+        bench.controller_bin.display(),
+        bench.args.issue_concurrency,
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        bench.log_dir.display()
+    );
+    let started = Instant::now();
+    let mut failed = Vec::new();
+    for scenario in bench.args.scenarios.clone() {
+        println!("\n== {scenario} ==");
+        let scenario_started = Instant::now();
+        let outcome = match scenario.as_str() {
+            "issue" => bench.issue().await,
+            "kms" => bench.kms().await,
+            "sts" => bench.sts().await,
+            "memory" => bench.memory().await,
+            other => Err(anyhow::anyhow!(
+                "unknown scenario {other} (issue, kms, sts, memory)"
+            )),
+        };
+        bench.cleanup().await;
+        match outcome {
+            Ok(()) => println!(
+                "({scenario} took {:.0} s)",
+                scenario_started.elapsed().as_secs_f64()
+            ),
+            Err(error) => {
+                println!("{scenario} could not run: {error:#}");
+                bench.rows.push(Row::new(
+                    &scenario,
+                    "could not run".into(),
+                    "-",
+                    Some(false),
+                ));
+                failed.push(scenario);
+            }
+        }
+    }
+    println!(
+        "\n== controller benchmark summary ({:.0} s) ==",
+        started.elapsed().as_secs_f64()
+    );
+    print!("{}", table(&bench.rows));
+    if !failed.is_empty() {
+        bail!("scenarios that could not run: {}", failed.join(", "));
+    }
+    Ok(())
+}
+
+fn table(rows: &[Row]) -> String {
+    let header = ["metric", "measured", "target", "ok?"];
+    let cells: Vec<[String; 4]> = rows
+        .iter()
+        .map(|r| {
+            [
+                r.metric.clone(),
+                r.measured.clone(),
+                r.target.clone(),
+                match r.ok {
+                    Some(true) => "yes".into(),
+                    Some(false) => "NO".into(),
+                    None => "-".into(),
+                },
+            ]
+        })
+        .collect();
+    let mut widths = header.map(str::len);
+    for row in &cells {
+        for (w, c) in widths.iter_mut().zip(row) {
+            *w = (*w).max(c.len());
+        }
+    }
+    let mut out = String::new();
+    let line = |out: &mut String, row: &[String; 4]| {
+        let _ = writeln!(
+            out,
+            "{:<w0$} | {:>w1$} | {:<w2$} | {}",
+            row[0],
+            row[1],
+            row[2],
+            row[3],
+            w0 = widths[0],
+            w1 = widths[1],
+            w2 = widths[2]
+        );
+    };
+    line(&mut out, &header.map(String::from));
+    let _ = writeln!(
+        out,
+        "{}-+-{}-+-{}-+-{}",
+        "-".repeat(widths[0]),
+        "-".repeat(widths[1]),
+        "-".repeat(widths[2]),
+        "-".repeat(widths[3])
+    );
+    for row in &cells {
+        line(&mut out, row);
+    }
+    out
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    match sorted.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => sorted[n / 2],
+        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+    }
+}
+
+fn unique(prefix: &str) -> String {
+    format!("{prefix}-{:08x}", rand::random::<u32>())
+}
+
+/// A running controller; killed when dropped.
+struct ControllerProcess {
+    child: Child,
+    metrics_port: u16,
+    log_path: PathBuf,
+}
+
+impl Drop for ControllerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl ControllerProcess {
+    async fn metrics(&self) -> Result<String> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.metrics_port)).await?;
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            .await?;
+        let mut body = String::new();
+        stream.read_to_string(&mut body).await?;
+        Ok(body)
+    }
+
+    /// The sum of every sample of metric `name` whose labels contain `labels` (e.g.
+    /// `signer="kms"`; empty for all).
+    async fn metric(&self, name: &str, labels: &str) -> Result<f64> {
+        let text = self.metrics().await?;
+        Ok(text
+            .lines()
+            .filter(|l| {
+                l.strip_prefix(name)
+                    .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+            })
+            .filter(|l| labels.is_empty() || l.contains(labels))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .fold(0.0, |sum, v| sum + v))
+    }
+
+    /// VmRSS from /proc, in MiB.
+    fn rss_mib(&self) -> Result<f64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
+        let kib: f64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .context("no VmRSS in /proc/PID/status")?;
+        Ok(kib / 1024.0)
+    }
+
+    fn exited(&mut self) -> Option<String> {
+        match self.child.try_wait() {
+            Ok(Some(status)) => {
+                let log = std::fs::read_to_string(&self.log_path).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(20).collect();
+                Some(format!(
+                    "the controller exited ({status}); last log lines:\n{}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                ))
+            }
+            _ => None,
+        }
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// A selector on the label `bench` (the ServiceAccounts of one policy).
+fn policy_spec(group: &str) -> serde_json::Value {
+    json!({ "serviceAccounts": { "selector": { "matchLabels": { "bench": group } } } })
+}
+
+impl Bench {
+    async fn namespace(&mut self, prefix: &str) -> Result<String> {
+        let name = unique(prefix);
+        let api: Api<Namespace> = Api::all(self.client.clone());
+        let ns = Namespace {
+            metadata: ObjectMeta {
+                name: Some(name.clone()),
+                labels: Some(BTreeMap::from([(
+                    "rolemesh.dev/test".to_string(),
+                    prefix.to_string(),
+                )])),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        api.create(&PostParams::default(), &ns)
+            .await
+            .with_context(|| format!("creating namespace {name}"))?;
+        self.namespaces.push(name.clone());
+        Ok(name)
+    }
+
+    async fn authority(&mut self, spec: serde_json::Value) -> Result<String> {
+        let name = unique("bench");
+        let api: Api<MTLSAuthority> = Api::all(self.client.clone());
+        let authority: MTLSAuthority = serde_json::from_value(json!({
+            "apiVersion": "rolemesh.dev/v1alpha1",
+            "kind": "MTLSAuthority",
+            "metadata": { "name": name, "labels": { "rolemesh.dev/test": "bench" } },
+            "spec": spec,
+        }))?;
+        api.create(&PostParams::default(), &authority)
+            .await
+            .context("creating MTLSAuthority")?;
+        self.authorities.push(name.clone());
+        Ok(name)
+    }
+
+    fn local_authority(verification: &str) -> serde_json::Value {
+        json!({
+            "trustDomain": "bench.test",
+            "signer": { "type": "local", "local": { "secretName": "rolemesh-ca-key" } },
+            "identityVerification": verification,
+        })
+    }
+
+    /// Creates `count` ServiceAccounts `sa-<i>` labelled `bench=<group(i)>`, with the IRSA
+    /// annotation `role(i)`, `setup_concurrency` requests in flight.
+    async fn service_accounts(
+        &self,
+        namespace: &str,
+        count: usize,
+        group: impl Fn(usize) -> String,
+        role: impl Fn(usize) -> String,
+    ) -> Result<Duration> {
+        let api: Api<ServiceAccount> = Api::namespaced(self.client.clone(), namespace);
+        let started = Instant::now();
+        stream::iter(0..count)
+            .map(|i| {
+                let api = api.clone();
+                let sa = ServiceAccount {
+                    metadata: ObjectMeta {
+                        name: Some(format!("sa-{i}")),
+                        labels: Some(BTreeMap::from([("bench".to_string(), group(i))])),
+                        annotations: Some(BTreeMap::from([(ROLE_ANNOTATION.to_string(), role(i))])),
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                };
+                async move { api.create(&PostParams::default(), &sa).await }
+            })
+            .buffer_unordered(self.args.setup_concurrency)
+            .try_for_each(|_| futures::future::ready(Ok(())))
+            .await
+            .context("creating ServiceAccounts")?;
+        Ok(started.elapsed())
+    }
+
+    async fn policy(&self, namespace: &str, name: &str, spec: serde_json::Value) -> Result<()> {
+        let api: Api<MTLSPolicy> = Api::namespaced(self.client.clone(), namespace);
+        let policy: MTLSPolicy = serde_json::from_value(json!({
+            "apiVersion": "rolemesh.dev/v1alpha1", "kind": "MTLSPolicy",
+            "metadata": { "name": name }, "spec": spec,
+        }))?;
+        api.create(&PostParams::default(), &policy)
+            .await
+            .with_context(|| format!("creating MTLSPolicy {namespace}/{name}"))?;
+        Ok(())
+    }
+
+    fn start_controller(&self, namespace: &str, authority: &str) -> Result<ControllerProcess> {
+        let metrics_port = free_port()?;
+        let log_path = self
+            .log_dir
+            .join(format!("controller-{namespace}-{}.log", unique("run")));
+        let log = std::fs::File::create(&log_path)?;
+        let mut command = Command::new(&self.controller_bin);
+        for (key, value) in self.env.vars() {
+            command.env(key, value);
+        }
+        command
+            .env("POD_NAME", format!("bench-{namespace}"))
+            .env("RUST_LOG", "info")
+            .args(["--namespace", namespace, "--watch-namespace", namespace])
+            .args(["--authority", authority])
+            .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
+            .args([
+                "--issue-concurrency",
+                &self.args.issue_concurrency.to_string(),
+            ])
+            .args(["--leader-election", "false"])
+            // Nothing of the shared cluster's webhook is touched.
+            .args(["--webhook-service=", "--webhook-configuration="])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        let child = command
+            .spawn()
+            .with_context(|| format!("starting {}", self.controller_bin.display()))?;
+        Ok(ControllerProcess {
+            child,
+            metrics_port,
+            log_path,
+        })
+    }
+
+    /// Waits until the controller has established the CA of `authority` (its status says
+    /// Ready) and its metrics answer: from then on it is idle until a policy appears.
+    async fn wait_ca(&self, controller: &mut ControllerProcess, authority: &str) -> Result<()> {
+        let api: Api<MTLSAuthority> = Api::all(self.client.clone());
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Some(exit) = controller.exited() {
+                bail!(exit);
+            }
+            let ready = api
+                .get_opt(authority)
+                .await?
+                .and_then(|a| a.status)
+                .is_some_and(|s| {
+                    s.conditions
+                        .iter()
+                        .any(|c| c.type_ == "Ready" && c.status == "True")
+                });
+            if ready && controller.metrics().await.is_ok() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "MTLSAuthority {authority} not Ready after 120 s; see {}",
+                    controller.log_path.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until the reconcile count has not moved for `quiet` and at least `min` ran; after
+    /// `limit` it goes on with a note instead (the figures are still worth having).
+    async fn wait_settled(
+        &self,
+        controller: &mut ControllerProcess,
+        min: f64,
+        quiet: Duration,
+        limit: Duration,
+    ) -> Result<()> {
+        let deadline = Instant::now() + limit;
+        let mut last = -1.0;
+        let mut since = Instant::now();
+        loop {
+            if let Some(exit) = controller.exited() {
+                bail!(exit);
+            }
+            let count = controller
+                .metric("rolemesh_reconciles_total", "")
+                .await
+                .unwrap_or(-1.0);
+            if count != last {
+                last = count;
+                since = Instant::now();
+            } else if count >= min && since.elapsed() >= quiet {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                println!(
+                    "  note: {last} reconciles after {limit:?}, expected at least {min} and then quiet for {quiet:?}; going on"
+                );
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    async fn cleanup(&mut self) {
+        let namespaces: Api<Namespace> = Api::all(self.client.clone());
+        for name in self.namespaces.drain(..) {
+            let _ = namespaces.delete(&name, &DeleteParams::background()).await;
+        }
+        let authorities: Api<MTLSAuthority> = Api::all(self.client.clone());
+        for name in self.authorities.drain(..) {
+            let _ = authorities.delete(&name, &DeleteParams::default()).await;
+        }
+        if !self.roles.is_empty() {
+            let iam = aws_sdk_iam::Client::new(&self.env.aws_config().await);
+            for role in self.roles.drain(..) {
+                let _ = iam.delete_role().role_name(role).send().await;
+            }
+        }
+    }
+
+    /// Watches the managed Secrets of `namespace` until `count` distinct ones have been seen;
+    /// returns when that happened. Start it before the action it times.
+    fn watch_secrets(
+        &self,
+        namespace: &str,
+        count: usize,
+        timeout: Duration,
+    ) -> tokio::task::JoinHandle<Result<Instant>> {
+        // Metadata only: the bench shares the CPU with the controller and should decode little.
+        let api: Api<PartialObjectMeta<Secret>> = Api::namespaced(self.client.clone(), namespace);
+        tokio::spawn(async move {
+            let mut seen: HashSet<String> = HashSet::new();
+            let events =
+                watcher(api, watcher::Config::default().labels(MANAGED_SELECTOR)).applied_objects();
+            let wait = async {
+                let mut events = std::pin::pin!(events);
+                while let Some(secret) = events.try_next().await? {
+                    seen.insert(secret.name_any());
+                    if seen.len() >= count {
+                        return Ok::<_, anyhow::Error>(Instant::now());
+                    }
+                }
+                bail!("the watch of Secrets ended")
+            };
+            match tokio::time::timeout(timeout, wait).await {
+                Ok(result) => result,
+                Err(_) => bail!("only {} of {count} Secrets after {timeout:?}", seen.len()),
+            }
+        })
+    }
+
+    /// Applies `policies` (name, spec) and times until `count` managed Secrets exist.
+    async fn time_issuance(
+        &self,
+        controller: &mut ControllerProcess,
+        namespace: &str,
+        policies: &[(String, serde_json::Value)],
+        count: usize,
+        timeout: Duration,
+    ) -> Result<Duration> {
+        let watch = self.watch_secrets(namespace, count, timeout);
+        // The watch's initial list is done before the clock starts; the namespace has no
+        // managed Secrets yet, so nothing is missed either way.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let started = Instant::now();
+        for (name, spec) in policies {
+            self.policy(namespace, name, spec.clone()).await?;
+        }
+        let done = tokio::select! {
+            done = watch => done??,
+            exit = async {
+                loop {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    if let Some(exit) = controller.exited() {
+                        break exit;
+                    }
+                }
+            } => bail!(exit),
+        };
+        Ok(done - started)
+    }
+
+    /// (a) Issuance throughput against a bare client writing Secrets of the same size.
+    async fn issue(&mut self) -> Result<()> {
+        let n = self.args.issue_count;
+        let concurrency = self.args.issue_concurrency;
+        println!(
+            "{n} ServiceAccounts per round, {} rounds, identityVerification none (STS verification: the sts scenario)",
+            self.args.rounds
+        );
+        let mut controller_rates = Vec::new();
+        let mut bare_rates = Vec::new();
+        let mut template: Option<Secret> = None;
+        for round in 0..self.args.rounds.max(1) {
+            // Alternate which side runs first so that neither always meets a busier machine.
+            let bare_first = round % 2 == 1 && template.is_some();
+            if bare_first && let Some(t) = &template {
+                bare_rates.push(self.bare_round(round, t, n, concurrency).await?);
+            }
+            let (rate, issued) = self.controller_round(round, n).await?;
+            controller_rates.push(rate);
+            let t = template.get_or_insert(issued);
+            if !bare_first {
+                let t = t.clone();
+                bare_rates.push(self.bare_round(round, &t, n, concurrency).await?);
+            }
+        }
+        let controller_rate = median(&controller_rates);
+        let bare_rate = median(&bare_rates);
+        let ratio = controller_rate / bare_rate;
+        let size = template.as_ref().map_or(0, secret_data_bytes);
+        println!(
+            "median: controller {controller_rate:.0} certificates/s, bare client {bare_rate:.0} Secrets/s ({size} B each): ratio {ratio:.2}"
+        );
+        self.rows.push(Row::new(
+            &format!("issue {n} SAs: controller rate (median)"),
+            format!(
+                "{controller_rate:.0}/s ({:.1} s)",
+                n as f64 / controller_rate
+            ),
+            "-",
+            None,
+        ));
+        self.rows.push(Row::new(
+            &format!("create {n} {size} B Secrets: bare client rate (median)"),
+            format!("{bare_rate:.0}/s ({:.1} s)", n as f64 / bare_rate),
+            "-",
+            None,
+        ));
+        self.rows.push(Row::new(
+            "issue rate / bare Secret rate",
+            format!("{ratio:.2}"),
+            ">= 0.8",
+            Some(ratio >= 0.8),
+        ));
+        Ok(())
+    }
+
+    /// One controller round: returns certificates per second and one issued Secret.
+    async fn controller_round(&mut self, round: usize, n: usize) -> Result<(f64, Secret)> {
+        let namespace = self.namespace("bench-issue").await?;
+        self.service_accounts(
+            &namespace,
+            n,
+            |_| "yes".into(),
+            |i| format!("arn:aws:iam::123456789012:role/bench-{i}"),
+        )
+        .await?;
+        let authority = self.authority(Self::local_authority("none")).await?;
+        let mut controller = self.start_controller(&namespace, &authority)?;
+        self.wait_ca(&mut controller, &authority).await?;
+        // Idle: the CA is in force and the ServiceAccounts are cached, no policy exists yet.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let elapsed = self
+            .time_issuance(
+                &mut controller,
+                &namespace,
+                &[("bench".into(), policy_spec("yes"))],
+                n,
+                Duration::from_secs(600),
+            )
+            .await?;
+        let rate = n as f64 / elapsed.as_secs_f64();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let issued = controller
+            .metric("rolemesh_certificates_issued_total", "")
+            .await?;
+        let rss = controller.rss_mib()?;
+        drop(controller);
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), &namespace);
+        let secret = api.get("sa-0-rolemesh-tls").await?;
+        println!(
+            "round {round}: controller issued {n} in {:.2} s = {rate:.0}/s (issued_total {issued}, RSS {rss:.1} MiB, Secret data {} B)",
+            elapsed.as_secs_f64(),
+            secret_data_bytes(&secret)
+        );
+        if issued as usize != n {
+            println!("  note: {issued} certificates issued for {n} ServiceAccounts");
+        }
+        Ok((rate, secret))
+    }
+
+    /// One bare-client round: a fresh client from the same kubeconfig creates `n` Secrets with
+    /// `template`'s type and data, `concurrency` in flight. Returns Secrets per second.
+    async fn bare_round(
+        &mut self,
+        round: usize,
+        template: &Secret,
+        n: usize,
+        concurrency: usize,
+    ) -> Result<f64> {
+        let namespace = self.namespace("bench-bare").await?;
+        let client = self.env.client().await?;
+        let api: Api<Secret> = Api::namespaced(client, &namespace);
+        let started = Instant::now();
+        stream::iter(0..n)
+            .map(|i| {
+                let api = api.clone();
+                let secret = Secret {
+                    metadata: ObjectMeta {
+                        name: Some(format!("sa-{i}-rolemesh-tls")),
+                        labels: template.metadata.labels.clone(),
+                        ..Default::default()
+                    },
+                    type_: template.type_.clone(),
+                    data: template.data.clone(),
+                    ..Default::default()
+                };
+                async move { api.create(&PostParams::default(), &secret).await }
+            })
+            .buffer_unordered(concurrency)
+            .try_for_each(|_| futures::future::ready(Ok(())))
+            .await
+            .context("creating Secrets with the bare client")?;
+        let elapsed = started.elapsed();
+        let rate = n as f64 / elapsed.as_secs_f64();
+        println!(
+            "round {round}: bare client created {n} Secrets in {:.2} s = {rate:.0}/s ({concurrency} in flight)",
+            elapsed.as_secs_f64()
+        );
+        Ok(rate)
+    }
+
+    /// (b) KMS Sign calls per issued certificate.
+    async fn kms(&mut self) -> Result<()> {
+        let n = self.args.kms_count;
+        let kms = aws_sdk_kms::Client::new(&self.env.aws_config().await);
+        let key = kms
+            .create_key()
+            .key_spec(aws_sdk_kms::types::KeySpec::EccNistP256)
+            .key_usage(aws_sdk_kms::types::KeyUsageType::SignVerify)
+            .description("rolemesh controller benchmark CA")
+            .send()
+            .await
+            .map_err(|e| anyhow::anyhow!(aws_sdk_kms::error::DisplayErrorContext(e).to_string()))
+            .context("creating a KMS key")?;
+        let meta = key.key_metadata().context("KMS returned no key")?;
+        let key_arn = meta.arn().unwrap_or(meta.key_id()).to_string();
+        let key_id = meta.key_id().to_string();
+        let outcome = async {
+            let namespace = self.namespace("bench-kms").await?;
+            self.service_accounts(
+                &namespace,
+                n,
+                |_| "yes".into(),
+                |i| format!("arn:aws:iam::123456789012:role/bench-{i}"),
+            )
+            .await?;
+            let authority = self
+                .authority(json!({
+                    "trustDomain": "bench.test",
+                    "signer": { "type": "kms", "kms": { "keyId": key_arn, "region": "us-east-1" } },
+                    "identityVerification": "none",
+                }))
+                .await?;
+            let mut controller = self.start_controller(&namespace, &authority)?;
+            self.wait_ca(&mut controller, &authority).await?;
+            let before = controller
+                .metric("rolemesh_signer_sign_calls_total", "signer=\"kms\"")
+                .await?;
+            let elapsed = self
+                .time_issuance(
+                    &mut controller,
+                    &namespace,
+                    &[("bench".into(), policy_spec("yes"))],
+                    n,
+                    Duration::from_secs(600),
+                )
+                .await?;
+            self.wait_settled(
+                &mut controller,
+                1.0,
+                Duration::from_secs(3),
+                Duration::from_secs(60),
+            )
+                .await?;
+            let calls = controller
+                .metric("rolemesh_signer_sign_calls_total", "signer=\"kms\"")
+                .await?;
+            let issued = controller
+                .metric("rolemesh_certificates_issued_total", "")
+                .await?;
+            let errors = controller
+                .metric("rolemesh_signer_sign_errors_total", "")
+                .await?;
+            let per_cert = (calls - 1.0) / issued;
+            println!(
+                "kms signer: {issued} certificates for {n} ServiceAccounts in {:.2} s ({:.0}/s); Sign calls {calls} ({before} before the policy, for the CA), errors {errors}: (calls - 1) / issued = {per_cert:.3}",
+                elapsed.as_secs_f64(),
+                n as f64 / elapsed.as_secs_f64()
+            );
+            self.rows.push(Row::new(
+                &format!("kms: issue {n} SAs rate"),
+                format!("{:.0}/s", n as f64 / elapsed.as_secs_f64()),
+                "-",
+                None,
+            ));
+            self.rows.push(Row::new(
+                "kms: (Sign calls - 1 for CA) / certificates",
+                format!("{per_cert:.3} ({calls}-1)/{issued}"),
+                "= 1.0",
+                Some((per_cert - 1.0).abs() < 1e-9 && issued as usize == n),
+            ));
+            Ok::<_, anyhow::Error>(())
+        }
+        .await;
+        let _ = kms
+            .schedule_key_deletion()
+            .key_id(key_id)
+            .pending_window_in_days(7)
+            .send()
+            .await;
+        outcome
+    }
+
+    /// Issuance with STS verification of every IRSA token (informational: moto's STS).
+    async fn sts(&mut self) -> Result<()> {
+        let n = self.args.sts_count;
+        if n == 0 {
+            println!("skipped (--sts-count 0)");
+            return Ok(());
+        }
+        let namespace = self.namespace("bench-sts").await?;
+        let prefix = unique("bench");
+        let created: Vec<Result<(String, String)>> = stream::iter(0..n)
+            .map(|i| {
+                let (env, namespace, name) =
+                    (self.env.clone(), namespace.clone(), format!("{prefix}-{i}"));
+                async move {
+                    env.create_irsa_role(&name, &namespace, &format!("sa-{i}"))
+                        .await
+                        .map(|arn| (name, arn))
+                }
+            })
+            .buffered(self.args.setup_concurrency)
+            .collect()
+            .await;
+        let mut roles = Vec::with_capacity(n);
+        for role in created {
+            let (name, arn) = role?;
+            self.roles.push(name);
+            roles.push(arn);
+        }
+        self.service_accounts(&namespace, n, |_| "yes".into(), |i| roles[i].clone())
+            .await?;
+        let authority = self.authority(Self::local_authority("sts")).await?;
+        let mut controller = self.start_controller(&namespace, &authority)?;
+        self.wait_ca(&mut controller, &authority).await?;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let elapsed = self
+            .time_issuance(
+                &mut controller,
+                &namespace,
+                &[("bench".into(), policy_spec("yes"))],
+                n,
+                Duration::from_secs(600),
+            )
+            .await?;
+        let rate = n as f64 / elapsed.as_secs_f64();
+        let failures = controller
+            .metric("rolemesh_certificate_failures_total", "")
+            .await?;
+        println!(
+            "sts verification: {n} ServiceAccounts (one IAM role each) issued in {:.2} s = {rate:.0}/s; failures {failures}",
+            elapsed.as_secs_f64()
+        );
+        self.rows.push(Row::new(
+            &format!("sts: issue {n} SAs with STS verification"),
+            format!("{rate:.0}/s ({:.1} s)", elapsed.as_secs_f64()),
+            "-",
+            None,
+        ));
+        Ok(())
+    }
+
+    /// (c) Controller RSS with many covered ServiceAccounts, without and with unrelated Secrets.
+    async fn memory(&mut self) -> Result<()> {
+        let n = self.args.memory_count;
+        let per_policy = self.args.memory_per_policy.max(1);
+        let policies = n.div_ceil(per_policy);
+        let namespace = self.namespace("bench-memory").await?;
+        let took = self
+            .service_accounts(
+                &namespace,
+                n,
+                |i| format!("g{}", i / per_policy),
+                |i| format!("arn:aws:iam::123456789012:role/bench-{i}"),
+            )
+            .await?;
+        println!("created {n} ServiceAccounts in {:.1} s", took.as_secs_f64());
+        let authority = self.authority(Self::local_authority("none")).await?;
+        let mut controller = self.start_controller(&namespace, &authority)?;
+        self.wait_ca(&mut controller, &authority).await?;
+        let specs: Vec<(String, serde_json::Value)> = (0..policies)
+            .map(|p| (format!("bench-{p}"), policy_spec(&format!("g{p}"))))
+            .collect();
+        let elapsed = self
+            .time_issuance(
+                &mut controller,
+                &namespace,
+                &specs,
+                n,
+                Duration::from_secs(900),
+            )
+            .await?;
+        println!(
+            "issued {n} certificates ({policies} policies of {per_policy}) in {:.1} s = {:.0}/s",
+            elapsed.as_secs_f64(),
+            n as f64 / elapsed.as_secs_f64()
+        );
+        self.wait_settled(
+            &mut controller,
+            policies as f64,
+            Duration::from_secs(5),
+            Duration::from_secs(120),
+        )
+        .await?;
+        let after_issuing = self.sample_rss(&mut controller).await?;
+        println!("RSS right after issuing (median): {after_issuing:.1} MiB");
+        drop(controller);
+
+        // Run 1: a fresh controller over the covered ServiceAccounts and their Secrets.
+        let run1 = self.restarted_rss(&namespace, &authority, policies).await?;
+        println!("run 1, {n} covered ServiceAccounts + Secrets, restarted: {run1:.1} MiB");
+
+        let took = self.unrelated_secrets(&namespace).await?;
+        println!(
+            "created {} unrelated {} B Secrets in the watched namespace in {:.1} s",
+            self.args.unrelated_count,
+            self.args.unrelated_bytes,
+            took.as_secs_f64()
+        );
+        let run2 = self.restarted_rss(&namespace, &authority, policies).await?;
+        let added = run2 - run1;
+        println!(
+            "run 2, plus {} unrelated Secrets, restarted: {run2:.1} MiB (+{added:.1} MiB)",
+            self.args.unrelated_count
+        );
+        let label = format!("{}k", n / 1000);
+        self.rows.push(Row::new(
+            &format!("memory: issue {label} SAs ({policies} policies)"),
+            format!(
+                "{:.0}/s ({:.1} s)",
+                n as f64 / elapsed.as_secs_f64(),
+                elapsed.as_secs_f64()
+            ),
+            "-",
+            None,
+        ));
+        self.rows.push(Row::new(
+            &format!("memory: RSS after issuing {label}"),
+            format!("{after_issuing:.1} MiB"),
+            "<= 150 MB",
+            Some(after_issuing * 1.048_576 <= 150.0),
+        ));
+        self.rows.push(Row::new(
+            &format!("memory: RSS run 1, {label} SAs + Secrets"),
+            format!("{run1:.1} MiB"),
+            "<= 150 MB",
+            Some(run1 * 1.048_576 <= 150.0),
+        ));
+        self.rows.push(Row::new(
+            &format!(
+                "memory: RSS run 2, + {}k unrelated {} KiB Secrets",
+                self.args.unrelated_count / 1000,
+                self.args.unrelated_bytes / 1024
+            ),
+            format!("{run2:.1} MiB"),
+            "<= 150 MB",
+            Some(run2 * 1.048_576 <= 150.0),
+        ));
+        self.rows.push(Row::new(
+            "memory: added by unrelated Secrets (run 2 - run 1)",
+            format!("{added:+.1} MiB"),
+            "<= 10 MB",
+            Some(added * 1.048_576 <= 10.0),
+        ));
+        Ok(())
+    }
+
+    /// Starts a fresh controller, waits until it has reconciled every policy and gone quiet,
+    /// and returns its median RSS.
+    async fn restarted_rss(
+        &self,
+        namespace: &str,
+        authority: &str,
+        policies: usize,
+    ) -> Result<f64> {
+        let mut controller = self.start_controller(namespace, authority)?;
+        self.wait_ca(&mut controller, authority).await?;
+        // Every policy is reconciled after a start; each reconcile reads every cached object.
+        self.wait_settled(
+            &mut controller,
+            policies as f64,
+            Duration::from_secs(5),
+            Duration::from_secs(60),
+        )
+        .await?;
+        let reconciles = controller.metric("rolemesh_reconciles_total", "").await?;
+        println!("  restarted controller: {reconciles} reconciles for {policies} policies");
+        let issued = controller
+            .metric("rolemesh_certificates_issued_total", "")
+            .await?;
+        if issued > 0.0 {
+            println!("  note: the restarted controller issued {issued} certificates");
+        }
+        self.sample_rss(&mut controller).await
+    }
+
+    async fn sample_rss(&self, controller: &mut ControllerProcess) -> Result<f64> {
+        let mut samples = Vec::new();
+        for _ in 0..self.args.rss_samples.max(1) {
+            samples.push(controller.rss_mib()?);
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        let listed: Vec<String> = samples.iter().map(|s| format!("{s:.1}")).collect();
+        println!("  RSS samples (MiB): {}", listed.join(" "));
+        Ok(median(&samples))
+    }
+
+    async fn unrelated_secrets(&self, namespace: &str) -> Result<Duration> {
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
+        let payload: Vec<u8> = (0..self.args.unrelated_bytes)
+            .map(|_| rand::random::<u8>())
+            .collect();
+        let started = Instant::now();
+        stream::iter(0..self.args.unrelated_count)
+            .map(|i| {
+                let api = api.clone();
+                let secret = Secret {
+                    metadata: ObjectMeta {
+                        name: Some(format!("unrelated-{i}")),
+                        ..Default::default()
+                    },
+                    data: Some(BTreeMap::from([(
+                        "blob".to_string(),
+                        ByteString(payload.clone()),
+                    )])),
+                    ..Default::default()
+                };
+                async move { api.create(&PostParams::default(), &secret).await }
+            })
+            .buffer_unordered(self.args.setup_concurrency)
+            .try_for_each(|_| futures::future::ready(Ok(())))
+            .await
+            .context("creating unrelated Secrets")?;
+        Ok(started.elapsed())
+    }
+}
+
+fn secret_data_bytes(secret: &Secret) -> usize {
+    secret
+        .data
+        .as_ref()
+        .map_or(0, |d| d.iter().map(|(k, v)| k.len() + v.0.len()).sum())
+}
