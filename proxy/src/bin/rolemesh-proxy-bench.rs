@@ -1,0 +1,640 @@
+//! Benchmark of the proxy (issue 5), driven by scripts/bench-proxy.sh. One run measures the same
+//! workload against a local echo server through: direct loopback; one rolemesh hop (this
+//! generator speaks mTLS to the server sidecar); two rolemesh hops (plain to a client sidecar,
+//! mTLS between sidecars, the real mesh path); and stunnel4 in the same two-hop shape with the
+//! same P-256 certificates. Prints a table of figures and ratios against the targets.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use rolemesh_profile::{
+    CertificateProfile, SpiffeId, WorkloadIdentity,
+    profile::{ca_params, generate_workload_key},
+};
+use rustls::{ClientConfig, RootCertStore, client::Resumption};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
+use tokio_rustls::TlsConnector;
+
+const TRUST_DOMAIN: &str = "bench.rolemesh";
+const CLIENT_ROLE: &str = "arn:aws:iam::111122223333:role/bench-client";
+const SERVER_ROLE: &str = "arn:aws:iam::111122223333:role/bench-server";
+
+#[derive(Parser)]
+struct Args {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Echo server on 127.0.0.1:PORT (run as its own process by `run`).
+    Echo {
+        #[arg(long)]
+        port: u16,
+    },
+    /// The whole benchmark.
+    Run {
+        #[arg(
+            long,
+            env = "ROLEMESH_PROXY_BIN",
+            default_value = "target/release/rolemesh-proxy"
+        )]
+        proxy: PathBuf,
+        #[arg(long, env = "STUNNEL_BIN", default_value = "stunnel4")]
+        stunnel: PathBuf,
+        /// Seconds per bulk and handshake measurement.
+        #[arg(long, env = "BENCH_SECONDS", default_value_t = 3)]
+        seconds: u64,
+        /// Seconds per latency measurement.
+        #[arg(long, env = "BENCH_LATENCY_SECONDS", default_value_t = 5)]
+        latency_seconds: u64,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    if rustls::crypto::aws_lc_rs::default_provider()
+        .install_default()
+        .is_err()
+    {
+        bail!("a rustls crypto provider was already installed");
+    }
+    let args = Args::parse();
+    match args.command {
+        Cmd::Echo { port } => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(echo(port)),
+        Cmd::Run {
+            proxy,
+            stunnel,
+            seconds,
+            latency_seconds,
+        } => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?
+            .block_on(run(proxy, stunnel, seconds, latency_seconds)),
+    }
+}
+
+async fn echo(port: u16) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(("127.0.0.1", port)).await?;
+    loop {
+        let (mut stream, _) = listener.accept().await?;
+        tokio::spawn(async move {
+            let _ = stream.set_nodelay(true);
+            let (mut r, mut w) = stream.split();
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+        });
+    }
+}
+
+/// Kills its child on drop so a failed run leaves nothing behind.
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Guard {
+    fn rss_kib(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.0.id()))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmRSS:"))
+                    .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            })
+            .unwrap_or(0)
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+async fn wait_port(port: u16) -> anyhow::Result<()> {
+    for _ in 0..200 {
+        if TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    bail!("nothing listens on port {port}")
+}
+
+struct Pem {
+    chain: String,
+    key: String,
+}
+
+/// CA and two leaves from the project's issuance code, written as files for both proxies.
+fn issue(dir: &Path) -> anyhow::Result<(String, Pem, Pem)> {
+    let now = time::OffsetDateTime::now_utc();
+    let ca_key = generate_workload_key()?;
+    let ca = ca_params(TRUST_DOMAIN, Duration::from_secs(86400), now);
+    let ca_pem = ca.self_signed(&ca_key)?.pem();
+    let issuer = rcgen::Issuer::from_params(&ca, &ca_key);
+    let leaf = |sa: &str, role: &str| -> anyhow::Result<Pem> {
+        let identity = WorkloadIdentity::new(SpiffeId::new(TRUST_DOMAIN, "bench", sa)?, role)?;
+        let params = CertificateProfile::default().leaf_params(
+            &identity,
+            &["localhost".to_string()],
+            now,
+        )?;
+        let key = generate_workload_key()?;
+        let cert = params.signed_by(&key, &issuer)?;
+        Ok(Pem {
+            chain: cert.pem(),
+            key: key.serialize_pem(),
+        })
+    };
+    let client = leaf("client", CLIENT_ROLE)?;
+    let server = leaf("server", SERVER_ROLE)?;
+    for (name, pem) in [("client", &client), ("server", &server)] {
+        let sub = dir.join(name);
+        std::fs::create_dir_all(&sub)?;
+        std::fs::write(sub.join("tls.crt"), &pem.chain)?;
+        std::fs::write(sub.join("tls.key"), &pem.key)?;
+        std::fs::write(sub.join("ca.crt"), &ca_pem)?;
+    }
+    Ok((ca_pem, client, server))
+}
+
+fn tls_client(ca_pem: &str, leaf: &Pem) -> anyhow::Result<Arc<ClientConfig>> {
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(cert?)?;
+    }
+    let chain =
+        CertificateDer::pem_slice_iter(leaf.chain.as_bytes()).collect::<Result<Vec<_>, _>>()?;
+    let key = PrivateKeyDer::from_pem_slice(leaf.key.as_bytes())?;
+    let mut config = ClientConfig::builder_with_protocol_versions(&[&rustls::version::TLS13])
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)?;
+    // Every connection must be a full handshake, as a new peer's is.
+    config.resumption = Resumption::disabled();
+    Ok(Arc::new(config))
+}
+
+/// Where the load generator connects, and whether it speaks mTLS itself.
+#[derive(Clone)]
+struct Target {
+    port: u16,
+    tls: Option<Arc<ClientConfig>>,
+}
+
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
+impl Target {
+    async fn connect(&self) -> anyhow::Result<Box<dyn Io>> {
+        let tcp = TcpStream::connect(("127.0.0.1", self.port)).await?;
+        tcp.set_nodelay(true)?;
+        Ok(match &self.tls {
+            None => Box::new(tcp),
+            Some(config) => Box::new(
+                TlsConnector::from(config.clone())
+                    .connect(ServerName::try_from("localhost")?, tcp)
+                    .await?,
+            ),
+        })
+    }
+}
+
+/// One connection: write for `seconds`, read back everything echoed. Returns MB/s each way.
+async fn bulk(target: &Target, seconds: u64) -> anyhow::Result<f64> {
+    let stream = target.connect().await?;
+    let (mut r, mut w) = tokio::io::split(stream);
+    let written = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicBool::new(false));
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(seconds);
+    let writer = {
+        let (written, done) = (written.clone(), done.clone());
+        tokio::spawn(async move {
+            let chunk = vec![0x5au8; 64 * 1024];
+            while Instant::now() < deadline {
+                if w.write_all(&chunk).await.is_err() {
+                    break;
+                }
+                written.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            }
+            done.store(true, Ordering::Release);
+            w
+        })
+    };
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut read = 0u64;
+    loop {
+        if done.load(Ordering::Acquire) && read >= written.load(Ordering::Relaxed) {
+            break;
+        }
+        let n = tokio::time::timeout(Duration::from_secs(10), r.read(&mut buf))
+            .await
+            .context("bulk read stalled")??;
+        if n == 0 {
+            bail!("connection closed during bulk transfer");
+        }
+        read += n as u64;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let _ = writer.await;
+    Ok(read as f64 / elapsed / 1e6)
+}
+
+/// 1 KiB request/response at `rate` req/s spread over `conns` keep-alive connections.
+/// Returns (p50, p99) in milliseconds.
+async fn latency(
+    target: &Target,
+    conns: usize,
+    rate: u64,
+    seconds: u64,
+) -> anyhow::Result<(f64, f64, u64)> {
+    let interval = Duration::from_secs_f64(conns as f64 / rate as f64);
+    let per_conn = rate * seconds / conns as u64;
+    let mut tasks = Vec::new();
+    for i in 0..conns {
+        let mut stream = target.connect().await?;
+        // Stagger connections so the requests arrive evenly, not in bursts of `conns`.
+        let offset = interval.mul_f64(i as f64 / conns as f64);
+        tasks.push(tokio::spawn(async move {
+            let request = vec![0x42u8; 1024];
+            let mut response = vec![0u8; 1024];
+            let mut samples = Vec::with_capacity(per_conn as usize);
+            let start = tokio::time::Instant::now() + offset;
+            for k in 0..per_conn {
+                tokio::time::sleep_until(start + interval * k as u32).await;
+                let sent = Instant::now();
+                stream.write_all(&request).await?;
+                stream.read_exact(&mut response).await?;
+                samples.push(sent.elapsed().as_secs_f64() * 1e3);
+            }
+            anyhow::Ok(samples)
+        }));
+    }
+    let mut all = Vec::new();
+    for task in tasks {
+        all.extend(task.await??);
+    }
+    all.sort_by(f64::total_cmp);
+    let pick = |q: f64| all[((all.len() as f64 * q) as usize).min(all.len() - 1)];
+    Ok((pick(0.50), pick(0.99), all.len() as u64))
+}
+
+/// New mTLS connections per second from `concurrency` clients, each completing a 1-byte round
+/// trip so the server has verified the client certificate before the next connection.
+async fn handshakes(target: &Target, concurrency: usize, seconds: u64) -> anyhow::Result<f64> {
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let target = target.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut count = 0u64;
+            while Instant::now() < deadline {
+                let mut stream = target.connect().await?;
+                stream.write_all(b"x").await?;
+                let mut byte = [0u8; 1];
+                stream.read_exact(&mut byte).await?;
+                count += 1;
+            }
+            anyhow::Ok(count)
+        }));
+    }
+    let mut total = 0;
+    for task in tasks {
+        total += task.await??;
+    }
+    Ok(total as f64 / start.elapsed().as_secs_f64())
+}
+
+fn start_proxy(
+    bin: &Path,
+    dir: &Path,
+    name: &str,
+    config: serde_json::Value,
+) -> anyhow::Result<Guard> {
+    let path = dir.join(format!("{name}.json"));
+    std::fs::write(&path, config.to_string())?;
+    let child = Command::new(bin)
+        .arg("--config-file")
+        .arg(&path)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join(format!("{name}.log")))?)
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))?;
+    Ok(Guard(child))
+}
+
+fn start_stunnel(bin: &Path, dir: &Path, name: &str, body: &str) -> anyhow::Result<Guard> {
+    let path = dir.join(format!("{name}.conf"));
+    std::fs::write(
+        &path,
+        format!(
+            "foreground = yes\npid =\nsyslog = no\ndebug = 3\noutput = {}\n{body}",
+            dir.join(format!("{name}.log")).display()
+        ),
+    )?;
+    let child = Command::new(bin)
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))?;
+    Ok(Guard(child))
+}
+
+async fn run(
+    proxy: PathBuf,
+    stunnel: PathBuf,
+    seconds: u64,
+    latency_seconds: u64,
+) -> anyhow::Result<()> {
+    let dir = std::env::temp_dir().join(format!("rolemesh-proxy-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let (ca_pem, client_pem, _server_pem) = issue(&dir)?;
+    let mtls = tls_client(&ca_pem, &client_pem)?;
+
+    let echo_port = free_port()?;
+    let _echo = Guard(
+        Command::new(std::env::current_exe()?)
+            .args(["echo", "--port", &echo_port.to_string()])
+            .spawn()?,
+    );
+    let (server_port, server_admin, client_port, client_admin) =
+        (free_port()?, free_port()?, free_port()?, free_port()?);
+    let server = start_proxy(
+        &proxy,
+        &dir,
+        "server-sidecar",
+        serde_json::json!({
+            "trustDomain": TRUST_DOMAIN,
+            "identityDir": dir.join("server"),
+            "trustBundle": dir.join("server/ca.crt"),
+            "adminPort": server_admin, "adminAddress": "127.0.0.1",
+            "inbound": [{"name": "echo", "port": server_port, "appPort": echo_port, "allow": [CLIENT_ROLE]}],
+        }),
+    )?;
+    let client = start_proxy(
+        &proxy,
+        &dir,
+        "client-sidecar",
+        serde_json::json!({
+            "trustDomain": TRUST_DOMAIN,
+            "identityDir": dir.join("client"),
+            "trustBundle": dir.join("client/ca.crt"),
+            "adminPort": client_admin, "adminAddress": "127.0.0.1",
+            "outbound": [{"name": "echo", "localPort": client_port,
+                          "upstream": format!("127.0.0.1:{server_port}"), "expect": [SERVER_ROLE]}],
+        }),
+    )?;
+    let (st_server_port, st_client_port) = (free_port()?, free_port()?);
+    let tls_opts = |name: &str| {
+        format!(
+            "cert = {d}/{name}/tls.crt\nkey = {d}/{name}/tls.key\nCAfile = {d}/{name}/ca.crt\nverifyChain = yes\nsslVersionMin = TLSv1.3\n",
+            d = dir.display()
+        )
+    };
+    let _st_server = start_stunnel(
+        &stunnel,
+        &dir,
+        "stunnel-server",
+        &format!(
+            "[srv]\naccept = 127.0.0.1:{st_server_port}\nconnect = 127.0.0.1:{echo_port}\nrequireCert = yes\n{}",
+            tls_opts("server")
+        ),
+    )?;
+    let _st_client = start_stunnel(
+        &stunnel,
+        &dir,
+        "stunnel-client",
+        &format!(
+            "[cli]\nclient = yes\naccept = 127.0.0.1:{st_client_port}\nconnect = 127.0.0.1:{st_server_port}\n{}",
+            tls_opts("client")
+        ),
+    )?;
+    for port in [
+        echo_port,
+        server_port,
+        client_port,
+        st_server_port,
+        st_client_port,
+    ] {
+        wait_port(port).await?;
+    }
+    // Readiness: the sidecars answer /ready once their certificates are loaded.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let idle_rss = server.rss_kib().max(client.rss_kib());
+
+    let direct = Target {
+        port: echo_port,
+        tls: None,
+    };
+    let one_hop = Target {
+        port: server_port,
+        tls: Some(mtls.clone()),
+    };
+    let two_hop = Target {
+        port: client_port,
+        tls: None,
+    };
+    let stunnel_two_hop = Target {
+        port: st_client_port,
+        tls: None,
+    };
+    let stunnel_server = Target {
+        port: st_server_port,
+        tls: Some(mtls.clone()),
+    };
+    // Fail early (with a clear message) if any path does not carry bytes.
+    for (name, target) in [
+        ("direct", &direct),
+        ("one hop", &one_hop),
+        ("two hops", &two_hop),
+        ("stunnel", &stunnel_two_hop),
+    ] {
+        let mut s = target
+            .connect()
+            .await
+            .with_context(|| format!("{name}: connect"))?;
+        s.write_all(b"ping").await?;
+        let mut b = [0u8; 4];
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut b))
+            .await
+            .with_context(|| format!("{name}: no echo (see logs in {})", dir.display()))??;
+    }
+
+    eprintln!("bulk throughput ({seconds} s each)...");
+    let bulk_direct = bulk(&direct, seconds).await?;
+    let bulk_one = bulk(&one_hop, seconds).await?;
+    let bulk_two = bulk(&two_hop, seconds).await?;
+    let bulk_stunnel = bulk(&stunnel_two_hop, seconds).await?;
+
+    eprintln!("latency, 1 KiB at 1,000 req/s over 16 connections ({latency_seconds} s each)...");
+    let lat_direct = latency(&direct, 16, 1000, latency_seconds).await?;
+    let lat_one = latency(&one_hop, 16, 1000, latency_seconds).await?;
+    // RSS under load: sampled while the two-hop latency run is in flight.
+    let sampler = {
+        let stop = Arc::new(AtomicBool::new(false));
+        let pids = [server.0.id(), client.0.id()];
+        let s = stop.clone();
+        let handle = tokio::spawn(async move {
+            let mut max = 0u64;
+            while !s.load(Ordering::Relaxed) {
+                for pid in pids {
+                    let kib = std::fs::read_to_string(format!("/proc/{pid}/status"))
+                        .ok()
+                        .and_then(|t| {
+                            t.lines()
+                                .find(|l| l.starts_with("VmRSS:"))
+                                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+                        })
+                        .unwrap_or(0);
+                    max = max.max(kib);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            max
+        });
+        (stop, handle)
+    };
+    let lat_two = latency(&two_hop, 16, 1000, latency_seconds).await?;
+    sampler.0.store(true, Ordering::Relaxed);
+    let load_rss = sampler.1.await?;
+    let lat_stunnel = latency(&stunnel_two_hop, 16, 1000, latency_seconds).await?;
+
+    eprintln!("new mTLS handshakes/s ({seconds} s each, 8 clients, no resumption)...");
+    let hs_rolemesh = handshakes(&one_hop, 8, seconds).await?;
+    let hs_stunnel = handshakes(&stunnel_server, 8, seconds).await?;
+
+    let added = |l: (f64, f64, u64)| (l.0 - lat_direct.0, l.1 - lat_direct.1);
+    let (two_p50, two_p99) = added(lat_two);
+    let (one_p50, one_p99) = added(lat_one);
+    let (st_p50, st_p99) = added(lat_stunnel);
+    let mib = |kib: u64| kib as f64 / 1024.0;
+
+    println!();
+    println!(
+        "rolemesh-proxy benchmark (one run; {} CPUs shared by load generator, echo server and proxies)",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    );
+    println!("{:<54} {:>12} {:>12}", "path", "bulk MB/s", "p50/p99 ms");
+    for (name, mbps, lat) in [
+        ("direct loopback", bulk_direct, lat_direct),
+        (
+            "one rolemesh hop (mTLS client -> server sidecar)",
+            bulk_one,
+            lat_one,
+        ),
+        (
+            "two rolemesh hops (client sidecar -> server sidecar)",
+            bulk_two,
+            lat_two,
+        ),
+        ("stunnel4, two hops", bulk_stunnel, lat_stunnel),
+    ] {
+        println!("{name:<54} {mbps:>12.0} {:>5.3}/{:<6.3}", lat.0, lat.1);
+    }
+    println!();
+    println!(
+        "{:<58} {:>12} {:>10} {:>8}",
+        "figure", "measured", "target", "ratio"
+    );
+    let row = |name: &str, value: String, target: &str, ratio: &str| {
+        println!("{name:<58} {value:>12} {target:>10} {ratio:>8}");
+    };
+    let ratio = bulk_two / bulk_direct;
+    row(
+        "bulk throughput two-hop / direct",
+        format!("{ratio:.2}"),
+        ">= 0.5",
+        &format!("{:.2}", ratio / 0.5),
+    );
+    row(
+        "bulk throughput stunnel two-hop / direct",
+        format!("{:.2}", bulk_stunnel / bulk_direct),
+        "-",
+        "-",
+    );
+    row(
+        "added latency p50, two hops (ms)",
+        format!("{two_p50:.3}"),
+        "<= 0.15",
+        &format!("{:.2}", two_p50 / 0.15),
+    );
+    row(
+        "added latency p99, two hops (ms)",
+        format!("{two_p99:.3}"),
+        "<= 0.5",
+        &format!("{:.2}", two_p99 / 0.5),
+    );
+    row(
+        "added latency p50/p99, one hop (ms)",
+        format!("{one_p50:.3}/{one_p99:.3}"),
+        "-",
+        "-",
+    );
+    row(
+        "added latency p50/p99, stunnel4 two hops (ms)",
+        format!("{st_p50:.3}/{st_p99:.3}"),
+        "-",
+        "-",
+    );
+    row(
+        "new mTLS handshakes/s, rolemesh server sidecar",
+        format!("{hs_rolemesh:.0}"),
+        "-",
+        "-",
+    );
+    row(
+        "new mTLS handshakes/s, stunnel4 server",
+        format!("{hs_stunnel:.0}"),
+        "-",
+        "-",
+    );
+    row(
+        "handshakes/s rolemesh / stunnel4",
+        format!("{:.2}", hs_rolemesh / hs_stunnel),
+        ">= 1.5",
+        &format!("{:.2}", hs_rolemesh / hs_stunnel / 1.5),
+    );
+    row(
+        "proxy RSS idle (MiB, max of both sidecars)",
+        format!("{:.1}", mib(idle_rss)),
+        "<= 8",
+        &format!("{:.2}", mib(idle_rss) / 8.0),
+    );
+    row(
+        "proxy RSS at 1,000 req/s (MiB, max of both)",
+        format!("{:.1}", mib(load_rss)),
+        "<= 15",
+        &format!("{:.2}", mib(load_rss) / 15.0),
+    );
+    println!("(ratio: measured / target; <= 1 meets a maximum, >= 1 meets a minimum)");
+    println!("requests measured per latency run: {}", lat_two.2);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}

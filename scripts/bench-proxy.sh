@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Proxy benchmark (issue 5): the same echo workload direct, through one and two rolemesh hops and
+# through stunnel4 in the two-hop shape, all in one run; prints figures and ratios to targets.
+# Knobs: BENCH_SECONDS (bulk and handshake phases, default 3), BENCH_LATENCY_SECONDS (default 5).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v stunnel4 >/dev/null 2>&1; then
+  if ! apt-get install -y stunnel4 >/dev/null 2>&1; then
+    apt-get update >/dev/null
+    apt-get install -y stunnel4 >/dev/null
+  fi
+fi
+
+cargo build --release --quiet -p rolemesh-proxy --bins
+
+exec target/release/rolemesh-proxy-bench run \
+  --proxy target/release/rolemesh-proxy \
+  --stunnel "$(command -v stunnel4)"
