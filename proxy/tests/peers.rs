@@ -2,6 +2,9 @@
 //! from the project's issuance code. Each bad input is refused with a TLS alert (never app
 //! bytes), counted by reason, logged once, and good peers keep being served.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::{

@@ -2,6 +2,9 @@
 //! no failed request, the new serial in use for new handshakes within one second, connections
 //! already open keep working, and a bad new file set is refused while the old one stays in use.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::{
