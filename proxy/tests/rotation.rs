@@ -16,79 +16,7 @@ use std::{
 };
 
 use common::*;
-use rolemesh_profile::inspect_certificate;
-use rustls::{ClientConfig, RootCertStore};
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject};
 use serde_json::json;
-use tokio::{
-    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
-    net::TcpStream,
-};
-use tokio_rustls::{TlsConnector, client::TlsStream};
-
-fn client_config(ca: &Ca, leaf: &Leaf) -> Arc<ClientConfig> {
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let mut roots = RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(ca.pem.as_bytes()) {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let chain: Vec<_> = CertificateDer::pem_slice_iter(leaf.chain_pem.as_bytes())
-        .map(|c| c.unwrap())
-        .collect();
-    let key = PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).unwrap();
-    Arc::new(
-        ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_client_auth_cert(chain, key)
-            .unwrap(),
-    )
-}
-
-/// Connects, reads the banner, and returns the stream and the serial the server presented.
-async fn connect(
-    port: u16,
-    config: &Arc<ClientConfig>,
-) -> std::io::Result<(BufReader<TlsStream<TcpStream>>, String)> {
-    let tcp = TcpStream::connect(("127.0.0.1", port)).await?;
-    tcp.set_nodelay(true)?;
-    let tls = TlsConnector::from(config.clone())
-        .connect(ServerName::try_from("localhost").unwrap(), tcp)
-        .await?;
-    let serial = tls
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|c| c.first())
-        .map(|c| inspect_certificate(c).unwrap().serial_hex)
-        .unwrap_or_default();
-    let mut stream = BufReader::new(tls);
-    let mut banner = String::new();
-    stream.read_line(&mut banner).await?;
-    if banner.trim() != BANNER {
-        return Err(std::io::Error::other(format!("banner {banner:?}")));
-    }
-    Ok((stream, serial))
-}
-
-async fn round_trip(
-    stream: &mut BufReader<TlsStream<TcpStream>>,
-    line: &str,
-) -> std::io::Result<()> {
-    stream
-        .get_mut()
-        .write_all(format!("{line}\n").as_bytes())
-        .await?;
-    let mut answer = String::new();
-    stream.read_line(&mut answer).await?;
-    if answer.trim() != line {
-        return Err(std::io::Error::other(format!(
-            "echo {answer:?} for {line:?}"
-        )));
-    }
-    Ok(())
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rotation_under_load_has_no_failures_and_new_serial_within_one_second() {

@@ -16,7 +16,12 @@ use rolemesh_profile::{
     CertificateProfile, SpiffeId, WorkloadIdentity, inspect_certificate,
     profile::{ca_params, generate_workload_key},
 };
+use rustls::{ClientConfig, RootCertStore};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject};
+use std::sync::Arc;
 use time::OffsetDateTime;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+use tokio_rustls::{TlsConnector, client::TlsStream};
 
 pub const TD: &str = "rolemesh.test";
 pub const CLIENT_ROLE: &str = "arn:aws:iam::111122223333:role/frontend";
@@ -261,6 +266,16 @@ impl Proxy {
         )
     }
 
+    /// The proxy's resident set size in KiB, from /proc.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -356,4 +371,72 @@ pub fn s_client(port: u16, extra: &[&str]) -> (bool, String) {
         String::from_utf8_lossy(&output.stderr)
     );
     (output.status.success(), text)
+}
+
+/// A TLS 1.3 client presenting `leaf`, trusting `ca`.
+pub fn client_config(ca: &Ca, leaf: &Leaf) -> Arc<ClientConfig> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca.pem.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let chain: Vec<_> = CertificateDer::pem_slice_iter(leaf.chain_pem.as_bytes())
+        .map(|c| c.unwrap())
+        .collect();
+    let key = PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).unwrap();
+    Arc::new(
+        ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .unwrap(),
+    )
+}
+
+/// Connects, reads the banner, and returns the stream and the serial the server presented.
+pub async fn connect(
+    port: u16,
+    config: &Arc<ClientConfig>,
+) -> std::io::Result<(
+    tokio::io::BufReader<TlsStream<tokio::net::TcpStream>>,
+    String,
+)> {
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    tcp.set_nodelay(true)?;
+    let tls = TlsConnector::from(config.clone())
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await?;
+    let serial = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| inspect_certificate(c).unwrap().serial_hex)
+        .unwrap_or_default();
+    let mut stream = tokio::io::BufReader::new(tls);
+    let mut banner = String::new();
+    stream.read_line(&mut banner).await?;
+    if banner.trim() != BANNER {
+        return Err(std::io::Error::other(format!("banner {banner:?}")));
+    }
+    Ok((stream, serial))
+}
+
+pub async fn round_trip(
+    stream: &mut tokio::io::BufReader<TlsStream<tokio::net::TcpStream>>,
+    line: &str,
+) -> std::io::Result<()> {
+    stream
+        .get_mut()
+        .write_all(format!("{line}\n").as_bytes())
+        .await?;
+    let mut answer = String::new();
+    stream.read_line(&mut answer).await?;
+    if answer.trim() != line {
+        return Err(std::io::Error::other(format!(
+            "echo {answer:?} for {line:?}"
+        )));
+    }
+    Ok(())
 }
