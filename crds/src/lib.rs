@@ -92,7 +92,10 @@ pub struct ServiceAccountSelector {
 #[serde(rename_all = "camelCase")]
 pub struct InboundMapping {
     /// Name of the mapping, used in metrics and logs.
-    #[schemars(regex(pattern = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"), length(max = 63))]
+    #[schemars(
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"),
+        length(max = 63)
+    )]
     pub name: String,
 
     /// Port on which the proxy accepts mTLS connections from peers.
@@ -117,7 +120,10 @@ pub struct InboundMapping {
 #[serde(rename_all = "camelCase")]
 pub struct OutboundMapping {
     /// Name of the mapping, used in metrics and logs.
-    #[schemars(regex(pattern = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"), length(max = 63))]
+    #[schemars(
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"),
+        length(max = 63)
+    )]
     pub name: String,
 
     /// Port on 127.0.0.1 where the application connects in plain TCP.
@@ -299,7 +305,9 @@ pub struct SignerSpec {
 }
 
 /// Signer backend kind.
-#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum SignerType {
     Kms,
@@ -345,7 +353,9 @@ pub struct CaCertificateSource {
 }
 
 /// Identity verification mode.
-#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum IdentityVerification {
     #[default]
@@ -372,7 +382,8 @@ pub struct MTLSAuthorityStatus {
 }
 
 /// All CRDs, in the order they are written.
-pub fn crds() -> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>
+pub fn crds()
+-> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>
 {
     vec![MTLSAuthority::crd(), MTLSPolicy::crd()]
 }

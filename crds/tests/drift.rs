@@ -19,6 +19,9 @@ fn policy_crd_carries_cross_field_rules_and_columns() {
     assert!(yaml.contains("x-kubernetes-validations"));
     assert!(yaml.contains("certificate.renewBefore must be shorter than certificate.duration"));
     for column in ["Ready", "Workloads", "Soonest Expiry", "Age"] {
-        assert!(yaml.contains(&format!("name: {column}")), "printer column {column} missing");
+        assert!(
+            yaml.contains(&format!("name: {column}")),
+            "printer column {column} missing"
+        );
     }
 }

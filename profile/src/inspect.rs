@@ -52,14 +52,24 @@ impl CertificateInfo {
         };
         let spiffe_id = SpiffeId::parse(uri)?;
         if self.role_extension_malformed {
-            return Err(not("the IAM role extension is malformed or marked critical"));
+            return Err(not(
+                "the IAM role extension is malformed or marked critical",
+            ));
         }
-        let role = self.role_arn.as_deref().ok_or_else(|| not("the IAM role extension is missing"))?;
+        let role = self
+            .role_arn
+            .as_deref()
+            .ok_or_else(|| not("the IAM role extension is missing"))?;
         validate_role_arn(role)?;
         if !(self.eku_server_auth && self.eku_client_auth) {
-            return Err(not("extended key usage must include serverAuth and clientAuth"));
+            return Err(not(
+                "extended key usage must include serverAuth and clientAuth",
+            ));
         }
-        Ok(WorkloadIdentity { spiffe_id, role_arn: role.to_string() })
+        Ok(WorkloadIdentity {
+            spiffe_id,
+            role_arn: role.to_string(),
+        })
     }
 
     pub fn is_valid_at(&self, now: OffsetDateTime) -> bool {
@@ -81,7 +91,10 @@ pub fn inspect_certificate(der: &[u8]) -> Result<CertificateInfo, ProfileError> 
     }
     let mut uri_sans = Vec::new();
     let mut dns_names = Vec::new();
-    if let Some(san) = cert.subject_alternative_name().map_err(|e| parse_err(e.to_string()))? {
+    if let Some(san) = cert
+        .subject_alternative_name()
+        .map_err(|e| parse_err(e.to_string()))?
+    {
         for name in &san.value.general_names {
             match name {
                 GeneralName::URI(uri) => uri_sans.push(uri.to_string()),
@@ -90,11 +103,13 @@ pub fn inspect_certificate(der: &[u8]) -> Result<CertificateInfo, ProfileError> 
             }
         }
     }
-    let (eku_server_auth, eku_client_auth) =
-        match cert.extended_key_usage().map_err(|e| parse_err(e.to_string()))? {
-            Some(eku) => (eku.value.server_auth, eku.value.client_auth),
-            None => (false, false),
-        };
+    let (eku_server_auth, eku_client_auth) = match cert
+        .extended_key_usage()
+        .map_err(|e| parse_err(e.to_string()))?
+    {
+        Some(eku) => (eku.value.server_auth, eku.value.client_auth),
+        None => (false, false),
+    };
     let (key_usage_digital_signature, key_usage_critical) =
         match cert.key_usage().map_err(|e| parse_err(e.to_string()))? {
             Some(ku) => (ku.value.digital_signature(), ku.critical),
@@ -146,7 +161,9 @@ pub fn certificates_from_pem(pem: &str) -> Result<Vec<Vec<u8>>, ProfileError> {
         }
     }
     if out.is_empty() {
-        return Err(ProfileError::ParseCertificate("no CERTIFICATE block in PEM".into()));
+        return Err(ProfileError::ParseCertificate(
+            "no CERTIFICATE block in PEM".into(),
+        ));
     }
     Ok(out)
 }

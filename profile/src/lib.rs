@@ -50,7 +50,9 @@ pub enum ProfileError {
 
 /// Checks that `arn` is an IAM role ARN (any partition, optional path).
 pub fn validate_role_arn(arn: &str) -> Result<(), ProfileError> {
-    let invalid = || ProfileError::InvalidRoleArn { arn: arn.to_string() };
+    let invalid = || ProfileError::InvalidRoleArn {
+        arn: arn.to_string(),
+    };
     let rest = arn.strip_prefix("arn:").ok_or_else(invalid)?;
     let mut parts = rest.splitn(5, ':');
     let partition = parts.next().ok_or_else(invalid)?;
@@ -58,7 +60,10 @@ pub fn validate_role_arn(arn: &str) -> Result<(), ProfileError> {
     let region = parts.next().ok_or_else(invalid)?;
     let account = parts.next().ok_or_else(invalid)?;
     let resource = parts.next().ok_or_else(invalid)?;
-    let partition_ok = matches!(partition, "aws" | "aws-cn" | "aws-us-gov" | "aws-iso" | "aws-iso-b");
+    let partition_ok = matches!(
+        partition,
+        "aws" | "aws-cn" | "aws-us-gov" | "aws-iso" | "aws-iso-b"
+    );
     let account_ok = account.len() == 12 && account.bytes().all(|b| b.is_ascii_digit());
     let name = resource.strip_prefix("role/").ok_or_else(invalid)?;
     let name_ok = !name.is_empty()
@@ -93,7 +98,9 @@ pub fn parse_duration(value: &str) -> Result<std::time::Duration, ProfileError> 
         }
         let number: f64 = rest[..number_len].parse().map_err(|_| err("bad number"))?;
         rest = &rest[number_len..];
-        let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
         let seconds = match &rest[..unit_len] {
             "h" => 3600.0,
             "m" => 60.0,

@@ -38,7 +38,10 @@ pub struct WorkloadIdentity {
 impl WorkloadIdentity {
     pub fn new(spiffe_id: SpiffeId, role_arn: &str) -> Result<Self, ProfileError> {
         validate_role_arn(role_arn)?;
-        Ok(Self { spiffe_id, role_arn: role_arn.to_string() })
+        Ok(Self {
+            spiffe_id,
+            role_arn: role_arn.to_string(),
+        })
     }
 }
 
@@ -52,7 +55,10 @@ pub struct CertificateProfile {
 
 impl Default for CertificateProfile {
     fn default() -> Self {
-        Self { duration: DEFAULT_DURATION, renew_before: None }
+        Self {
+            duration: DEFAULT_DURATION,
+            renew_before: None,
+        }
     }
 }
 
@@ -77,16 +83,22 @@ impl CertificateProfile {
                 .map_err(|_| ProfileError::NotInProfile(format!("URI SAN {uri} is not ASCII")))?,
         ));
         for name in dns_names {
-            params.subject_alt_names.push(SanType::DnsName(name.clone().try_into().map_err(
-                |_| ProfileError::NotInProfile(format!("DNS SAN {name} is not ASCII")),
-            )?));
+            params
+                .subject_alt_names
+                .push(SanType::DnsName(name.clone().try_into().map_err(|_| {
+                    ProfileError::NotInProfile(format!("DNS SAN {name} is not ASCII"))
+                })?));
         }
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages =
-            vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
         params.use_authority_key_identifier_extension = true;
-        params.custom_extensions.push(role_extension(&identity.role_arn));
+        params
+            .custom_extensions
+            .push(role_extension(&identity.role_arn));
         Ok(params)
     }
 
@@ -112,11 +124,7 @@ impl CertificateProfile {
 }
 
 /// Parameters of a self-signed CA certificate for `trust_domain`.
-pub fn ca_params(
-    trust_domain: &str,
-    duration: Duration,
-    now: OffsetDateTime,
-) -> CertificateParams {
+pub fn ca_params(trust_domain: &str, duration: Duration, now: OffsetDateTime) -> CertificateParams {
     let mut params = CertificateParams::default();
     params.not_before = now - BACKDATE;
     params.not_after = now + duration;
@@ -232,11 +240,17 @@ mod tests {
         for i in 0u32..50 {
             let at = profile.renewal_time(nb, na, &i.to_be_bytes());
             assert!(at <= nb + time::Duration::hours(16), "{at}");
-            assert!(at >= nb + time::Duration::hours(16) - time::Duration::minutes(49), "{at}");
+            assert!(
+                at >= nb + time::Duration::hours(16) - time::Duration::minutes(49),
+                "{at}"
+            );
             times.insert(at);
         }
         assert!(times.len() > 40, "jitter does not spread renewals");
-        let explicit = CertificateProfile { renew_before: Some(Duration::from_secs(3600)), ..profile };
+        let explicit = CertificateProfile {
+            renew_before: Some(Duration::from_secs(3600)),
+            ..profile
+        };
         let at = explicit.renewal_time(nb, na, b"x");
         assert!(at <= na - time::Duration::hours(1));
     }

@@ -127,7 +127,10 @@ impl ProxyConfig {
                 return bad(format!("inbound {}: ports must be 1-65535", listener.name));
             }
             if !ports.insert(listener.port) {
-                return bad(format!("inbound {}: port {} is used twice", listener.name, listener.port));
+                return bad(format!(
+                    "inbound {}: port {} is used twice",
+                    listener.name, listener.port
+                ));
             }
             if !names.insert(listener.name.as_str()) {
                 return bad(format!("mapping name {} is used twice", listener.name));
@@ -138,7 +141,10 @@ impl ProxyConfig {
         }
         for listener in &self.outbound {
             if listener.local_port == 0 {
-                return bad(format!("outbound {}: localPort must be 1-65535", listener.name));
+                return bad(format!(
+                    "outbound {}: localPort must be 1-65535",
+                    listener.name
+                ));
             }
             if !ports.insert(listener.local_port) {
                 return bad(format!(
@@ -150,11 +156,21 @@ impl ProxyConfig {
                 return bad(format!("mapping name {} is used twice", listener.name));
             }
             if listener.expect.is_empty() {
-                return bad(format!("outbound {}: expect lists no identity", listener.name));
+                return bad(format!(
+                    "outbound {}: expect lists no identity",
+                    listener.name
+                ));
             }
-            if listener.upstream.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).is_none()
+            if listener
+                .upstream
+                .rsplit_once(':')
+                .and_then(|(_, p)| p.parse::<u16>().ok())
+                .is_none()
             {
-                return bad(format!("outbound {}: upstream must be host:port", listener.name));
+                return bad(format!(
+                    "outbound {}: upstream must be host:port",
+                    listener.name
+                ));
             }
             for pattern in &listener.expect {
                 pattern.validate()?;
@@ -190,7 +206,11 @@ impl PeerPattern {
 
     /// Whether a peer with this SPIFFE ID and role matches.
     pub fn matches(&self, spiffe_id: &str, role_arn: &str) -> bool {
-        let subject = if self.0.starts_with("arn:") { role_arn } else { spiffe_id };
+        let subject = if self.0.starts_with("arn:") {
+            role_arn
+        } else {
+            spiffe_id
+        };
         glob_match(self.0.as_bytes(), subject.as_bytes())
     }
 }
@@ -269,7 +289,9 @@ mod tests {
                 name: "payments".into(),
                 local_port: 9000,
                 upstream: "payments.shop.svc:8443".into(),
-                expect: vec![PeerPattern::new("spiffe://rolemesh.local/ns/shop/sa/payments").unwrap()],
+                expect: vec![
+                    PeerPattern::new("spiffe://rolemesh.local/ns/shop/sa/payments").unwrap(),
+                ],
             }],
             limits: Limits::default(),
         };
@@ -278,7 +300,13 @@ mod tests {
 
         let mut clash = config.clone();
         clash.outbound[0].local_port = 8443;
-        assert!(clash.validate().unwrap_err().to_string().contains("used twice"));
+        assert!(
+            clash
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("used twice")
+        );
         let err = ProxyConfig::from_json(r#"{"trustDomain":"x","inbund":[]}"#).unwrap_err();
         assert!(err.to_string().contains("unknown field"), "{err}");
     }

@@ -23,20 +23,32 @@ impl SpiffeId {
             namespace: namespace.to_string(),
             service_account: service_account.to_string(),
         };
-        let fail = |reason| ProfileError::InvalidSpiffeId { id: id.to_string(), reason };
+        let fail = |reason| ProfileError::InvalidSpiffeId {
+            id: id.to_string(),
+            reason,
+        };
         if !valid_trust_domain(trust_domain) {
-            return Err(fail("trust domain must be lowercase letters, digits, '.', '-'"));
+            return Err(fail(
+                "trust domain must be lowercase letters, digits, '.', '-'",
+            ));
         }
         if !valid_segment(namespace) || !valid_segment(service_account) {
-            return Err(fail("namespace and ServiceAccount must be Kubernetes names"));
+            return Err(fail(
+                "namespace and ServiceAccount must be Kubernetes names",
+            ));
         }
         Ok(id)
     }
 
     /// Parses `spiffe://<td>/ns/<ns>/sa/<sa>`; any other path shape is not a rolemesh identity.
     pub fn parse(uri: &str) -> Result<Self, ProfileError> {
-        let fail = |reason| ProfileError::InvalidSpiffeId { id: uri.to_string(), reason };
-        let rest = uri.strip_prefix("spiffe://").ok_or_else(|| fail("must start with spiffe://"))?;
+        let fail = |reason| ProfileError::InvalidSpiffeId {
+            id: uri.to_string(),
+            reason,
+        };
+        let rest = uri
+            .strip_prefix("spiffe://")
+            .ok_or_else(|| fail("must start with spiffe://"))?;
         let (trust_domain, path) = rest.split_once('/').ok_or_else(|| fail("missing path"))?;
         let segments: Vec<&str> = path.split('/').collect();
         match segments.as_slice() {
@@ -73,13 +85,16 @@ impl fmt::Display for SpiffeId {
 fn valid_trust_domain(td: &str) -> bool {
     !td.is_empty()
         && td.len() <= 255
-        && td.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-')
+        && td
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-')
 }
 
 fn valid_segment(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 253
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-')
 }
 
 #[cfg(test)]
@@ -89,7 +104,10 @@ mod tests {
     #[test]
     fn round_trip() {
         let id = SpiffeId::new("rolemesh.local", "shop", "payments").unwrap();
-        assert_eq!(id.to_string(), "spiffe://rolemesh.local/ns/shop/sa/payments");
+        assert_eq!(
+            id.to_string(),
+            "spiffe://rolemesh.local/ns/shop/sa/payments"
+        );
         assert_eq!(SpiffeId::parse(&id.to_string()).unwrap(), id);
     }
 

@@ -30,5 +30,9 @@ fn main() -> ExitCode {
             println!("crdgen: wrote {relative}");
         }
     }
-    if stale { ExitCode::FAILURE } else { ExitCode::SUCCESS }
+    if stale {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
 }
