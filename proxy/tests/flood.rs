@@ -112,18 +112,12 @@ impl Flood {
 async fn a_flood_of_bad_handshakes_neither_starves_good_peers_nor_grows_memory() {
     let dir = temp_dir("flood");
     let ca = Ca::new(TD);
-    let identity = dir.join("identity");
-    std::fs::create_dir_all(&identity).unwrap();
-    MountedSecret::new(&identity, &ca.leaf("payments", SERVER_ROLE), &ca.pem);
     let port = free_port();
-    let proxy = Proxy::start(
+    let (proxy, _) = Proxy::with_identity(
         &dir,
+        &ca.leaf("payments", SERVER_ROLE),
+        &ca.pem,
         json!({
-            "trustDomain": TD,
-            "identityDir": identity,
-            "trustBundle": identity.join("ca.crt"),
-            "adminPort": free_port(),
-            "adminAddress": "127.0.0.1",
             "inbound": [{"name": "api", "port": port, "appPort": echo_app(), "allow": [CLIENT_ROLE]}],
             "limits": {"handshakeTimeoutMs": 1000, "maxConcurrentHandshakes": 16,
                        "idleTimeoutSecs": 60, "drainTimeoutSecs": 1},

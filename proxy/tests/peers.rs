@@ -29,21 +29,13 @@ struct Inbound {
 fn inbound(app_port: u16) -> Inbound {
     let dir = temp_dir("in");
     let ca = Ca::new(TD);
-    let identity = dir.join("identity");
-    std::fs::create_dir_all(&identity).unwrap();
-    MountedSecret::new(&identity, &ca.leaf("payments", SERVER_ROLE), &ca.pem);
     let port = free_port();
-    let proxy = Proxy::start(
+    let (proxy, _) = Proxy::with_identity(
         &dir,
-        json!({
-            "trustDomain": TD,
-            "identityDir": identity,
-            "trustBundle": identity.join("ca.crt"),
-            "adminPort": free_port(),
-            "adminAddress": "127.0.0.1",
-            "inbound": [{"name": "api", "port": port, "appPort": app_port,
-                         "allow": [CLIENT_ROLE, "spiffe://rolemesh.test/ns/tools/sa/*"]}],
-        }),
+        &ca.leaf("payments", SERVER_ROLE),
+        &ca.pem,
+        json!({"inbound": [{"name": "api", "port": port, "appPort": app_port,
+                            "allow": [CLIENT_ROLE, "spiffe://rolemesh.test/ns/tools/sa/*"]}]}),
     );
     Inbound {
         dir,
@@ -356,9 +348,6 @@ fn spiffe_pattern_admits_a_matching_peer() {
 fn outbound_to_s_server(server_role: &str) -> (Proxy, u16, String, std::process::Child) {
     let dir = temp_dir("out");
     let ca = Ca::new(TD);
-    let identity = dir.join("identity");
-    std::fs::create_dir_all(&identity).unwrap();
-    MountedSecret::new(&identity, &ca.leaf("frontend", CLIENT_ROLE), &ca.pem);
     let server_leaf = ca.leaf("payments", server_role);
     let (cert, key, ca_file) = client_files(&dir, "server", &server_leaf, &ca.pem);
     let upstream_port = free_port();
@@ -384,18 +373,13 @@ fn outbound_to_s_server(server_role: &str) -> (Proxy, u16, String, std::process:
         std::thread::sleep(Duration::from_millis(50));
     }
     let local = free_port();
-    let proxy = Proxy::start(
+    let (proxy, _) = Proxy::with_identity(
         &dir,
-        json!({
-            "trustDomain": TD,
-            "identityDir": identity,
-            "trustBundle": identity.join("ca.crt"),
-            "adminPort": free_port(),
-            "adminAddress": "127.0.0.1",
-            "outbound": [{"name": "payments", "localPort": local,
-                          "upstream": format!("127.0.0.1:{upstream_port}"),
-                          "expect": [SERVER_ROLE]}],
-        }),
+        &ca.leaf("frontend", CLIENT_ROLE),
+        &ca.pem,
+        json!({"outbound": [{"name": "payments", "localPort": local,
+                             "upstream": format!("127.0.0.1:{upstream_port}"),
+                             "expect": [SERVER_ROLE]}]}),
     );
     (proxy, local, ca.pem, server)
 }

@@ -22,22 +22,14 @@ use serde_json::json;
 async fn rotation_under_load_has_no_failures_and_new_serial_within_one_second() {
     let dir = temp_dir("rot");
     let ca = Ca::new(TD);
-    let identity = dir.join("identity");
-    std::fs::create_dir_all(&identity).unwrap();
     let first = ca.leaf("payments", SERVER_ROLE);
-    let mut mounted = MountedSecret::new(&identity, &first, &ca.pem);
     let port = free_port();
     let app = echo_app();
-    let proxy = Proxy::start(
+    let (proxy, mut mounted) = Proxy::with_identity(
         &dir,
-        json!({
-            "trustDomain": TD,
-            "identityDir": identity,
-            "trustBundle": identity.join("ca.crt"),
-            "adminPort": free_port(),
-            "adminAddress": "127.0.0.1",
-            "inbound": [{"name": "api", "port": port, "appPort": app, "allow": [CLIENT_ROLE]}],
-        }),
+        &first,
+        &ca.pem,
+        json!({"inbound": [{"name": "api", "port": port, "appPort": app, "allow": [CLIENT_ROLE]}]}),
     );
     let config = client_config(&ca, &ca.leaf("frontend", CLIENT_ROLE));
 

@@ -217,6 +217,31 @@ pub struct Proxy {
 }
 
 impl Proxy {
+    /// Mounts `leaf` and `ca_pem` under `dir/identity` as kubelet would and starts the proxy with
+    /// them, in trust domain [`TD`], with the listeners and limits in `listeners` (JSON object).
+    pub fn with_identity(
+        dir: &Path,
+        leaf: &Leaf,
+        ca_pem: &str,
+        listeners: serde_json::Value,
+    ) -> (Proxy, MountedSecret) {
+        let identity = dir.join("identity");
+        std::fs::create_dir_all(&identity).unwrap();
+        let mounted = MountedSecret::new(&identity, leaf, ca_pem);
+        let mut config = serde_json::json!({
+            "trustDomain": TD,
+            "identityDir": identity,
+            "trustBundle": identity.join("ca.crt"),
+            "adminPort": free_port(),
+            "adminAddress": "127.0.0.1",
+        });
+        let serde_json::Value::Object(listeners) = listeners else {
+            panic!("listeners must be a JSON object");
+        };
+        config.as_object_mut().unwrap().extend(listeners);
+        (Proxy::start(dir, config), mounted)
+    }
+
     /// Starts the binary with `config` (JSON) in a file and waits until /ready says 200.
     pub fn start(dir: &Path, config: serde_json::Value) -> Proxy {
         let admin_port = config["adminPort"].as_u64().unwrap() as u16;
