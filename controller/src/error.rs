@@ -76,6 +76,10 @@ pub enum Error {
     InvalidPolicy(String),
     #[error("lost the leader lease {lease}: {message}")]
     LostLease { lease: String, message: String },
+    #[error(
+        "failed to fill the Secret and ServiceAccount caches: their watches stopped (the controller is shutting down)"
+    )]
+    CachesNotFilled,
     #[error("failed to serve metrics on {address}: {source}")]
     ServeMetrics {
         address: String,
@@ -103,6 +107,7 @@ impl Error {
             Self::InvalidPolicy(_) => "InvalidPolicy",
             Self::LostLease { .. } => "LostLease",
             Self::ServeMetrics { .. } => "ServeMetrics",
+            Self::CachesNotFilled => "CachesNotFilled",
         }
     }
 

@@ -31,7 +31,7 @@ use kube::{
 };
 use rolemesh_crds::{MTLSAuthority, MTLSAuthorityStatus, MTLSPolicy};
 use serde_json::json;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
 pub use crate::error::{Error, Result};
@@ -362,8 +362,23 @@ pub async fn run(
     ));
 
     let mapper_policies = policies.clone();
-    let ready_metrics = metrics.clone();
-    let (secrets_ready, sas_ready) = (secrets.clone(), service_accounts.clone());
+    // One task waits for both caches and tells every reconcile through a watch channel. The
+    // stores' own `wait_until_ready` wakes only the last of several concurrent waiters (it polls
+    // one oneshot receiver from many tasks), which left all but one of the policies that arrived
+    // before the caches had filled waiting for ever.
+    let (caches_filled, caches_ready) = watch::channel(false);
+    let caches_task = tokio::spawn({
+        let (secrets, service_accounts, metrics) =
+            (secrets.clone(), service_accounts.clone(), metrics.clone());
+        async move {
+            let filled = secrets.wait_until_ready().await.is_ok()
+                && service_accounts.wait_until_ready().await.is_ok();
+            if filled {
+                metrics.set_ready(true);
+                let _ = caches_filled.send(true);
+            }
+        }
+    });
     let controller = Controller::for_stream(policy_stream, policies)
         .owns_stream(secret_stream)
         .watches_stream(sa_stream, move |sa| {
@@ -372,16 +387,12 @@ pub async fn run(
         .reconcile_all_on(tokio_stream_from(ca_changes))
         .run(
             move |policy, ctx: Arc<Context>| {
-                let (secrets_ready, sas_ready, ready_metrics) = (
-                    secrets_ready.clone(),
-                    sas_ready.clone(),
-                    ready_metrics.clone(),
-                );
+                let mut caches_ready = caches_ready.clone();
                 async move {
                     // Deciding with half-filled caches would issue certificates that exist already.
-                    let _ = secrets_ready.wait_until_ready().await;
-                    let _ = sas_ready.wait_until_ready().await;
-                    ready_metrics.set_ready(true);
+                    if caches_ready.wait_for(|filled| *filled).await.is_err() {
+                        return Err(Error::CachesNotFilled);
+                    }
                     policy::reconcile(policy, ctx).await
                 }
             },
@@ -410,6 +421,7 @@ pub async fn run(
         }
     };
     ca_task.abort();
+    caches_task.abort();
     if let Some(task) = webhook_task {
         task.abort();
     }

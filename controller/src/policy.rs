@@ -16,7 +16,7 @@ use k8s_openapi::{
 };
 use kube::{
     Api, Client, Resource, ResourceExt,
-    api::{DeleteParams, Patch, PatchParams},
+    api::{DeleteParams, Patch, PatchParams, PostParams},
     core::SelectorExt,
     runtime::{
         controller::Action,
@@ -245,10 +245,32 @@ fn refused(
     }
 }
 
-async fn apply_secret(ctx: &Context, secret: &Secret) -> Result<Secret> {
+/// Writes a workload Secret. One that is not there yet is created: a create costs the API server
+/// much less than a server-side apply, and first issuance is the bulk of all writes (a policy
+/// covering many ServiceAccounts). One that exists (or turns out to) is server-side applied.
+async fn write_secret(ctx: &Context, secret: &Secret, exists: bool) -> Result<Secret> {
     let namespace = secret.metadata.namespace.clone().unwrap_or_default();
     let name = secret.metadata.name.clone().unwrap_or_default();
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
+    if !exists {
+        let params = PostParams {
+            field_manager: Some(FIELD_MANAGER.to_string()),
+            ..Default::default()
+        };
+        match api.create(&params, secret).await {
+            Ok(written) => {
+                ctx.remember_written(written.clone());
+                return Ok(written);
+            }
+            // Created meanwhile by someone else (or our cache lags): apply over it.
+            Err(kube::Error::Api(response)) if response.code == 409 => {}
+            Err(error) => {
+                return Err(Error::kube(format!("create Secret {namespace}/{name}"))(
+                    error,
+                ));
+            }
+        }
+    }
     let mut body =
         serde_json::to_value(secret).map_err(|e| Error::BuildCertificate(e.to_string()))?;
     body["apiVersion"] = json!("v1");
@@ -401,7 +423,7 @@ async fn reconcile_service_account(
             refreshed.metadata.annotations = existing
                 .as_ref()
                 .and_then(|s| s.metadata.annotations.clone());
-            if let Err(error) = apply_secret(ctx, &refreshed).await {
+            if let Err(error) = write_secret(ctx, &refreshed, true).await {
                 warn!(%error, namespace = %namespace, service_account = %name, "failed to refresh the trust bundle in a Secret");
                 return fail(
                     refused(&name, error.reason(), error.to_string(), Some(role.clone())),
@@ -461,7 +483,7 @@ async fn reconcile_service_account(
             };
             let secret =
                 workload_secret(&context, &issued.chain_pem, &issued.key_pem, &ca.bundle_pem);
-            if let Err(error) = apply_secret(ctx, &secret).await {
+            if let Err(error) = write_secret(ctx, &secret, existing.is_some()).await {
                 warn!(%error, namespace = %namespace, service_account = %name, "failed to write the certificate Secret");
                 ctx.metrics.certificate_failed(error.reason());
                 return fail(
