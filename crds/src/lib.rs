@@ -46,7 +46,7 @@ const NAME_PATTERN: &str = r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$";
     category = "rolemesh",
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Workloads","type":"integer","description":"ServiceAccounts covered","jsonPath":".status.coveredServiceAccounts"}"#,
-    printcolumn = r#"{"name":"Soonest Expiry","type":"date","description":"notAfter of the certificate that expires first","jsonPath":".status.soonestNotAfter"}"#,
+    printcolumn = r#"{"name":"Soonest Expiry","type":"string","description":"notAfter of the certificate that expires first","jsonPath":".status.soonestNotAfter"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -252,7 +252,7 @@ pub struct RotationRecord {
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Trust Domain","type":"string","jsonPath":".spec.trustDomain"}"#,
     printcolumn = r#"{"name":"Signer","type":"string","jsonPath":".spec.signer.type"}"#,
-    printcolumn = r#"{"name":"CA Expiry","type":"date","jsonPath":".status.caNotAfter"}"#,
+    printcolumn = r#"{"name":"CA Expiry","type":"string","jsonPath":".status.caNotAfter"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
