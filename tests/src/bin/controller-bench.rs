@@ -451,7 +451,11 @@ impl Bench {
         }
         command
             .env("POD_NAME", format!("bench-{namespace}"))
-            .env("RUST_LOG", "info")
+            // ROLEMESH_BENCH_LOG sets the controller's log filter (e.g. to trace a stall).
+            .env(
+                "RUST_LOG",
+                std::env::var("ROLEMESH_BENCH_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .args(["--namespace", namespace, "--watch-namespace", namespace])
             .args(["--authority", authority])
             .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
