@@ -4,14 +4,9 @@
 use std::net::SocketAddr;
 
 use anyhow::Context as _;
-use clap::{Parser, ValueEnum};
+use clap::Parser;
 use rolemesh_controller::{ControllerConfig, replica_identity, run};
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
-}
+use rolemesh_profile::logging::{LogFormat, init_logging};
 
 /// Issues and rotates rolemesh workload certificates for the ServiceAccounts MTLSPolicies cover.
 #[derive(Debug, Parser)]
@@ -71,19 +66,7 @@ async fn main() -> anyhow::Result<()> {
         .install_default()
         .map_err(|_| anyhow::anyhow!("a rustls crypto provider was already installed"))?;
     let args = Args::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    match args.log_format {
-        LogFormat::Json => tracing_subscriber::fmt()
-            .json()
-            .with_writer(std::io::stderr)
-            .with_env_filter(filter)
-            .init(),
-        LogFormat::Text => tracing_subscriber::fmt()
-            .with_writer(std::io::stderr)
-            .with_env_filter(filter)
-            .init(),
-    }
+    init_logging(args.log_format);
     let client = kube::Client::try_default()
         .await
         .context("failed to connect to the Kubernetes API (kubeconfig or in-cluster)")?;

@@ -9,6 +9,8 @@
 //! - [`proxy_config`]: the proxy's configuration file, written by the webhook, read by the proxy.
 
 pub mod inspect;
+#[cfg(feature = "logging")]
+pub mod logging;
 pub mod profile;
 pub mod proxy_config;
 pub mod spiffe;

@@ -3,14 +3,9 @@
 
 use std::{path::PathBuf, process::ExitCode};
 
-use clap::{Parser, ValueEnum};
+use clap::Parser;
+use rolemesh_profile::logging::{LogFormat, init_logging};
 use rolemesh_profile::proxy_config::CONFIG_ENV;
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum LogFormat {
-    Json,
-    Text,
-}
 
 /// rolemesh's mTLS sidecar.
 #[derive(Debug, Parser)]
@@ -36,15 +31,7 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let subscriber = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match args.log_format {
-        LogFormat::Json => subscriber.json().flatten_event(true).init(),
-        LogFormat::Text => subscriber.init(),
-    }
+    init_logging(args.log_format);
     if rustls::crypto::aws_lc_rs::default_provider()
         .install_default()
         .is_err()

@@ -7,7 +7,8 @@ use std::{
 };
 
 use anyhow::Context as _;
-use clap::{Parser, ValueEnum};
+use clap::Parser;
+use rolemesh_profile::logging::{LogFormat, init_logging};
 use rolemesh_webhook::{
     inject::InjectorConfig,
     lookup::Lookups,
@@ -15,12 +16,6 @@ use rolemesh_webhook::{
     server::{AppState, admission_router, follow_serving_secret, serve_admin, serve_tls},
     tls::{DEFAULT_SERVING_SECRET, ServingCertResolver},
 };
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
-}
 
 /// Injects the rolemesh mTLS proxy into opted-in pods.
 #[derive(Debug, Parser)]
@@ -65,19 +60,7 @@ async fn main() -> anyhow::Result<()> {
         .install_default()
         .map_err(|_| anyhow::anyhow!("a rustls crypto provider was already installed"))?;
     let args = Args::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    match args.log_format {
-        LogFormat::Json => tracing_subscriber::fmt()
-            .json()
-            .with_writer(std::io::stderr)
-            .with_env_filter(filter)
-            .init(),
-        LogFormat::Text => tracing_subscriber::fmt()
-            .with_writer(std::io::stderr)
-            .with_env_filter(filter)
-            .init(),
-    }
+    init_logging(args.log_format);
     let client = kube::Client::try_default()
         .await
         .context("failed to connect to the Kubernetes API")?;
