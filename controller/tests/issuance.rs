@@ -7,6 +7,7 @@ mod support;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Event, Secret, ServiceAccount};
 use kube::{
     Api,
@@ -716,6 +717,66 @@ async fn a_new_ca_reissues_and_the_bundle_keeps_the_old_one() -> Result<()> {
             );
             ensure!(field(&secret, "ca.crt") == bundle);
             openssl_verify(&secret, &bundle, "sslclient")?;
+            Ok(())
+        }
+        .await;
+        delete_authority(&ns, &authority).await;
+        result
+    })
+    .await
+}
+
+/// Policies that exist when the controller starts are all reconciled, although each reconcile
+/// first waits for the ServiceAccount cache, which fills last when there are many of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_policy_waiting_for_the_caches_is_reconciled() -> Result<()> {
+    init();
+    let env = cluster().await?;
+    install_crds(&env).await?;
+    in_namespace("issue-many", |ns| async move {
+        let authority = create_authority(&ns, local_authority_spec("many.test", "none")).await?;
+        let result = async {
+            const POLICIES: usize = 6;
+            const PER_POLICY: usize = 300;
+            let api: Api<ServiceAccount> = ns.api();
+            futures::stream::iter(0..POLICIES * PER_POLICY)
+                .map(|i| {
+                    let api = api.clone();
+                    async move {
+                        let sa: ServiceAccount = serde_json::from_value(json!({
+                            "metadata": {
+                                "name": format!("sa-{i}"),
+                                "labels": { "group": format!("g{}", i / PER_POLICY) },
+                                "annotations": { "eks.amazonaws.com/role-arn":
+                                    format!("arn:aws:iam::111122223333:role/r{i}") },
+                            },
+                        }))?;
+                        api.create(&Default::default(), &sa).await?;
+                        anyhow::Ok(())
+                    }
+                })
+                .buffer_unordered(32)
+                .try_collect::<Vec<()>>()
+                .await?;
+            for p in 0..POLICIES {
+                apply_policy(
+                    &ns,
+                    &format!("p{p}"),
+                    json!({ "serviceAccounts": { "selector": { "matchLabels": { "group": format!("g{p}") } } } }),
+                )
+                .await?;
+            }
+            let controller = ControllerProcess::start(&ns, &authority, "many", &[])?;
+            for p in 0..POLICIES {
+                let name = format!("p{p}");
+                eventually(&format!("MTLSPolicy {name} covering {PER_POLICY} ServiceAccounts"), Duration::from_secs(180), || async {
+                    let status = policy_status(&ns, &name).await?;
+                    let issued = status.workloads.iter().filter(|w| w.serial.is_some()).count();
+                    Ok((issued == PER_POLICY).then_some(()))
+                })
+                .await
+                .with_context(|| controller.log().lines().rev().take(5).collect::<Vec<_>>().join("\n"))?;
+            }
             Ok(())
         }
         .await;
