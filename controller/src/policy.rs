@@ -45,6 +45,9 @@ use crate::{
 };
 
 pub const FIELD_MANAGER: &str = "rolemesh-controller";
+/// Field manager of `status.lastRotation` alone. The main status write leaves that field out, so a
+/// reconcile that started from a cached policy older than a rotation cannot erase the record.
+const ROTATION_FIELD_MANAGER: &str = "rolemesh-controller-rotation";
 pub const TRUST_BUNDLE_CONFIGMAP: &str = "rolemesh-trust-bundle";
 pub const TRUST_BUNDLE_KEY: &str = "ca.crt";
 
@@ -644,10 +647,22 @@ fn ready_condition(
     )
 }
 
-async fn apply_status(ctx: &Context, policy: &MTLSPolicy, status: MTLSPolicyStatus) -> Result<()> {
+async fn apply_status(
+    ctx: &Context,
+    policy: &MTLSPolicy,
+    mut status: MTLSPolicyStatus,
+) -> Result<()> {
     let namespace = policy.namespace().unwrap_or_default();
     let name = policy.name_any();
-    if policy.status.as_ref() == Some(&status) {
+    // lastRotation has its own field manager (apply_last_rotation).
+    status.last_rotation = None;
+    let unchanged = policy.status.as_ref().is_some_and(|current| {
+        MTLSPolicyStatus {
+            last_rotation: None,
+            ..current.clone()
+        } == status
+    });
+    if unchanged {
         return Ok(());
     }
     let api: Api<MTLSPolicy> = Api::namespaced(ctx.client.clone(), &namespace);
@@ -664,6 +679,31 @@ async fn apply_status(ctx: &Context, policy: &MTLSPolicy, status: MTLSPolicyStat
     .await
     .map_err(Error::kube(format!(
         "write the status of MTLSPolicy {namespace}/{name}"
+    )))?;
+    Ok(())
+}
+
+async fn apply_last_rotation(
+    ctx: &Context,
+    policy: &MTLSPolicy,
+    record: RotationRecord,
+) -> Result<()> {
+    let namespace = policy.namespace().unwrap_or_default();
+    let name = policy.name_any();
+    let api: Api<MTLSPolicy> = Api::namespaced(ctx.client.clone(), &namespace);
+    let body = json!({
+        "apiVersion": MTLSPolicy::api_version(&()),
+        "kind": MTLSPolicy::kind(&()),
+        "status": { "lastRotation": record },
+    });
+    api.patch_status(
+        &name,
+        &PatchParams::apply(ROTATION_FIELD_MANAGER).force(),
+        &Patch::Apply(body),
+    )
+    .await
+    .map_err(Error::kube(format!(
+        "record the rotation in the status of MTLSPolicy {namespace}/{name}"
     )))?;
     Ok(())
 }
@@ -841,7 +881,7 @@ async fn reconcile_policy(policy: &MTLSPolicy, ctx: &Context) -> Result<Action> 
         )
         .await;
     }
-    let mut last_rotation = existing_status.last_rotation.clone();
+    let mut last_rotation = None;
     if !rotated.is_empty() {
         rotated.sort();
         let request = annotation(&policy.metadata, ROTATE_ANNOTATION)
@@ -918,9 +958,12 @@ async fn reconcile_policy(policy: &MTLSPolicy, ctx: &Context) -> Result<Action> 
         covered_service_accounts: i32::try_from(covered.len()).unwrap_or(i32::MAX),
         soonest_not_after: soonest,
         workloads,
-        last_rotation,
+        last_rotation: None,
     };
     apply_status(ctx, policy, status).await?;
+    if let Some(record) = last_rotation {
+        apply_last_rotation(ctx, policy, record).await?;
+    }
 
     if transient {
         return Ok(Action::requeue(Duration::from_secs(5)));

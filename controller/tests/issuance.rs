@@ -472,7 +472,8 @@ async fn a_controller_killed_mid_issuance_leaves_every_secret_whole() -> Result<
     in_namespace("issue-kill", |ns| async move {
         let authority = create_authority(&ns, local_authority_spec("kill.test", "none")).await?;
         let result = async {
-            const COUNT: usize = 40;
+            // Enough that one issuance at a time is still running when the first Secrets appear.
+            const COUNT: usize = 150;
             for i in 0..COUNT {
                 apply_service_account(&ns, &format!("sa-{i}"), Some(&format!("arn:aws:iam::111122223333:role/sa-{i}"))).await?;
             }
@@ -484,7 +485,7 @@ async fn a_controller_killed_mid_issuance_leaves_every_secret_whole() -> Result<
             // The selector above selects all; label them for a real selector instead.
             apply_policy(&ns, "p", json!({ "serviceAccounts": { "names": (0..COUNT).map(|i| format!("sa-{i}")).collect::<Vec<_>>() } })).await?;
             let secrets: Api<Secret> = ns.api();
-            let mut first = ControllerProcess::start(&ns, &authority, "replica-a", &["--issue-concurrency", "2"])?;
+            let mut first = ControllerProcess::start(&ns, &authority, "replica-a", &["--issue-concurrency", "1"])?;
             eventually("the first Secrets", WAIT, || async {
                 let n = secrets.list(&ListParams::default().labels("rolemesh.dev/policy=p")).await?.items.len();
                 Ok((n >= 3).then_some(()))
