@@ -652,8 +652,6 @@ async fn apply_status(
     policy: &MTLSPolicy,
     mut status: MTLSPolicyStatus,
 ) -> Result<()> {
-    let namespace = policy.namespace().unwrap_or_default();
-    let name = policy.name_any();
     // lastRotation has its own field manager (apply_last_rotation).
     status.last_rotation = None;
     let unchanged = policy.status.as_ref().is_some_and(|current| {
@@ -665,22 +663,14 @@ async fn apply_status(
     if unchanged {
         return Ok(());
     }
-    let api: Api<MTLSPolicy> = Api::namespaced(ctx.client.clone(), &namespace);
-    let body = json!({
-        "apiVersion": MTLSPolicy::api_version(&()),
-        "kind": MTLSPolicy::kind(&()),
-        "status": status,
-    });
-    api.patch_status(
-        &name,
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(body),
+    apply_status_fields(
+        ctx,
+        policy,
+        FIELD_MANAGER,
+        json!(status),
+        "write the status",
     )
     .await
-    .map_err(Error::kube(format!(
-        "write the status of MTLSPolicy {namespace}/{name}"
-    )))?;
-    Ok(())
 }
 
 async fn apply_last_rotation(
@@ -688,22 +678,40 @@ async fn apply_last_rotation(
     policy: &MTLSPolicy,
     record: RotationRecord,
 ) -> Result<()> {
+    apply_status_fields(
+        ctx,
+        policy,
+        ROTATION_FIELD_MANAGER,
+        json!({ "lastRotation": record }),
+        "record the rotation in the status",
+    )
+    .await
+}
+
+/// Server-side applies `fields` of the policy's status as `manager`.
+async fn apply_status_fields(
+    ctx: &Context,
+    policy: &MTLSPolicy,
+    manager: &str,
+    fields: serde_json::Value,
+    action: &str,
+) -> Result<()> {
     let namespace = policy.namespace().unwrap_or_default();
     let name = policy.name_any();
     let api: Api<MTLSPolicy> = Api::namespaced(ctx.client.clone(), &namespace);
     let body = json!({
         "apiVersion": MTLSPolicy::api_version(&()),
         "kind": MTLSPolicy::kind(&()),
-        "status": { "lastRotation": record },
+        "status": fields,
     });
     api.patch_status(
         &name,
-        &PatchParams::apply(ROTATION_FIELD_MANAGER).force(),
+        &PatchParams::apply(manager).force(),
         &Patch::Apply(body),
     )
     .await
     .map_err(Error::kube(format!(
-        "record the rotation in the status of MTLSPolicy {namespace}/{name}"
+        "{action} of MTLSPolicy {namespace}/{name}"
     )))?;
     Ok(())
 }
