@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Webhook benchmark (issue 4): ~10 KiB Pod AdmissionReviews from 64 concurrent TLS clients for 30 s
 # per phase against one rolemesh-webhook process pinned to CPU 0, the load generator on CPU 1.
-# Phase 1 keeps connections alive, phase 2 opens a new TLS connection per review. The webhook
-# serves policy lookups from its caches of the local control plane (started here if needed).
-# Prints p50, p99, reviews/s, errors and the ratio of each to its target.
-# Knobs: BENCH_DURATION (s, default 30), BENCH_CONCURRENCY (default 64), WEBHOOK_CPU (0), CLIENT_CPU (1).
+# Four phases: keep-alive connections with the clients offering BENCH_RATE reviews/s together
+# (latency targets), keep-alive closed loop (capacity), a new TLS connection with a full handshake
+# per review at BENCH_NEW_CONNECTION_RATE reviews/s (p99 target), and new connections closed loop.
+# The webhook serves policy lookups from its caches of the local control plane (started here if
+# needed). Prints p50, p99, reviews/s, errors, CPU use and the ratio of each figure to its target.
+# Knobs: BENCH_DURATION (s, default 30), BENCH_CONCURRENCY (default 64), BENCH_RATE (2000),
+# BENCH_NEW_CONNECTION_RATE (1000), WEBHOOK_CPU (0), CLIENT_CPU (1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,4 +32,6 @@ exec taskset -c "$client_cpu" target/release/rolemesh-webhook-bench \
   --webhook-bin target/release/rolemesh-webhook \
   --webhook-cpu "$webhook_cpu" \
   --duration "${BENCH_DURATION:-30}" \
-  --concurrency "${BENCH_CONCURRENCY:-64}"
+  --concurrency "${BENCH_CONCURRENCY:-64}" \
+  --rate "${BENCH_RATE:-2000}" \
+  --new-connection-rate "${BENCH_NEW_CONNECTION_RATE:-1000}"
