@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Proxy benchmark (issue 5): the same echo workload direct, through one and two rolemesh hops and
 # through stunnel4 in the two-hop shape, all in one run; prints figures and ratios to targets.
-# Knobs: BENCH_SECONDS (bulk and handshake phases, default 3), BENCH_LATENCY_SECONDS (default 5).
+# Paths alternate within each of BENCH_ROUNDS rounds (default 3); figures are medians over rounds.
+# Knobs: BENCH_SECONDS (bulk and handshake phases, default 3), BENCH_LATENCY_SECONDS (default 4),
+# BENCH_ROUNDS (default 3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -45,6 +45,14 @@ enum Cmd {
         #[arg(long)]
         port: u16,
     },
+    /// Plain TCP relay 127.0.0.1:LISTEN -> 127.0.0.1:CONNECT on one thread, no TLS: two of them
+    /// in a chain are the floor any two-hop userspace proxy pays on this machine.
+    Relay {
+        #[arg(long)]
+        listen: u16,
+        #[arg(long)]
+        connect: u16,
+    },
     /// The whole benchmark.
     Run {
         #[arg(
@@ -59,8 +67,11 @@ enum Cmd {
         #[arg(long, env = "BENCH_SECONDS", default_value_t = 3)]
         seconds: u64,
         /// Seconds per latency measurement.
-        #[arg(long, env = "BENCH_LATENCY_SECONDS", default_value_t = 5)]
+        #[arg(long, env = "BENCH_LATENCY_SECONDS", default_value_t = 4)]
         latency_seconds: u64,
+        /// Rounds over all paths; figures are medians over rounds.
+        #[arg(long, env = "BENCH_ROUNDS", default_value_t = 3)]
+        rounds: usize,
     },
 }
 
@@ -77,16 +88,21 @@ fn main() -> anyhow::Result<()> {
             .enable_all()
             .build()?
             .block_on(echo(port)),
+        Cmd::Relay { listen, connect } => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(relay(listen, connect)),
         Cmd::Run {
             proxy,
             stunnel,
             seconds,
             latency_seconds,
+            rounds,
         } => tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()?
-            .block_on(run(proxy, stunnel, seconds, latency_seconds)),
+            .block_on(run(proxy, stunnel, seconds, latency_seconds, rounds.max(1))),
     }
 }
 
@@ -98,6 +114,28 @@ async fn echo(port: u16) -> anyhow::Result<()> {
             let _ = stream.set_nodelay(true);
             let (mut r, mut w) = stream.split();
             let _ = tokio::io::copy(&mut r, &mut w).await;
+        });
+    }
+}
+
+async fn relay(listen: u16, connect: u16) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(("127.0.0.1", listen)).await?;
+    loop {
+        let (mut downstream, _) = listener.accept().await?;
+        tokio::spawn(async move {
+            let Ok(mut upstream) = TcpStream::connect(("127.0.0.1", connect)).await else {
+                return;
+            };
+            let _ = downstream.set_nodelay(true);
+            let _ = upstream.set_nodelay(true);
+            // The proxy's splice buffer size, so the floor is like for like.
+            let _ = tokio::io::copy_bidirectional_with_sizes(
+                &mut downstream,
+                &mut upstream,
+                16 * 1024,
+                16 * 1024,
+            )
+            .await;
         });
     }
 }
@@ -122,6 +160,15 @@ impl Guard {
                     .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
             })
             .unwrap_or(0)
+    }
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    match values.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => values[n / 2],
+        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
     }
 }
 
@@ -369,6 +416,7 @@ async fn run(
     stunnel: PathBuf,
     seconds: u64,
     latency_seconds: u64,
+    rounds: usize,
 ) -> anyhow::Result<()> {
     let dir = std::env::temp_dir().join(format!("rolemesh-proxy-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -382,6 +430,17 @@ async fn run(
             .args(["echo", "--port", &echo_port.to_string()])
             .spawn()?,
     );
+    let (relay_outer, relay_inner) = (free_port()?, free_port()?);
+    let relay = |listen: u16, connect: u16| -> anyhow::Result<Guard> {
+        Ok(Guard(
+            Command::new(std::env::current_exe()?)
+                .args(["relay", "--listen", &listen.to_string()])
+                .args(["--connect", &connect.to_string()])
+                .spawn()?,
+        ))
+    };
+    let _relay_inner = relay(relay_inner, echo_port)?;
+    let _relay_outer = relay(relay_outer, relay_inner)?;
     let (server_port, server_admin, client_port, client_admin) =
         (free_port()?, free_port()?, free_port()?, free_port()?);
     let server = start_proxy(
@@ -436,6 +495,8 @@ async fn run(
     )?;
     for port in [
         echo_port,
+        relay_inner,
+        relay_outer,
         server_port,
         client_port,
         st_server_port,
@@ -463,6 +524,10 @@ async fn run(
         port: st_client_port,
         tls: None,
     };
+    let relay_two_hop = Target {
+        port: relay_outer,
+        tls: None,
+    };
     let stunnel_server = Target {
         port: st_server_port,
         tls: Some(mtls.clone()),
@@ -473,6 +538,7 @@ async fn run(
         ("one hop", &one_hop),
         ("two hops", &two_hop),
         ("stunnel", &stunnel_two_hop),
+        ("plain relays", &relay_two_hop),
     ] {
         let mut s = target
             .connect()
@@ -485,16 +551,27 @@ async fn run(
             .with_context(|| format!("{name}: no echo (see logs in {})", dir.display()))??;
     }
 
-    eprintln!("bulk throughput ({seconds} s each)...");
-    let bulk_direct = bulk(&direct, seconds).await?;
-    let bulk_one = bulk(&one_hop, seconds).await?;
-    let bulk_two = bulk(&two_hop, seconds).await?;
-    let bulk_stunnel = bulk(&stunnel_two_hop, seconds).await?;
+    // Paths alternate within each round and every figure is the median over rounds, so a burst of
+    // noise on this shared machine lands on one sample of every path, not on all of one.
+    let paths = [
+        &direct,
+        &one_hop,
+        &two_hop,
+        &stunnel_two_hop,
+        &relay_two_hop,
+    ];
+    eprintln!("bulk throughput, {rounds} rounds of {seconds} s per path...");
+    let mut bulk_runs: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
+    for _ in 0..rounds {
+        for (runs, target) in bulk_runs.iter_mut().zip(paths) {
+            runs.push(bulk(target, seconds).await?);
+        }
+    }
 
-    eprintln!("latency, 1 KiB at 1,000 req/s over 16 connections ({latency_seconds} s each)...");
-    let lat_direct = latency(&direct, 16, 1000, latency_seconds).await?;
-    let lat_one = latency(&one_hop, 16, 1000, latency_seconds).await?;
-    // RSS under load: sampled while the two-hop latency run is in flight.
+    eprintln!(
+        "latency, 1 KiB at 1,000 req/s over 16 connections, {rounds} rounds of {latency_seconds} s per path..."
+    );
+    // RSS under load: the most either sidecar reaches during the latency runs.
     let sampler = {
         let stop = Arc::new(AtomicBool::new(false));
         let pids = [server.0.id(), client.0.id()];
@@ -519,24 +596,74 @@ async fn run(
         });
         (stop, handle)
     };
-    let lat_two = latency(&two_hop, 16, 1000, latency_seconds).await?;
+    let mut latency_runs: Vec<Vec<(f64, f64, u64)>> = vec![Vec::new(); paths.len()];
+    for _ in 0..rounds {
+        for (runs, target) in latency_runs.iter_mut().zip(paths) {
+            runs.push(latency(target, 16, 1000, latency_seconds).await?);
+        }
+    }
     sampler.0.store(true, Ordering::Relaxed);
     let load_rss = sampler.1.await?;
-    let lat_stunnel = latency(&stunnel_two_hop, 16, 1000, latency_seconds).await?;
 
-    eprintln!("new mTLS handshakes/s ({seconds} s each, 8 clients, no resumption)...");
-    let hs_rolemesh = handshakes(&one_hop, 8, seconds).await?;
-    let hs_stunnel = handshakes(&stunnel_server, 8, seconds).await?;
+    eprintln!("new mTLS handshakes/s, {rounds} rounds of {seconds} s per server, 8 clients, no resumption...");
+    let (mut hs_rolemesh_runs, mut hs_stunnel_runs) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        hs_rolemesh_runs.push(handshakes(&one_hop, 8, seconds).await?);
+        hs_stunnel_runs.push(handshakes(&stunnel_server, 8, seconds).await?);
+    }
+    let hs_rolemesh = median(hs_rolemesh_runs.clone());
+    let hs_stunnel = median(hs_stunnel_runs.clone());
+    let hs_ratio = median(
+        hs_rolemesh_runs
+            .iter()
+            .zip(&hs_stunnel_runs)
+            .map(|(r, s)| r / s)
+            .collect(),
+    );
 
-    let added = |l: (f64, f64, u64)| (l.0 - lat_direct.0, l.1 - lat_direct.1);
-    let (two_p50, two_p99) = added(lat_two);
-    let (one_p50, one_p99) = added(lat_one);
-    let (st_p50, st_p99) = added(lat_stunnel);
+    let [bulk_direct, bulk_one, bulk_two, bulk_stunnel, bulk_relay] =
+        [0, 1, 2, 3, 4].map(|i| median(bulk_runs[i].clone()));
+    // Ratios and added latencies are taken within a round (against that round's direct run),
+    // then the median over rounds.
+    let bulk_ratio = |i: usize| {
+        median(
+            bulk_runs[i]
+                .iter()
+                .zip(&bulk_runs[0])
+                .map(|(path, direct)| path / direct)
+                .collect(),
+        )
+    };
+    let added = |i: usize| {
+        let pairs = latency_runs[i].iter().zip(&latency_runs[0]);
+        (
+            median(pairs.clone().map(|(l, d)| l.0 - d.0).collect()),
+            median(pairs.map(|(l, d)| l.1 - d.1).collect()),
+        )
+    };
+    let medians = |i: usize| {
+        (
+            median(latency_runs[i].iter().map(|l| l.0).collect()),
+            median(latency_runs[i].iter().map(|l| l.1).collect()),
+        )
+    };
+    let [lat_direct, lat_one, lat_two, lat_stunnel, lat_relay] = [0, 1, 2, 3, 4].map(medians);
+    let (one_p50, one_p99) = added(1);
+    let (two_p50, two_p99) = added(2);
+    let (st_p50, st_p99) = added(3);
+    let (relay_p50, relay_p99) = added(4);
+    let floor_gap = median(
+        latency_runs[2]
+            .iter()
+            .zip(&latency_runs[4])
+            .map(|(two, relay)| two.0 - relay.0)
+            .collect(),
+    );
     let mib = |kib: u64| kib as f64 / 1024.0;
 
     println!();
     println!(
-        "rolemesh-proxy benchmark (one run; {} CPUs shared by load generator, echo server and proxies)",
+        "rolemesh-proxy benchmark (one run, medians of {rounds} rounds; {} CPUs shared by load generator, echo server and proxies)",
         std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1)
@@ -555,8 +682,10 @@ async fn run(
             lat_two,
         ),
         ("stunnel4, two hops", bulk_stunnel, lat_stunnel),
+        ("plain TCP relays, two hops (no TLS: the floor)", bulk_relay, lat_relay),
     ] {
-        println!("{name:<54} {mbps:>12.0} {:>5.3}/{:<6.3}", lat.0, lat.1);
+        let (p50, p99): (f64, f64) = lat;
+        println!("{name:<54} {mbps:>12.0} {p50:>5.3}/{p99:<6.3}");
     }
     println!();
     println!(
@@ -566,7 +695,7 @@ async fn run(
     let row = |name: &str, value: String, target: &str, ratio: &str| {
         println!("{name:<58} {value:>12} {target:>10} {ratio:>8}");
     };
-    let ratio = bulk_two / bulk_direct;
+    let ratio = bulk_ratio(2);
     row(
         "bulk throughput two-hop / direct",
         format!("{ratio:.2}"),
@@ -575,7 +704,7 @@ async fn run(
     );
     row(
         "bulk throughput stunnel two-hop / direct",
-        format!("{:.2}", bulk_stunnel / bulk_direct),
+        format!("{:.2}", bulk_ratio(3)),
         "-",
         "-",
     );
@@ -604,6 +733,24 @@ async fn run(
         "-",
     );
     row(
+        "added latency p50/p99, plain relays two hops (ms)",
+        format!("{relay_p50:.3}/{relay_p99:.3}"),
+        "-",
+        "-",
+    );
+    row(
+        "bulk throughput plain relays two-hop / direct",
+        format!("{:.2}", bulk_ratio(4)),
+        "-",
+        "-",
+    );
+    row(
+        "rolemesh's own p50 latency over the floor, two hops (ms)",
+        format!("{floor_gap:.3}"),
+        "-",
+        "-",
+    );
+    row(
         "new mTLS handshakes/s, rolemesh server sidecar",
         format!("{hs_rolemesh:.0}"),
         "-",
@@ -617,9 +764,9 @@ async fn run(
     );
     row(
         "handshakes/s rolemesh / stunnel4",
-        format!("{:.2}", hs_rolemesh / hs_stunnel),
+        format!("{hs_ratio:.2}"),
         ">= 1.5",
-        &format!("{:.2}", hs_rolemesh / hs_stunnel / 1.5),
+        &format!("{:.2}", hs_ratio / 1.5),
     );
     row(
         "proxy RSS idle (MiB, max of both sidecars)",
@@ -634,7 +781,10 @@ async fn run(
         &format!("{:.2}", mib(load_rss) / 15.0),
     );
     println!("(ratio: measured / target; <= 1 meets a maximum, >= 1 meets a minimum)");
-    println!("requests measured per latency run: {}", lat_two.2);
+    println!(
+        "requests measured per latency run: {}; every figure is the median of {rounds} rounds",
+        latency_runs[2].first().map_or(0, |l| l.2)
+    );
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
