@@ -15,14 +15,10 @@ use kube::{
 };
 use rolemesh_crds::MTLSPolicy;
 use rolemesh_profile::{ROLE_ARN_OID_DOTTED, inspect::certificates_from_pem};
-use rolemesh_tests::{cluster, eventually, in_namespace, install_crds};
+use rolemesh_tests::eventually;
 use serde_json::json;
 use support::*;
 use time::OffsetDateTime;
-
-fn init() {
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-}
 
 /// Every field of the certificate profile, for a Secret the controller wrote.
 fn assert_profile(
@@ -110,12 +106,10 @@ fn assert_profile(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn local_signer_issues_verified_certificates_and_restores_them() -> Result<()> {
-    init();
-    let env = cluster().await?;
-    install_crds(&env).await?;
-    in_namespace("issue-local", |ns| async move {
-        let authority = create_authority(&ns, local_authority_spec("mesh.test", "sts")).await?;
-        let result = async {
+    in_namespace_with_authority(
+        "issue-local",
+        local_authority_spec("mesh.test", "sts"),
+        |ns, authority| async move {
             let role = ns
                 .env
                 .create_irsa_role(&unique("payments"), &ns.name, "payments")
@@ -264,22 +258,17 @@ async fn local_signer_issues_verified_certificates_and_restores_them() -> Result
             );
             drop(controller);
             Ok(())
-        }
-        .await;
-        delete_authority(&ns, &authority).await;
-        result
-    })
+        },
+    )
     .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refusals_end_in_status_reasons_and_no_certificate() -> Result<()> {
-    init();
-    let env = cluster().await?;
-    install_crds(&env).await?;
-    in_namespace("issue-refuse", |ns| async move {
-        let authority = create_authority(&ns, local_authority_spec("mesh.test", "sts")).await?;
-        let result = async {
+    in_namespace_with_authority(
+        "issue-refuse",
+        local_authority_spec("mesh.test", "sts"),
+        |ns, authority| async move {
             // A role whose trust policy trusts another ServiceAccount: STS refuses.
             let foreign = ns.env.create_irsa_role(&unique("foreign"), &ns.name, "someone-else").await?;
             apply_service_account(&ns, "untrusted", Some(&foreign)).await?;
@@ -331,11 +320,8 @@ async fn refusals_end_in_status_reasons_and_no_certificate() -> Result<()> {
             })
             .await?;
             Ok(())
-        }
-        .await;
-        delete_authority(&ns, &authority).await;
-        result
-    })
+        },
+    )
     .await
 }
 
@@ -357,108 +343,95 @@ async fn create_kms_key(env: &rolemesh_tests::ClusterEnv) -> Result<(String, Str
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kms_signer_issues_and_recovers_from_an_outage_without_touching_secrets() -> Result<()> {
-    init();
-    let env = cluster().await?;
-    install_crds(&env).await?;
+    let env = control_plane().await?;
     let (key_arn, _key_id) = create_kms_key(&env).await?;
     let kms = aws_sdk_kms::Client::new(&env.aws_config().await);
-    in_namespace("issue-kms", |ns| async move {
-        let authority = create_authority(
+    let spec = json!({
+        "trustDomain": "kms.test",
+        "signer": { "type": "kms", "kms": { "keyId": key_arn, "region": "us-east-1" } },
+    });
+    in_namespace_with_authority("issue-kms", spec, |ns, authority| async move {
+        let role = ns
+            .env
+            .create_irsa_role(&unique("orders"), &ns.name, "orders")
+            .await?;
+        apply_service_account(&ns, "orders", Some(&role)).await?;
+        apply_policy(
             &ns,
-            json!({
-                "trustDomain": "kms.test",
-                "signer": { "type": "kms", "kms": { "keyId": key_arn, "region": "us-east-1" } },
-            }),
+            "p",
+            json!({ "serviceAccounts": { "names": ["orders"] } }),
         )
         .await?;
-        let result = async {
-            let role = ns
-                .env
-                .create_irsa_role(&unique("orders"), &ns.name, "orders")
-                .await?;
-            apply_service_account(&ns, "orders", Some(&role)).await?;
-            apply_policy(
-                &ns,
-                "p",
-                json!({ "serviceAccounts": { "names": ["orders"] } }),
-            )
+        // KMS (only KMS: STS stays reachable) goes through a forwarder that can fail.
+        let kms_endpoint = FaultyEndpoint::start(ns.env.aws_endpoint()).await?;
+        let controller = ControllerProcess::start_with_env(
+            &ns,
+            &authority,
+            "replica-a",
+            &[],
+            &[("AWS_ENDPOINT_URL_KMS", &kms_endpoint.url)],
+        )?;
+        let (secret, info) = wait_for_secret(&ns, "orders-rolemesh-tls", None).await?;
+        assert_profile(&secret, &ns.name, "orders", &role, "kms.test")?;
+        let bundle = trust_bundle(&ns).await?;
+        openssl_verify(&secret, &bundle, "sslclient")?;
+        openssl_verify(&secret, &bundle, "sslserver")?;
+        // The CA's public key is the KMS key's: the private key never left KMS.
+        let public = kms
+            .get_public_key()
+            .key_id(&key_arn)
+            .send()
+            .await
+            .map_err(|e| anyhow::anyhow!(aws_sdk_kms::error::DisplayErrorContext(e).to_string()))?;
+        let ca = certificates_from_pem(&bundle)?;
+        let ca_info = rolemesh_profile::inspect_certificate(&ca[0])?;
+        ensure!(
+            Some(ca_info.public_key_der.as_slice()) == public.public_key().map(|b| b.as_ref()),
+            "CA key is the KMS key"
+        );
+        // One Sign call for the CA, one per leaf.
+        let calls = controller
+            .metric("rolemesh_signer_sign_calls_total{signer=\"kms\"}")
             .await?;
-            // KMS (only KMS: STS stays reachable) goes through a forwarder that can fail.
-            let kms_endpoint = FaultyEndpoint::start(ns.env.aws_endpoint()).await?;
-            let controller = ControllerProcess::start_with_env(
-                &ns,
-                &authority,
-                "replica-a",
-                &[],
-                &[("AWS_ENDPOINT_URL_KMS", &kms_endpoint.url)],
-            )?;
-            let (secret, info) = wait_for_secret(&ns, "orders-rolemesh-tls", None).await?;
-            assert_profile(&secret, &ns.name, "orders", &role, "kms.test")?;
-            let bundle = trust_bundle(&ns).await?;
-            openssl_verify(&secret, &bundle, "sslclient")?;
-            openssl_verify(&secret, &bundle, "sslserver")?;
-            // The CA's public key is the KMS key's: the private key never left KMS.
-            let public = kms
-                .get_public_key()
-                .key_id(&key_arn)
-                .send()
-                .await
-                .map_err(|e| {
-                    anyhow::anyhow!(aws_sdk_kms::error::DisplayErrorContext(e).to_string())
-                })?;
-            let ca = certificates_from_pem(&bundle)?;
-            let ca_info = rolemesh_profile::inspect_certificate(&ca[0])?;
-            ensure!(
-                Some(ca_info.public_key_der.as_slice()) == public.public_key().map(|b| b.as_ref()),
-                "CA key is the KMS key"
-            );
-            // One Sign call for the CA, one per leaf.
-            let calls = controller
-                .metric("rolemesh_signer_sign_calls_total{signer=\"kms\"}")
-                .await?;
-            ensure!(
-                calls == 2.0,
-                "expected 2 KMS Sign calls (CA + one leaf), saw {calls}"
-            );
+        ensure!(
+            calls == 2.0,
+            "expected 2 KMS Sign calls (CA + one leaf), saw {calls}"
+        );
 
-            // KMS throttles every call while a rotation is requested: the Secret stays as it
-            // is and valid, status says why.
-            kms_endpoint.set_throttling(true);
-            let policies: Api<MTLSPolicy> = ns.api();
-            annotate(&policies, "p", "rolemesh.dev/rotate", "during-outage").await?;
-            let failing =
-                wait_for_workload(&ns, "p", "orders", |w| w.reason == "SignerThrottled").await?;
-            ensure!(
-                failing
-                    .message
-                    .unwrap_or_default()
-                    .contains("left as it is")
-            );
-            let secrets: Api<Secret> = ns.api();
-            let untouched = secrets.get("orders-rolemesh-tls").await?;
-            ensure!(
-                leaf_of(&untouched)?.serial_hex == info.serial_hex,
-                "the existing Secret must be untouched"
-            );
-            openssl_verify(&untouched, &bundle, "sslclient")?;
-            ensure!(
-                controller
-                    .metric("rolemesh_signer_sign_errors_total{signer=\"kms\",class=\"throttled\"}")
-                    .await?
-                    >= 1.0
-            );
+        // KMS throttles every call while a rotation is requested: the Secret stays as it
+        // is and valid, status says why.
+        kms_endpoint.set_throttling(true);
+        let policies: Api<MTLSPolicy> = ns.api();
+        annotate(&policies, "p", "rolemesh.dev/rotate", "during-outage").await?;
+        let failing =
+            wait_for_workload(&ns, "p", "orders", |w| w.reason == "SignerThrottled").await?;
+        ensure!(
+            failing
+                .message
+                .unwrap_or_default()
+                .contains("left as it is")
+        );
+        let secrets: Api<Secret> = ns.api();
+        let untouched = secrets.get("orders-rolemesh-tls").await?;
+        ensure!(
+            leaf_of(&untouched)?.serial_hex == info.serial_hex,
+            "the existing Secret must be untouched"
+        );
+        openssl_verify(&untouched, &bundle, "sslclient")?;
+        ensure!(
+            controller
+                .metric("rolemesh_signer_sign_errors_total{signer=\"kms\",class=\"throttled\"}")
+                .await?
+                >= 1.0
+        );
 
-            // KMS is back: issuance resumes by itself.
-            kms_endpoint.set_throttling(false);
-            let (rotated, _) =
-                wait_for_secret(&ns, "orders-rolemesh-tls", Some(&info.serial_hex)).await?;
-            openssl_verify(&rotated, &bundle, "sslclient")?;
-            wait_for_workload(&ns, "p", "orders", |w| w.reason == "Issued").await?;
-            Ok(())
-        }
-        .await;
-        delete_authority(&ns, &authority).await;
-        result
+        // KMS is back: issuance resumes by itself.
+        kms_endpoint.set_throttling(false);
+        let (rotated, _) =
+            wait_for_secret(&ns, "orders-rolemesh-tls", Some(&info.serial_hex)).await?;
+        openssl_verify(&rotated, &bundle, "sslclient")?;
+        wait_for_workload(&ns, "p", "orders", |w| w.reason == "Issued").await?;
+        Ok(())
     })
     .await
 }
@@ -466,12 +439,10 @@ async fn kms_signer_issues_and_recovers_from_an_outage_without_touching_secrets(
 /// Whole Secrets and no second issuance for one need, across a kill -9 in the middle of issuing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_controller_killed_mid_issuance_leaves_every_secret_whole() -> Result<()> {
-    init();
-    let env = cluster().await?;
-    install_crds(&env).await?;
-    in_namespace("issue-kill", |ns| async move {
-        let authority = create_authority(&ns, local_authority_spec("kill.test", "none")).await?;
-        let result = async {
+    in_namespace_with_authority(
+        "issue-kill",
+        local_authority_spec("kill.test", "none"),
+        |ns, authority| async move {
             // Enough that one issuance at a time is still running when the first Secrets appear.
             const COUNT: usize = 150;
             for i in 0..COUNT {
@@ -517,22 +488,17 @@ async fn a_controller_killed_mid_issuance_leaves_every_secret_whole() -> Result<
             let issued = second.metric("rolemesh_certificates_issued_total{reason=\"new\"}").await?;
             ensure!(issued as usize == COUNT - before.len(), "the restarted controller issued {issued}, expected {}", COUNT - before.len());
             Ok(())
-        }
-        .await;
-        delete_authority(&ns, &authority).await;
-        result
-    })
+        },
+    )
     .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_two_replicas_only_the_leader_writes() -> Result<()> {
-    init();
-    let env = cluster().await?;
-    install_crds(&env).await?;
-    in_namespace("issue-leader", |ns| async move {
-        let authority = create_authority(&ns, local_authority_spec("leader.test", "none")).await?;
-        let result = async {
+    in_namespace_with_authority(
+        "issue-leader",
+        local_authority_spec("leader.test", "none"),
+        |ns, authority| async move {
             apply_service_account(&ns, "a", Some("arn:aws:iam::111122223333:role/a")).await?;
             apply_policy(
                 &ns,
@@ -578,11 +544,8 @@ async fn with_two_replicas_only_the_leader_writes() -> Result<()> {
                 "replica-2 took over"
             );
             Ok(())
-        }
-        .await;
-        delete_authority(&ns, &authority).await;
-        result
-    })
+        },
+    )
     .await
 }
 
@@ -590,13 +553,29 @@ async fn with_two_replicas_only_the_leader_writes() -> Result<()> {
 /// `tls.crt` carries the chain, the trust bundle holds the root.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_user_supplied_intermediate_ca_signs_with_its_chain() -> Result<()> {
-    init();
-    let env = cluster().await?;
-    install_crds(&env).await?;
-    in_namespace("issue-userca", |ns| async move {
-        use rolemesh_profile::profile::{DEFAULT_CA_DURATION, ca_params};
-        // The signer's key (local signer, in the Secret the controller would otherwise create).
-        let ca_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    use rolemesh_profile::profile::{DEFAULT_CA_DURATION, ca_params};
+    // The signer's key (local signer, in the Secret the controller would otherwise create).
+    let ca_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    // The offline root, and the intermediate it signs for the signer's key.
+    let now = OffsetDateTime::now_utc();
+    let root_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let mut root_params = ca_params("user.test", DEFAULT_CA_DURATION * 2, now);
+    root_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    root_params.distinguished_name = rcgen::DistinguishedName::new();
+    root_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "offline root");
+    let root = root_params.self_signed(&root_key)?;
+    let root_issuer = rcgen::Issuer::from_params(&root_params, &root_key);
+    let intermediate =
+        ca_params("user.test", DEFAULT_CA_DURATION, now).signed_by(&ca_key, &root_issuer)?;
+    let spec = json!({
+        "trustDomain": "user.test",
+        "signer": { "type": "local", "local": { "secretName": "rolemesh-ca-key" } },
+        "identityVerification": "none",
+        "ca": { "certificate": intermediate.pem(), "chain": root.pem() },
+    });
+    in_namespace_with_authority("issue-userca", spec, |ns, authority| async move {
         let secrets: Api<Secret> = ns.api();
         secrets
             .create(
@@ -608,65 +587,36 @@ async fn a_user_supplied_intermediate_ca_signs_with_its_chain() -> Result<()> {
                 }))?,
             )
             .await?;
-        // The offline root, and the intermediate it signs for the signer's key.
-        let now = OffsetDateTime::now_utc();
-        let root_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-        let mut root_params = ca_params("user.test", DEFAULT_CA_DURATION * 2, now);
-        root_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        root_params.distinguished_name = rcgen::DistinguishedName::new();
-        root_params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "offline root");
-        let root = root_params.self_signed(&root_key)?;
-        let root_issuer = rcgen::Issuer::from_params(&root_params, &root_key);
-        let intermediate =
-            ca_params("user.test", DEFAULT_CA_DURATION, now).signed_by(&ca_key, &root_issuer)?;
-        let authority = create_authority(
-            &ns,
-            json!({
-                "trustDomain": "user.test",
-                "signer": { "type": "local", "local": { "secretName": "rolemesh-ca-key" } },
-                "identityVerification": "none",
-                "ca": { "certificate": intermediate.pem(), "chain": root.pem() },
-            }),
-        )
-        .await?;
-        let result = async {
-            apply_service_account(&ns, "api", Some("arn:aws:iam::111122223333:role/api")).await?;
-            apply_policy(&ns, "p", json!({ "serviceAccounts": { "names": ["api"] } })).await?;
-            let _controller = ControllerProcess::start(&ns, &authority, "replica-a", &[])?;
-            let (secret, _) = wait_for_secret(&ns, "api-rolemesh-tls", None).await?;
-            let chain = certificates_from_pem(&field(&secret, "tls.crt"))?;
-            ensure!(
-                chain.len() == 3,
-                "leaf + intermediate + root, got {}",
-                chain.len()
-            );
-            ensure!(
-                chain[1] == intermediate.der().to_vec(),
-                "the intermediate follows the leaf"
-            );
-            let bundle = trust_bundle(&ns).await?;
-            ensure!(
-                certificates_from_pem(&bundle)? == vec![root.der().to_vec()],
-                "the bundle holds the root only"
-            );
-            openssl_verify(&secret, &bundle, "sslclient")?;
-            openssl_verify(&secret, &bundle, "sslserver")?;
-            let status =
-                wait_for_workload(&ns, "p", "api", |w| w.reason == "IssuedUnverified").await?;
-            ensure!(
-                !status.verified
-                    && status
-                        .message
-                        .unwrap_or_default()
-                        .contains("identityVerification: none")
-            );
-            Ok(())
-        }
-        .await;
-        delete_authority(&ns, &authority).await;
-        result
+        apply_service_account(&ns, "api", Some("arn:aws:iam::111122223333:role/api")).await?;
+        apply_policy(&ns, "p", json!({ "serviceAccounts": { "names": ["api"] } })).await?;
+        let _controller = ControllerProcess::start(&ns, &authority, "replica-a", &[])?;
+        let (secret, _) = wait_for_secret(&ns, "api-rolemesh-tls", None).await?;
+        let chain = certificates_from_pem(&field(&secret, "tls.crt"))?;
+        ensure!(
+            chain.len() == 3,
+            "leaf + intermediate + root, got {}",
+            chain.len()
+        );
+        ensure!(
+            chain[1] == intermediate.der().to_vec(),
+            "the intermediate follows the leaf"
+        );
+        let bundle = trust_bundle(&ns).await?;
+        ensure!(
+            certificates_from_pem(&bundle)? == vec![root.der().to_vec()],
+            "the bundle holds the root only"
+        );
+        openssl_verify(&secret, &bundle, "sslclient")?;
+        openssl_verify(&secret, &bundle, "sslserver")?;
+        let status = wait_for_workload(&ns, "p", "api", |w| w.reason == "IssuedUnverified").await?;
+        ensure!(
+            !status.verified
+                && status
+                    .message
+                    .unwrap_or_default()
+                    .contains("identityVerification: none")
+        );
+        Ok(())
     })
     .await
 }
@@ -675,12 +625,10 @@ async fn a_user_supplied_intermediate_ca_signs_with_its_chain() -> Result<()> {
 /// the old CA, so peers holding old certificates stay trusted until they are replaced.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_ca_reissues_and_the_bundle_keeps_the_old_one() -> Result<()> {
-    init();
-    let env = cluster().await?;
-    install_crds(&env).await?;
-    in_namespace("issue-carotate", |ns| async move {
-        let authority = create_authority(&ns, local_authority_spec("one.test", "none")).await?;
-        let result = async {
+    in_namespace_with_authority(
+        "issue-carotate",
+        local_authority_spec("one.test", "none"),
+        |ns, authority| async move {
             apply_service_account(&ns, "api", Some("arn:aws:iam::111122223333:role/api")).await?;
             apply_policy(&ns, "p", json!({ "serviceAccounts": { "names": ["api"] } })).await?;
             let _controller = ControllerProcess::start(&ns, &authority, "replica-a", &[])?;
@@ -719,11 +667,8 @@ async fn a_new_ca_reissues_and_the_bundle_keeps_the_old_one() -> Result<()> {
             ensure!(field(&secret, "ca.crt") == bundle);
             openssl_verify(&secret, &bundle, "sslclient")?;
             Ok(())
-        }
-        .await;
-        delete_authority(&ns, &authority).await;
-        result
-    })
+        },
+    )
     .await
 }
 
@@ -731,12 +676,10 @@ async fn a_new_ca_reissues_and_the_bundle_keeps_the_old_one() -> Result<()> {
 /// first waits for the ServiceAccount cache, which fills last when there are many of them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_policy_waiting_for_the_caches_is_reconciled() -> Result<()> {
-    init();
-    let env = cluster().await?;
-    install_crds(&env).await?;
-    in_namespace("issue-many", |ns| async move {
-        let authority = create_authority(&ns, local_authority_spec("many.test", "none")).await?;
-        let result = async {
+    in_namespace_with_authority(
+        "issue-many",
+        local_authority_spec("many.test", "none"),
+        |ns, authority| async move {
             const POLICIES: usize = 6;
             const PER_POLICY: usize = 300;
             let api: Api<ServiceAccount> = ns.api();
@@ -779,10 +722,7 @@ async fn every_policy_waiting_for_the_caches_is_reconciled() -> Result<()> {
                 .with_context(|| controller.log().lines().rev().take(5).collect::<Vec<_>>().join("\n"))?;
             }
             Ok(())
-        }
-        .await;
-        delete_authority(&ns, &authority).await;
-        result
-    })
+        },
+    )
     .await
 }

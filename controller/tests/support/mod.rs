@@ -19,7 +19,7 @@ use kube::{
 };
 use rolemesh_crds::{MTLSAuthority, MTLSPolicy};
 use rolemesh_profile::{CertificateInfo, inspect::certificates_from_pem, inspect_certificate};
-use rolemesh_tests::{TestNamespace, eventually};
+use rolemesh_tests::{ClusterEnv, TestNamespace, cluster, eventually, in_namespace, install_crds};
 use serde_json::json;
 
 pub const WAIT: Duration = Duration::from_secs(60);
@@ -159,6 +159,41 @@ pub async fn create_authority(ns: &TestNamespace, spec: serde_json::Value) -> Re
 pub async fn delete_authority(ns: &TestNamespace, name: &str) {
     let api: Api<MTLSAuthority> = Api::all(ns.client.clone());
     let _ = api.delete(name, &Default::default()).await;
+}
+
+/// The local control plane with rolemesh's CRDs installed.
+pub async fn control_plane() -> Result<ClusterEnv> {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let env = cluster().await?;
+    install_crds(&env).await?;
+    Ok(env)
+}
+
+/// Runs `test` in a new namespace (see `in_namespace`) with its own MTLSAuthority made from
+/// `spec`; the test gets the namespace and the authority's name.
+pub async fn in_namespace_with_authority<F, Fut>(
+    prefix: &str,
+    spec: serde_json::Value,
+    test: F,
+) -> Result<()>
+where
+    F: FnOnce(TestNamespace, String) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<()>> + Send + 'static,
+{
+    control_plane().await?;
+    in_namespace(prefix, |ns| async move {
+        let authority = create_authority(&ns, spec).await?;
+        // The authority is cluster-scoped and outlives the namespace, so it is deleted here,
+        // after a panic too.
+        let outcome = tokio::spawn(test(ns.clone(), authority.clone())).await;
+        delete_authority(&ns, &authority).await;
+        match outcome {
+            Ok(result) => result,
+            Err(join) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
+            Err(join) => Err(join.into()),
+        }
+    })
+    .await
 }
 
 pub fn local_authority_spec(trust_domain: &str, verification: &str) -> serde_json::Value {
