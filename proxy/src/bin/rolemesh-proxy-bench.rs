@@ -605,7 +605,9 @@ async fn run(
     sampler.0.store(true, Ordering::Relaxed);
     let load_rss = sampler.1.await?;
 
-    eprintln!("new mTLS handshakes/s, {rounds} rounds of {seconds} s per server, 8 clients, no resumption...");
+    eprintln!(
+        "new mTLS handshakes/s, {rounds} rounds of {seconds} s per server, 8 clients, no resumption..."
+    );
     let (mut hs_rolemesh_runs, mut hs_stunnel_runs) = (Vec::new(), Vec::new());
     for _ in 0..rounds {
         hs_rolemesh_runs.push(handshakes(&one_hop, 8, seconds).await?);
@@ -682,7 +684,11 @@ async fn run(
             lat_two,
         ),
         ("stunnel4, two hops", bulk_stunnel, lat_stunnel),
-        ("plain TCP relays, two hops (no TLS: the floor)", bulk_relay, lat_relay),
+        (
+            "plain TCP relays, two hops (no TLS: the floor)",
+            bulk_relay,
+            lat_relay,
+        ),
     ] {
         let (p50, p99): (f64, f64) = lat;
         println!("{name:<54} {mbps:>12.0} {p50:>5.3}/{p99:<6.3}");
