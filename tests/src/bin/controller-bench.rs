@@ -594,6 +594,35 @@ impl Bench {
         })
     }
 
+    /// Starts a controller and waits until its CA is in force.
+    async fn running_controller(
+        &self,
+        namespace: &str,
+        authority: &str,
+    ) -> Result<ControllerProcess> {
+        let mut controller = self.start_controller(namespace, authority)?;
+        self.wait_ca(&mut controller, authority).await?;
+        Ok(controller)
+    }
+
+    /// Times the issuance of `count` certificates by one policy covering every ServiceAccount
+    /// labelled for it.
+    async fn time_one_policy(
+        &self,
+        controller: &mut ControllerProcess,
+        namespace: &str,
+        count: usize,
+    ) -> Result<Duration> {
+        self.time_issuance(
+            controller,
+            namespace,
+            &[("bench".into(), policy_spec("yes"))],
+            count,
+            Duration::from_secs(600),
+        )
+        .await
+    }
+
     /// Applies `policies` (name, spec) and times until `count` managed Secrets exist.
     async fn time_issuance(
         &self,
@@ -692,19 +721,10 @@ impl Bench {
         )
         .await?;
         let authority = self.authority(Self::local_authority("none")).await?;
-        let mut controller = self.start_controller(&namespace, &authority)?;
-        self.wait_ca(&mut controller, &authority).await?;
+        let mut controller = self.running_controller(&namespace, &authority).await?;
         // Idle: the CA is in force and the ServiceAccounts are cached, no policy exists yet.
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let elapsed = self
-            .time_issuance(
-                &mut controller,
-                &namespace,
-                &[("bench".into(), policy_spec("yes"))],
-                n,
-                Duration::from_secs(600),
-            )
-            .await?;
+        let elapsed = self.time_one_policy(&mut controller, &namespace, n).await?;
         let rate = n as f64 / elapsed.as_secs_f64();
         tokio::time::sleep(Duration::from_millis(500)).await;
         let issued = controller
@@ -798,19 +818,12 @@ impl Bench {
                     "identityVerification": "none",
                 }))
                 .await?;
-            let mut controller = self.start_controller(&namespace, &authority)?;
-            self.wait_ca(&mut controller, &authority).await?;
+            let mut controller = self.running_controller(&namespace, &authority).await?;
             let before = controller
                 .metric("rolemesh_signer_sign_calls_total", "signer=\"kms\"")
                 .await?;
             let elapsed = self
-                .time_issuance(
-                    &mut controller,
-                    &namespace,
-                    &[("bench".into(), policy_spec("yes"))],
-                    n,
-                    Duration::from_secs(600),
-                )
+                .time_one_policy(&mut controller, &namespace, n)
                 .await?;
             self.wait_settled(
                 &mut controller,
@@ -889,18 +902,9 @@ impl Bench {
         self.service_accounts(&namespace, n, |_| "yes".into(), |i| roles[i].clone())
             .await?;
         let authority = self.authority(Self::local_authority("sts")).await?;
-        let mut controller = self.start_controller(&namespace, &authority)?;
-        self.wait_ca(&mut controller, &authority).await?;
+        let mut controller = self.running_controller(&namespace, &authority).await?;
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let elapsed = self
-            .time_issuance(
-                &mut controller,
-                &namespace,
-                &[("bench".into(), policy_spec("yes"))],
-                n,
-                Duration::from_secs(600),
-            )
-            .await?;
+        let elapsed = self.time_one_policy(&mut controller, &namespace, n).await?;
         let rate = n as f64 / elapsed.as_secs_f64();
         let failures = controller
             .metric("rolemesh_certificate_failures_total", "")
@@ -934,8 +938,7 @@ impl Bench {
             .await?;
         println!("created {n} ServiceAccounts in {:.1} s", took.as_secs_f64());
         let authority = self.authority(Self::local_authority("none")).await?;
-        let mut controller = self.start_controller(&namespace, &authority)?;
-        self.wait_ca(&mut controller, &authority).await?;
+        let mut controller = self.running_controller(&namespace, &authority).await?;
         let specs: Vec<(String, serde_json::Value)> = (0..policies)
             .map(|p| (format!("bench-{p}"), policy_spec(&format!("g{p}"))))
             .collect();
@@ -1031,8 +1034,7 @@ impl Bench {
         authority: &str,
         policies: usize,
     ) -> Result<f64> {
-        let mut controller = self.start_controller(namespace, authority)?;
-        self.wait_ca(&mut controller, authority).await?;
+        let mut controller = self.running_controller(namespace, authority).await?;
         // Every policy should be reconciled after a start (each reconcile reads every cached
         // object); fewer reconciles than policies is reported, not waited for.
         self.wait_settled(
