@@ -546,10 +546,14 @@ impl Bench {
         }
     }
 
+    /// Deletes what the scenarios made and waits until their namespaces are gone: the API server
+    /// deleting tens of thousands of objects in the background would otherwise take the CPU from
+    /// whatever `make bench` measures next.
     async fn cleanup(&mut self) {
         let namespaces: Api<Namespace> = Api::all(self.client.clone());
-        for name in self.namespaces.drain(..) {
-            let _ = namespaces.delete(&name, &DeleteParams::background()).await;
+        let deleted: Vec<String> = self.namespaces.drain(..).collect();
+        for name in &deleted {
+            let _ = namespaces.delete(name, &DeleteParams::background()).await;
         }
         let authorities: Api<MTLSAuthority> = Api::all(self.client.clone());
         for name in self.authorities.drain(..) {
@@ -560,6 +564,31 @@ impl Bench {
             for role in self.roles.drain(..) {
                 let _ = iam.delete_role().role_name(role).send().await;
             }
+        }
+        let started = Instant::now();
+        let limit = Duration::from_secs(900);
+        loop {
+            let mut left = 0;
+            for name in &deleted {
+                if !matches!(namespaces.get_opt(name).await, Ok(None)) {
+                    left += 1;
+                }
+            }
+            if left == 0 {
+                break;
+            }
+            if started.elapsed() > limit {
+                println!("note: {left} benchmark namespaces still being deleted after {limit:?}");
+                break;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        if !deleted.is_empty() {
+            println!(
+                "deleted {} benchmark namespaces in {:.0} s",
+                deleted.len(),
+                started.elapsed().as_secs_f64()
+            );
         }
     }
 
