@@ -1,7 +1,9 @@
 //! Load generator for `rolemesh-webhook`: sets up a policy on the local control plane, starts one
 //! webhook process (pinned to a core with taskset), and drives ~10 KiB Pod AdmissionReviews at it
-//! from concurrent TLS clients, first over keep-alive connections, then with a new TLS connection
-//! per review. Prints p50/p99 latency, reviews/s and errors, and the ratio to each target.
+//! from concurrent TLS clients in four phases: keep-alive connections at an offered rate (the
+//! latency targets), keep-alive closed loop (capacity), a new TLS connection with a full handshake
+//! per review at an offered rate, and the same closed loop. Prints p50/p99 latency, reviews/s,
+//! errors and CPU use, and the ratio to each target. docs/benchmarks.md explains the phases.
 //!
 //! The webhook's policy, ServiceAccount, namespace and authority lookups are served from its
 //! reflector caches, primed from the local API server before the load starts (the first review is
