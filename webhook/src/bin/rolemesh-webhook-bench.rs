@@ -379,6 +379,19 @@ async fn load(
     phase
 }
 
+/// Resident set size of a process in KiB (0 if unreadable).
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
 /// User plus system CPU time of a process so far, in seconds (from /proc; 0 if unreadable).
 fn cpu_seconds(pid: u32) -> f64 {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
@@ -603,9 +616,10 @@ async fn bench(args: &Args, fixture: &Fixture) -> Result<()> {
             (cpu_seconds(pid) - before) / phase.elapsed.as_secs_f64() * 100.0
         };
         println!(
-            "  CPU: webhook {:.0}% of its core, load generator {:.0}% of its core",
+            "  CPU: webhook {:.0}% of its core, load generator {:.0}% of its core; webhook RSS {:.1} MiB",
             busy(webhook_before, webhook_pid),
-            busy(own_before, std::process::id())
+            busy(own_before, std::process::id()),
+            rss_kib(webhook_pid) as f64 / 1024.0
         );
     }
     drop(webhook);
