@@ -652,17 +652,16 @@ async fn apply_status(
     policy: &MTLSPolicy,
     mut status: MTLSPolicyStatus,
 ) -> Result<()> {
-    // lastRotation has its own field manager (apply_last_rotation).
-    status.last_rotation = None;
+    // lastRotation has its own field manager (apply_last_rotation), so it takes no part in the
+    // comparison; borrowing the current one avoids cloning a status of thousands of workloads.
     let unchanged = policy.status.as_ref().is_some_and(|current| {
-        MTLSPolicyStatus {
-            last_rotation: None,
-            ..current.clone()
-        } == status
+        status.last_rotation.clone_from(&current.last_rotation);
+        *current == status
     });
     if unchanged {
         return Ok(());
     }
+    status.last_rotation = None;
     apply_status_fields(
         ctx,
         policy,

@@ -19,7 +19,7 @@ use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::{
     Api, Client,
     core::{
-        DynamicObject,
+        DynamicObject, GroupVersionKind,
         admission::{AdmissionRequest, AdmissionResponse, AdmissionReview},
     },
 };
@@ -58,12 +58,7 @@ pub async fn decide(
     state: &AppState,
     request: &AdmissionRequest<Pod>,
 ) -> Result<Option<json_patch::Patch>> {
-    if request.kind.kind != "Pod" || !request.kind.group.is_empty() {
-        return Err(Error::BadRequest(format!(
-            "expected a Pod, got {}/{}",
-            request.kind.group, request.kind.kind
-        )));
-    }
+    require_pod(&request.kind)?;
     let pod = request
         .object
         .as_ref()
@@ -105,6 +100,17 @@ pub async fn decide(
     let trust_domain = state.lookups.trust_domain().await?;
     let patch = injection_patch(pod, &policy, &trust_domain, &state.injector)?;
     Ok(Some(patch))
+}
+
+/// rolemesh mutates Pods only; a registration that sends anything else is refused by name.
+fn require_pod(kind: &GroupVersionKind) -> Result<()> {
+    if kind.kind != "Pod" || !kind.group.is_empty() {
+        return Err(Error::BadRequest(format!(
+            "expected a Pod, got {}/{}",
+            kind.group, kind.kind
+        )));
+    }
+    Ok(())
 }
 
 /// The response as the API server reads it: kube-core writes the patch as a JSON array of
@@ -157,10 +163,15 @@ fn bad_request(state: &AppState, started: Instant, message: String) -> Response 
     (StatusCode::BAD_REQUEST, message).into_response()
 }
 
-/// A body that did not decode as a review of a Pod, decoded again generically so that the answer
-/// says what is wrong: 400 when there is no usable review, a denial naming the kind or the
-/// decoding error otherwise.
-fn refuse_undecodable(state: &AppState, started: Instant, body: &[u8]) -> Response {
+/// A body that did not decode as a review of a Pod (`pod_error` says why, when it got that far),
+/// decoded again generically so that the answer says what is wrong: 400 when there is no usable
+/// review, a denial naming the kind or the decoding error otherwise.
+fn refuse_undecodable(
+    state: &AppState,
+    started: Instant,
+    body: &[u8],
+    pod_error: Option<serde_json::Error>,
+) -> Response {
     let review: AdmissionReview<DynamicObject> = match serde_json::from_slice(body) {
         Ok(review) => review,
         Err(error) => {
@@ -181,17 +192,12 @@ fn refuse_undecodable(state: &AppState, started: Instant, body: &[u8]) -> Respon
             );
         }
     };
-    let message = if request.kind.kind != "Pod" || !request.kind.group.is_empty() {
-        format!(
-            "expected a Pod, got {}/{}",
-            request.kind.group, request.kind.kind
-        )
-    } else {
-        let error = serde_json::from_slice::<AdmissionReview<Pod>>(body)
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default();
-        format!("the Pod in the request could not be decoded: {error}")
+    let message = match require_pod(&request.kind) {
+        Err(error) => error.to_string(),
+        Ok(()) => format!(
+            "the Pod in the request could not be decoded: {}",
+            pod_error.map(|e| e.to_string()).unwrap_or_default()
+        ),
     };
     warn!(namespace = ?request.namespace, %message, "refused a request");
     state
@@ -204,11 +210,12 @@ async fn mutate_pod(State(state): State<AppState>, body: Bytes) -> Response {
     let started = Instant::now();
     // The common case decodes straight into a Pod, with no generic JSON tree in between.
     let request: AdmissionRequest<Pod> = match serde_json::from_slice::<AdmissionReview<Pod>>(&body)
-        .ok()
-        .and_then(|review| review.try_into().ok())
     {
-        Some(request) => request,
-        None => return refuse_undecodable(&state, started, &body),
+        Ok(review) => match review.try_into() {
+            Ok(request) => request,
+            Err(_) => return refuse_undecodable(&state, started, &body, None),
+        },
+        Err(error) => return refuse_undecodable(&state, started, &body, Some(error)),
     };
     let decision = match tokio::time::timeout(DECISION_TIMEOUT, decide(&state, &request)).await {
         Ok(decision) => decision,

@@ -152,15 +152,20 @@ impl Drop for Guard {
 
 impl Guard {
     fn rss_kib(&self) -> u64 {
-        std::fs::read_to_string(format!("/proc/{}/status", self.0.id()))
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find(|l| l.starts_with("VmRSS:"))
-                    .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-            })
-            .unwrap_or(0)
+        rss_kib(self.0.id())
     }
+}
+
+/// Resident set size of a process in KiB, from /proc (0 once it is gone).
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -580,15 +585,7 @@ async fn run(
             let mut max = 0u64;
             while !s.load(Ordering::Relaxed) {
                 for pid in pids {
-                    let kib = std::fs::read_to_string(format!("/proc/{pid}/status"))
-                        .ok()
-                        .and_then(|t| {
-                            t.lines()
-                                .find(|l| l.starts_with("VmRSS:"))
-                                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-                        })
-                        .unwrap_or(0);
-                    max = max.max(kib);
+                    max = max.max(rss_kib(pid));
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
