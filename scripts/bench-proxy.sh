@@ -16,6 +16,14 @@ fi
 
 cargo build --release --quiet -p rolemesh-proxy --bins
 
+# The proxy image's glibc tuning (deploy/Dockerfile.proxy), for every process of the run alike.
+GLIBC_TUNABLES=$(sed -n 's/^ENV GLIBC_TUNABLES=//p' deploy/Dockerfile.proxy)
+if [ -z "$GLIBC_TUNABLES" ]; then
+  echo "deploy/Dockerfile.proxy sets no GLIBC_TUNABLES; the benchmark would not run as the image does" >&2
+  exit 1
+fi
+export GLIBC_TUNABLES
+
 exec target/release/rolemesh-proxy-bench run \
   --proxy target/release/rolemesh-proxy \
   --stunnel "$(command -v stunnel4)"

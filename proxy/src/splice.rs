@@ -12,8 +12,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::metrics::MappingMetrics;
 
-/// Per direction. 16 KiB matches a full TLS record, so bulk transfers move whole records.
-const BUFFER_SIZE: usize = 16 * 1024;
+/// Per direction: two full TLS records, so a bulk transfer moves two records per read and one
+/// vectored write. 16 KiB moved ~20% less through two hops on 2 vCPUs; 64 KiB no more than 32.
+pub const BUFFER_SIZE: usize = 32 * 1024;
 /// Longest interval between byte-count updates of long-lived connections.
 const MAX_TICK: Duration = Duration::from_secs(5);
 

@@ -132,8 +132,8 @@ async fn relay(listen: u16, connect: u16) -> anyhow::Result<()> {
             let _ = tokio::io::copy_bidirectional_with_sizes(
                 &mut downstream,
                 &mut upstream,
-                16 * 1024,
-                16 * 1024,
+                rolemesh_proxy::splice::BUFFER_SIZE,
+                rolemesh_proxy::splice::BUFFER_SIZE,
             )
             .await;
         });
@@ -379,6 +379,32 @@ async fn handshakes(target: &Target, concurrency: usize, seconds: u64) -> anyhow
     Ok(total as f64 / start.elapsed().as_secs_f64())
 }
 
+/// Connections held open at once to measure what each costs a sidecar.
+const HELD_CONNECTIONS: usize = 256;
+
+/// Opens [`HELD_CONNECTIONS`] connections through `target`, moves 1 KiB each way on every one
+/// and keeps them open: the growth of each sidecar's RSS over the count is what an open
+/// connection costs it (buffers, TLS state, task). Returns the larger of the two, in KiB.
+async fn held_connection_cost(target: &Target, sidecars: [&Guard; 2]) -> anyhow::Result<f64> {
+    let before = sidecars.map(Guard::rss_kib);
+    let mut held = Vec::with_capacity(HELD_CONNECTIONS);
+    for _ in 0..HELD_CONNECTIONS {
+        let mut stream = target.connect().await?;
+        stream.write_all(&[0x42u8; 1024]).await?;
+        let mut echoed = [0u8; 1024];
+        stream.read_exact(&mut echoed).await?;
+        held.push(stream);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let after = sidecars.map(Guard::rss_kib);
+    drop(held);
+    Ok(before
+        .iter()
+        .zip(after)
+        .map(|(b, a)| a.saturating_sub(*b) as f64 / HELD_CONNECTIONS as f64)
+        .fold(0.0, f64::max))
+}
+
 fn start_proxy(
     bin: &Path,
     dir: &Path,
@@ -620,6 +646,9 @@ async fn run(
             .collect(),
     );
 
+    eprintln!("memory per open connection, {HELD_CONNECTIONS} connections through two hops...");
+    let per_connection_kib = held_connection_cost(&two_hop, [&server, &client]).await?;
+
     let [bulk_direct, bulk_one, bulk_two, bulk_stunnel, bulk_relay] =
         [0, 1, 2, 3, 4].map(|i| median(bulk_runs[i].clone()));
     // Ratios and added latencies are taken within a round (against that round's direct run),
@@ -778,12 +807,21 @@ async fn run(
         &format!("{:.2}", mib(idle_rss) / 8.0),
     );
     row(
+        "proxy RSS per open connection (KiB, max of both sidecars)",
+        format!("{per_connection_kib:.0}"),
+        "-",
+        "-",
+    );
+    row(
         "proxy RSS at 1,000 req/s (MiB, max of both)",
         format!("{:.1}", mib(load_rss)),
         "<= 15",
         &format!("{:.2}", mib(load_rss) / 15.0),
     );
     println!("(ratio: measured / target; <= 1 meets a maximum, >= 1 meets a minimum)");
+    if let Ok(tunables) = std::env::var("GLIBC_TUNABLES") {
+        println!("every process ran with GLIBC_TUNABLES={tunables}, as the proxy image sets it");
+    }
     println!(
         "requests measured per latency run: {}; every figure is the median of {rounds} rounds",
         latency_runs[2].first().map_or(0, |l| l.2)
