@@ -25,16 +25,13 @@ use crate::{
     ProxyError, admin,
     material::{FileSet, Material, MaterialPaths, TlsConfigs},
     metrics::{MappingMetrics, Metrics},
-    splice::{SpliceEnd, splice},
+    splice::{ReadAhead, SpliceEnd, splice},
     verify::classify_handshake_error,
 };
 
 /// How often the mounted files are compared with what is in use; well inside the one second in
 /// which new handshakes must use new material.
 const RELOAD_POLL: Duration = Duration::from_millis(250);
-/// Bytes asked of the kernel per read on the TLS side: two full TLS 1.3 records as they arrive
-/// on the wire (16 KiB of data plus 22 bytes of header, type and tag each).
-const TLS_READ_SIZE: usize = 2 * (16 * 1024 + 22);
 /// Back-off after a failed accept (e.g. out of file descriptors) so the loop does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
@@ -317,9 +314,11 @@ async fn serve_inbound(
             };
             let _ = tcp.set_nodelay(true);
             let timeout = Duration::from_millis(shared.config.limits.handshake_timeout_ms);
-            let accepted =
-                tokio::time::timeout(timeout, TlsAcceptor::from(config).accept(tls_socket(tcp)))
-                    .await;
+            let accepted = tokio::time::timeout(
+                timeout,
+                TlsAcceptor::from(config).accept(ReadAhead::new(tcp)),
+            )
+            .await;
             drop(permit);
             let tls = match accepted {
                 Ok(Ok(tls)) => tls,
@@ -406,7 +405,7 @@ async fn serve_outbound(
                     .map_err(|e| ("upstream_unreachable", e.to_string()))?;
                 let _ = tcp.set_nodelay(true);
                 TlsConnector::from(config)
-                    .connect(server_name, tls_socket(tcp))
+                    .connect(server_name, ReadAhead::new(tcp))
                     .await
                     .map_err(|e| classify_handshake_error(&e))
             })
@@ -430,13 +429,6 @@ async fn serve_outbound(
             spliced(&shared, &metrics, peer, local, tls).await;
         });
     }
-}
-
-/// rustls reads its socket at most 4 KiB at a time, so a full 16 KiB record took four or five
-/// recv calls, each of which can send the peer a window update and wake it. Reading two records
-/// per call under rustls costs one cheap copy and saves most of that kernel work.
-fn tls_socket(tcp: TcpStream) -> tokio::io::BufReader<TcpStream> {
-    tokio::io::BufReader::with_capacity(TLS_READ_SIZE, tcp)
 }
 
 fn refuse(metrics: &MappingMetrics, peer: SocketAddr, reason: &'static str, detail: &str) {
