@@ -319,17 +319,17 @@ impl AsyncRead for ReadAhead {
             if out.remaining() >= TLS_READ_SIZE {
                 return Pin::new(&mut this.socket).poll_read(cx, out);
             }
-            let mut fresh = Vec::with_capacity(TLS_READ_SIZE);
-            loop {
+            // Allocated only once the socket says it is readable, not on every wake-up.
+            this.buffered = loop {
                 ready!(this.socket.poll_read_ready(cx))?;
+                let mut fresh = Vec::with_capacity(TLS_READ_SIZE);
                 match this.socket.try_read_buf(&mut fresh) {
-                    Ok(_) => break,
+                    // Empty is end of stream, passed on below as a read of nothing.
+                    Ok(_) => break fresh,
                     Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
                     Err(error) => return Poll::Ready(Err(error)),
                 }
-            }
-            // An empty `fresh` is end of stream, passed on as a read of nothing.
-            this.buffered = fresh;
+            };
             this.taken = 0;
         }
         let n = out.remaining().min(this.buffered.len() - this.taken);
