@@ -239,8 +239,8 @@ impl Direction {
                 Poll::Ready(Ok(())) => continue,
                 Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
                 Poll::Pending => {
-                    // Nothing more to read for now: push out what the writer buffered (rustls
-                    // holds records until flushed or its buffer fills).
+                    // Nothing more to read for now: push out what the writer still buffers
+                    // (rustls keeps records its socket did not take).
                     if self.needs_flush {
                         ready!(Pin::new(&mut *writer).poll_flush(cx))?;
                         self.needs_flush = false;
