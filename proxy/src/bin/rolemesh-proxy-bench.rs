@@ -168,6 +168,115 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// CPU time a process has used so far (user + system, every thread including exited ones), in
+/// milliseconds, from /proc (0 once it is gone). /proc counts in USER_HZ ticks, 100 per second
+/// on x86-64 and arm64.
+fn cpu_ms(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            // Fields after the command name, which is in parentheses and may contain spaces;
+            // utime and stime are fields 14 and 15 of the line.
+            let rest = &s[s.rfind(')')? + 2..];
+            let mut fields = rest.split_whitespace().skip(11);
+            let utime: u64 = fields.next()?.parse().ok()?;
+            let stime: u64 = fields.next()?.parse().ok()?;
+            Some((utime + stime) as f64 * 10.0)
+        })
+        .unwrap_or(0.0)
+}
+
+/// Busy and total CPU time of the whole machine so far, in USER_HZ ticks, from /proc/stat.
+fn machine_ticks() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|t| t.parse().ok())
+        .collect();
+    let total: u64 = ticks.iter().sum();
+    // idle and iowait are the fourth and fifth numbers.
+    let idle = ticks.get(3).copied().unwrap_or(0) + ticks.get(4).copied().unwrap_or(0);
+    (total - idle, total)
+}
+
+/// One bulk run with the CPU it cost: the path's proxies (summed) and the machine.
+#[derive(Clone, Copy)]
+struct BulkRun {
+    mb_per_s: f64,
+    /// Proxy CPU per MB echoed; every echoed byte crosses each proxy once each way.
+    proxy_ms_per_mb: f64,
+    /// CPUs the whole machine kept busy during the run.
+    machine_cpus: f64,
+}
+
+async fn bulk_with_cpu(target: &Target, proxies: &[u32], seconds: u64) -> anyhow::Result<BulkRun> {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let before: f64 = proxies.iter().map(|&pid| cpu_ms(pid)).sum();
+    let (busy_before, total_before) = machine_ticks();
+    let (mb_per_s, mb) = bulk(target, seconds).await?;
+    let after: f64 = proxies.iter().map(|&pid| cpu_ms(pid)).sum();
+    let (busy_after, total_after) = machine_ticks();
+    let machine_cpus =
+        (busy_after - busy_before) as f64 / (total_after - total_before).max(1) as f64 * cpus;
+    Ok(BulkRun {
+        mb_per_s,
+        proxy_ms_per_mb: (after - before) / mb,
+        machine_cpus,
+    })
+}
+
+/// What AES-GCM alone costs per MB in the negotiated cipher suite, sealing and opening full
+/// 16 KiB records through rustls's own aws-lc-rs record encrypter and decrypter: the share of a
+/// sidecar's bulk CPU that no proxy built on this provider can shed.
+fn aead_ms_per_mb() -> anyhow::Result<(String, f64)> {
+    use rustls::{
+        ContentType, ProtocolVersion,
+        crypto::cipher::{AeadKey, InboundOpaqueMessage, Iv, OutboundPlainMessage},
+    };
+    let provider = rustls::crypto::aws_lc_rs::default_provider();
+    let suite = provider
+        .cipher_suites
+        .iter()
+        .find_map(|s| s.tls13())
+        .context("the provider has no TLS 1.3 cipher suite")?;
+    let key = || AeadKey::from([7u8; 32]);
+    let iv = || Iv::new([9u8; 12]);
+    let mut sealer = suite.aead_alg.encrypter(key(), iv());
+    let mut opener = suite.aead_alg.decrypter(key(), iv());
+    let plaintext = vec![0x5au8; 16 * 1024];
+    let start = Instant::now();
+    let mut records = 0u64;
+    while start.elapsed() < Duration::from_millis(700) {
+        let message = OutboundPlainMessage {
+            typ: ContentType::ApplicationData,
+            version: ProtocolVersion::TLSv1_2,
+            payload: plaintext.as_slice().into(),
+        };
+        let mut sealed = sealer.encrypt(message, records)?.encode();
+        let opened = opener.decrypt(
+            InboundOpaqueMessage::new(
+                ContentType::ApplicationData,
+                ProtocolVersion::TLSv1_2,
+                &mut sealed[5..],
+            ),
+            records,
+        )?;
+        if opened.payload.len() != plaintext.len() {
+            bail!("AES-GCM round trip changed the record length");
+        }
+        records += 1;
+    }
+    let mb = records as f64 * plaintext.len() as f64 / 1e6;
+    Ok((
+        format!("{:?}", suite.common.suite),
+        start.elapsed().as_secs_f64() * 1e3 / mb,
+    ))
+}
+
 fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
     match values.len() {
@@ -272,8 +381,9 @@ impl Target {
     }
 }
 
-/// One connection: write for `seconds`, read back everything echoed. Returns MB/s each way.
-async fn bulk(target: &Target, seconds: u64) -> anyhow::Result<f64> {
+/// One connection: write for `seconds`, read back everything echoed. Returns MB/s each way and
+/// the MB echoed.
+async fn bulk(target: &Target, seconds: u64) -> anyhow::Result<(f64, f64)> {
     let stream = target.connect().await?;
     let (mut r, mut w) = tokio::io::split(stream);
     let written = Arc::new(AtomicU64::new(0));
@@ -310,7 +420,7 @@ async fn bulk(target: &Target, seconds: u64) -> anyhow::Result<f64> {
     }
     let elapsed = start.elapsed().as_secs_f64();
     let _ = writer.await;
-    Ok(read as f64 / elapsed / 1e6)
+    Ok((read as f64 / elapsed / 1e6, read as f64 / 1e6))
 }
 
 /// 1 KiB request/response at `rate` req/s spread over `conns` keep-alive connections.
@@ -470,8 +580,8 @@ async fn run(
                 .spawn()?,
         ))
     };
-    let _relay_inner = relay(relay_inner, echo_port)?;
-    let _relay_outer = relay(relay_outer, relay_inner)?;
+    let relay_inner_guard = relay(relay_inner, echo_port)?;
+    let relay_outer_guard = relay(relay_outer, relay_inner)?;
     let (server_port, server_admin, client_port, client_admin) =
         (free_port()?, free_port()?, free_port()?, free_port()?);
     let server = start_proxy(
@@ -506,7 +616,7 @@ async fn run(
             d = dir.display()
         )
     };
-    let _st_server = start_stunnel(
+    let st_server = start_stunnel(
         &stunnel,
         &dir,
         "stunnel-server",
@@ -515,7 +625,7 @@ async fn run(
             tls_opts("server")
         ),
     )?;
-    let _st_client = start_stunnel(
+    let st_client = start_stunnel(
         &stunnel,
         &dir,
         "stunnel-client",
@@ -592,12 +702,25 @@ async fn run(
         &relay_two_hop,
     ];
     eprintln!("bulk throughput, {rounds} rounds of {seconds} s per path...");
-    let mut bulk_runs: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
+    // The proxy processes each path crosses, whose CPU each bulk run accounts for.
+    let path_proxies: [Vec<u32>; 5] = [
+        vec![],
+        vec![server.0.id()],
+        vec![client.0.id(), server.0.id()],
+        vec![st_client.0.id(), st_server.0.id()],
+        vec![relay_outer_guard.0.id(), relay_inner_guard.0.id()],
+    ];
+    let mut bulk_cpu_runs: Vec<Vec<BulkRun>> = vec![Vec::new(); paths.len()];
     for _ in 0..rounds {
-        for (runs, target) in bulk_runs.iter_mut().zip(paths) {
-            runs.push(bulk(target, seconds).await?);
+        for ((runs, target), proxies) in bulk_cpu_runs.iter_mut().zip(paths).zip(&path_proxies) {
+            runs.push(bulk_with_cpu(target, proxies, seconds).await?);
         }
     }
+    let bulk_runs: Vec<Vec<f64>> = bulk_cpu_runs
+        .iter()
+        .map(|runs| runs.iter().map(|r| r.mb_per_s).collect())
+        .collect();
+    let (aead_suite, aead_ms) = aead_ms_per_mb()?;
 
     eprintln!(
         "latency, 1 KiB at 1,000 req/s over 16 connections, {rounds} rounds of {latency_seconds} s per path..."
@@ -819,6 +942,44 @@ async fn run(
         &format!("{:.2}", mib(load_rss) / 15.0),
     );
     println!("(ratio: measured / target; <= 1 meets a maximum, >= 1 meets a minimum)");
+    println!();
+    println!(
+        "bulk CPU (medians): what each proxy spends per MB echoed (every echoed MB crosses it once each way)"
+    );
+    println!(
+        "{:<54} {:>12} {:>14}",
+        "path", "ms/MB/proxy", "machine CPUs"
+    );
+    let cpu_median =
+        |i: usize, f: fn(&BulkRun) -> f64| median(bulk_cpu_runs[i].iter().map(f).collect());
+    let per_proxy =
+        |i: usize| cpu_median(i, |r| r.proxy_ms_per_mb) / path_proxies[i].len().max(1) as f64;
+    for (i, name) in [
+        (0, "direct loopback (no proxy)"),
+        (1, "one rolemesh hop"),
+        (2, "two rolemesh hops"),
+        (3, "stunnel4, two hops"),
+        (4, "plain TCP relays, two hops"),
+    ] {
+        let proxy = if path_proxies[i].is_empty() {
+            "-".to_string()
+        } else {
+            format!("{:.2}", per_proxy(i))
+        };
+        println!(
+            "{name:<54} {proxy:>12} {:>14.2}",
+            cpu_median(i, |r| r.machine_cpus)
+        );
+    }
+    println!(
+        "AES-GCM alone ({aead_suite}, rustls's aws-lc-rs record layer), seal + open: {aead_ms:.2} ms/MB"
+    );
+    println!(
+        "=> a sidecar's bulk CPU per MB: {:.2} = plain relay {:.2} + AES-GCM {aead_ms:.2} + the rest {:.2}",
+        per_proxy(2),
+        per_proxy(4),
+        per_proxy(2) - per_proxy(4) - aead_ms
+    );
     if let Ok(tunables) = std::env::var("GLIBC_TUNABLES") {
         println!("every process ran with GLIBC_TUNABLES={tunables}, as the proxy image sets it");
     }
@@ -828,4 +989,42 @@ async fn run(
     );
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_ms_counts_the_cpu_this_process_burns() {
+        let pid = std::process::id();
+        let before = cpu_ms(pid);
+        let start = Instant::now();
+        let mut x = 0u64;
+        while start.elapsed() < Duration::from_millis(300) {
+            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+        }
+        let burned = cpu_ms(pid) - before;
+        // At least a few ticks of the spin, and no more than every CPU for the wall time it took
+        // (other tests run in this process at the same time).
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        let most = start.elapsed().as_secs_f64() * 1e3 * cpus + 30.0;
+        assert!(burned >= 20.0, "counted only {burned} ms of a 300 ms spin");
+        assert!(
+            burned <= most,
+            "counted {burned} ms, more than {most} ms possible"
+        );
+        assert_eq!(
+            cpu_ms(u32::MAX),
+            0.0,
+            "a process that does not exist used no CPU"
+        );
+    }
+
+    #[test]
+    fn aead_cost_is_measured_on_the_default_suite() {
+        let (suite, ms_per_mb) = aead_ms_per_mb().expect("AES-GCM round trip");
+        assert_eq!(suite, "TLS13_AES_256_GCM_SHA384");
+        assert!(ms_per_mb > 0.0 && ms_per_mb.is_finite());
+    }
 }
