@@ -11,7 +11,7 @@ use kube::{
 use rolemesh_crds::{IdentityVerification, MTLSAuthority, SignerType};
 use rolemesh_profile::{
     CertificateInfo,
-    inspect::{certificates_from_pem, sha256_hex},
+    inspect::{certificates_from_pem, crls_from_pem, sha256_hex},
     inspect_certificate, parse_duration,
     profile::{DEFAULT_CA_DURATION, ca_params},
 };
@@ -205,12 +205,27 @@ pub async fn establish_ca(
         }
         // The root (last of the chain) is the trust anchor; without a chain the CA itself is.
         let anchor = chain.last().cloned().unwrap_or_else(|| ca_der.clone());
+        let mut bundle_pem = pem_of(&anchor);
+        if let Some(pem) = &user.crls {
+            let crls = crls_from_pem(pem).map_err(|e| user_err(format!("ca.crls: {e}")))?;
+            for (index, der) in crls.iter().enumerate() {
+                // Parsed as the proxies will parse it, so a CRL they would refuse (and with it
+                // the whole bundle) never reaches them.
+                webpki::OwnedCertRevocationList::from_der(der).map_err(|e| {
+                    user_err(format!(
+                        "ca.crls: CRL {} does not parse: {e}; give PEM X509 CRL blocks",
+                        index + 1
+                    ))
+                })?;
+                bundle_pem.push_str(&pem_encode("X509 CRL", der));
+            }
+        }
         return Ok(CaState {
             fingerprint: sha256_hex(&ca_der),
             not_after: info.not_after,
             ca_der,
             chain_pem,
-            bundle_pem: pem_of(&anchor),
+            bundle_pem,
             signer,
             trust_domain,
             verification: authority.spec.identity_verification,

@@ -14,7 +14,10 @@ use kube::{
     api::{DeleteParams, ListParams, Patch, PatchParams},
 };
 use rolemesh_crds::MTLSPolicy;
-use rolemesh_profile::{ROLE_ARN_OID_DOTTED, inspect::certificates_from_pem};
+use rolemesh_profile::{
+    ROLE_ARN_OID_DOTTED,
+    inspect::{TrustBundle, certificates_from_pem, trust_bundle_from_pem},
+};
 use rolemesh_tests::eventually;
 use serde_json::json;
 use support::*;
@@ -550,7 +553,7 @@ async fn with_two_replicas_only_the_leader_writes() -> Result<()> {
 }
 
 /// A CA the user brings (an intermediate under their offline root, for the signer's key):
-/// `tls.crt` carries the chain, the trust bundle holds the root.
+/// `tls.crt` carries the chain, the trust bundle holds the root and the root's CRL.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_user_supplied_intermediate_ca_signs_with_its_chain() -> Result<()> {
     use rolemesh_profile::profile::{DEFAULT_CA_DURATION, ca_params};
@@ -569,11 +572,35 @@ async fn a_user_supplied_intermediate_ca_signs_with_its_chain() -> Result<()> {
     let root_issuer = rcgen::Issuer::from_params(&root_params, &root_key);
     let intermediate =
         ca_params("user.test", DEFAULT_CA_DURATION, now).signed_by(&ca_key, &root_issuer)?;
+    // The root's CRL revokes an intermediate the user retired.
+    let retired_params = ca_params("user.test", DEFAULT_CA_DURATION, now);
+    let retired_serial = retired_params
+        .serial_number
+        .clone()
+        .context("ca_params sets a serial")?;
+    retired_params.signed_by(
+        &rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?,
+        &root_issuer,
+    )?;
+    let root_crl = rcgen::CertificateRevocationListParams {
+        this_update: now,
+        next_update: now + time::Duration::days(7),
+        crl_number: rcgen::SerialNumber::from(1u64),
+        issuing_distribution_point: None,
+        revoked_certs: vec![rcgen::RevokedCertParams {
+            serial_number: retired_serial,
+            revocation_time: now,
+            reason_code: Some(rcgen::RevocationReason::Superseded),
+            invalidity_date: None,
+        }],
+        key_identifier_method: rcgen::KeyIdMethod::Sha256,
+    }
+    .signed_by(&root_issuer)?;
     let spec = json!({
         "trustDomain": "user.test",
         "signer": { "type": "local", "local": { "secretName": "rolemesh-ca-key" } },
         "identityVerification": "none",
-        "ca": { "certificate": intermediate.pem(), "chain": root.pem() },
+        "ca": { "certificate": intermediate.pem(), "chain": root.pem(), "crls": root_crl.pem()? },
     });
     in_namespace_with_authority("issue-userca", spec, |ns, authority| async move {
         let secrets: Api<Secret> = ns.api();
@@ -603,11 +630,52 @@ async fn a_user_supplied_intermediate_ca_signs_with_its_chain() -> Result<()> {
         );
         let bundle = trust_bundle(&ns).await?;
         ensure!(
-            certificates_from_pem(&bundle)? == vec![root.der().to_vec()],
-            "the bundle holds the root only"
+            trust_bundle_from_pem(&bundle)?
+                == TrustBundle {
+                    certificates: vec![root.der().to_vec()],
+                    crls: vec![root_crl.der().to_vec()],
+                },
+            "the bundle holds the root and its CRL only: {bundle}"
         );
+        ensure!(
+            field(&secret, "ca.crt") == bundle,
+            "the workload Secret's ca.crt is the bundle"
+        );
+        // openssl, as a client outside the mesh would use it, still reads the bundle.
         openssl_verify(&secret, &bundle, "sslclient")?;
         openssl_verify(&secret, &bundle, "sslserver")?;
+
+        // A CRL that does not parse is refused with the reason, and nothing published changes.
+        let authorities: Api<rolemesh_crds::MTLSAuthority> = Api::all(ns.client.clone());
+        let garbage = "-----BEGIN X509 CRL-----\nAAECAwQF\n-----END X509 CRL-----\n";
+        authorities
+            .patch(
+                &authority,
+                &PatchParams::default(),
+                &Patch::Merge(json!({ "spec": { "ca": { "crls": garbage } } })),
+            )
+            .await?;
+        let refused = eventually("the authority to refuse the CRL", WAIT, || async {
+            let status = authorities
+                .get(&authority)
+                .await?
+                .status
+                .unwrap_or_default();
+            Ok(status
+                .conditions
+                .into_iter()
+                .find(|c| c.type_ == "Ready" && c.status == "False"))
+        })
+        .await?;
+        ensure!(
+            refused.reason == "CaCertificateUnusable"
+                && refused.message.contains("ca.crls: CRL 1 does not parse"),
+            "{refused:?}"
+        );
+        ensure!(
+            trust_bundle(&ns).await? == bundle,
+            "the published bundle must not change"
+        );
         let status = wait_for_workload(&ns, "p", "api", |w| w.reason == "IssuedUnverified").await?;
         ensure!(
             !status.verified

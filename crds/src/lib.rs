@@ -350,6 +350,13 @@ pub struct CaCertificateSource {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 262144))]
     pub chain: Option<String>,
+    /// PEM certificate revocation lists (`X509 CRL`) from the CA's issuers, e.g. the offline
+    /// root's CRL that revokes a retired intermediate. Published with the trust bundle; proxies
+    /// refuse every peer whose chain holds a certificate they list. A CRL whose issuer is not in
+    /// `chain` has no effect.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 262144))]
+    pub crls: Option<String>,
 }
 
 /// Identity verification mode.

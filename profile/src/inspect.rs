@@ -168,8 +168,127 @@ pub fn certificates_from_pem(pem: &str) -> Result<Vec<Vec<u8>>, ProfileError> {
     Ok(out)
 }
 
+/// A trust bundle as the controller publishes it and the proxy reads it: the CA certificates in
+/// force and, when there are any, certificate revocation lists, each as DER.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct TrustBundle {
+    pub certificates: Vec<Vec<u8>>,
+    pub crls: Vec<Vec<u8>>,
+}
+
+/// Splits a PEM trust bundle into its `CERTIFICATE` and `X509 CRL` blocks. Any other block is
+/// refused rather than skipped: a bundle decides whom to trust, and a block nobody reads (a CRL
+/// under another label, say) must not look as if it were in force.
+pub fn trust_bundle_from_pem(pem: &str) -> Result<TrustBundle, ProfileError> {
+    let mut bundle = TrustBundle::default();
+    for (label, contents) in pem_blocks(pem, &["CERTIFICATE", "X509 CRL"])? {
+        match label.as_str() {
+            "CERTIFICATE" => bundle.certificates.push(contents),
+            _ => bundle.crls.push(contents),
+        }
+    }
+    if bundle.certificates.is_empty() {
+        return Err(ProfileError::ParseTrustBundle(
+            "no CERTIFICATE block; a trust bundle needs at least one CA certificate".into(),
+        ));
+    }
+    Ok(bundle)
+}
+
+/// The DER of each `X509 CRL` block in `pem`, which may hold nothing else (and not nothing).
+pub fn crls_from_pem(pem: &str) -> Result<Vec<Vec<u8>>, ProfileError> {
+    let crls: Vec<Vec<u8>> = pem_blocks(pem, &["X509 CRL"])?
+        .into_iter()
+        .map(|(_, contents)| contents)
+        .collect();
+    if crls.is_empty() {
+        return Err(ProfileError::ParseTrustBundle("no X509 CRL block".into()));
+    }
+    Ok(crls)
+}
+
+fn pem_blocks(pem: &str, allowed: &[&str]) -> Result<Vec<(String, Vec<u8>)>, ProfileError> {
+    let mut blocks = Vec::new();
+    for block in Pem::iter_from_buffer(pem.as_bytes()) {
+        let block = block.map_err(|e| ProfileError::ParseTrustBundle(format!("bad PEM: {e}")))?;
+        if !allowed.contains(&block.label.as_str()) {
+            return Err(ProfileError::ParseTrustBundle(format!(
+                "unexpected PEM block {:?}; expected only {}",
+                block.label,
+                allowed.join(" and ")
+            )));
+        }
+        blocks.push((block.label, block.contents));
+    }
+    Ok(blocks)
+}
+
 /// Lowercase hex SHA-256 of DER bytes, as certificate fingerprints are shown.
 pub fn sha256_hex(der: &[u8]) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(der))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::profile::{DEFAULT_CA_DURATION, ca_params, generate_workload_key};
+    use rcgen::{CertificateRevocationListParams, Issuer, KeyIdMethod, SerialNumber};
+    use time::{Duration, OffsetDateTime};
+
+    fn ca_and_crl() -> (String, String) {
+        let now = OffsetDateTime::now_utc();
+        let key = generate_workload_key().unwrap();
+        let params = ca_params("rolemesh.local", DEFAULT_CA_DURATION, now);
+        let ca_pem = params.self_signed(&key).unwrap().pem();
+        let crl = CertificateRevocationListParams {
+            this_update: now,
+            next_update: now + Duration::days(1),
+            crl_number: SerialNumber::from(1u64),
+            issuing_distribution_point: None,
+            revoked_certs: Vec::new(),
+            key_identifier_method: KeyIdMethod::Sha256,
+        }
+        .signed_by(&Issuer::from_params(&params, &key))
+        .unwrap();
+        (ca_pem, crl.pem().unwrap())
+    }
+
+    #[test]
+    fn trust_bundle_splits_certificates_and_crls() {
+        let (ca_pem, crl_pem) = ca_and_crl();
+        let bundle = trust_bundle_from_pem(&format!("{ca_pem}{crl_pem}{ca_pem}")).unwrap();
+        assert_eq!(bundle.certificates.len(), 2);
+        assert_eq!(bundle.crls.len(), 1);
+        assert!(trust_bundle_from_pem(&ca_pem).unwrap().crls.is_empty());
+    }
+
+    #[test]
+    fn trust_bundle_refuses_what_it_would_otherwise_ignore() {
+        let (ca_pem, crl_pem) = ca_and_crl();
+        let key_pem = generate_workload_key().unwrap().serialize_pem();
+        let error = trust_bundle_from_pem(&format!("{ca_pem}{key_pem}"))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("\"PRIVATE KEY\""), "{error}");
+        let error = trust_bundle_from_pem(&crl_pem).unwrap_err().to_string();
+        assert!(error.contains("no CERTIFICATE block"), "{error}");
+    }
+
+    #[test]
+    fn crls_alone_are_taken_and_anything_else_is_refused() {
+        let (ca_pem, crl_pem) = ca_and_crl();
+        assert_eq!(
+            crls_from_pem(&format!("{crl_pem}{crl_pem}")).unwrap().len(),
+            2
+        );
+        let error = crls_from_pem(&format!("{crl_pem}{ca_pem}"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("unexpected PEM block \"CERTIFICATE\""),
+            "{error}"
+        );
+        assert!(crls_from_pem("").is_err());
+    }
 }

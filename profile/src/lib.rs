@@ -42,6 +42,8 @@ pub enum ProfileError {
     BuildCertificate(#[from] rcgen::Error),
     #[error("failed to parse certificate: {0}")]
     ParseCertificate(String),
+    #[error("failed to parse trust bundle: {0}")]
+    ParseTrustBundle(String),
     #[error("certificate does not follow the rolemesh profile: {0}")]
     NotInProfile(String),
     #[error("invalid duration {value:?}: {reason}")]

@@ -9,7 +9,7 @@ use std::{
 
 use rolemesh_profile::{
     WorkloadIdentity,
-    inspect::{certificates_from_pem, inspect_certificate},
+    inspect::{certificates_from_pem, inspect_certificate, trust_bundle_from_pem},
     proxy_config::ProxyConfig,
 };
 use rustls::{
@@ -20,7 +20,9 @@ use rustls::{
     sign::CertifiedKey,
     version::TLS13,
 };
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime, pem::PemObject};
+use rustls_pki_types::{
+    CertificateDer, CertificateRevocationListDer, PrivateKeyDer, UnixTime, pem::PemObject,
+};
 
 use crate::{
     ProxyError,
@@ -89,6 +91,9 @@ impl MaterialPaths {
 pub struct Material {
     pub certified_key: Arc<CertifiedKey>,
     pub roots: Arc<RootCertStore>,
+    /// The bundle's CRLs, enforced on peers (never on our own certificate: a bundle that revokes
+    /// it must still be taken, so that peers are checked against it).
+    pub crls: Arc<[CertificateRevocationListDer<'static>]>,
     pub identity: WorkloadIdentity,
     pub serial_hex: String,
     pub not_after_unix: i64,
@@ -101,6 +106,7 @@ impl fmt::Debug for Material {
             .field("serial_hex", &self.serial_hex)
             .field("not_after_unix", &self.not_after_unix)
             .field("roots", &self.roots.len())
+            .field("crls", &self.crls.len())
             .field("key", &"<redacted>")
             .finish()
     }
@@ -125,11 +131,25 @@ impl Material {
             .collect();
         let bundle_pem = std::str::from_utf8(&files.trust_bundle)
             .map_err(|e| invalid("trust bundle is not text", &e))?;
+        let bundle = trust_bundle_from_pem(bundle_pem).map_err(|e| invalid("trust bundle", &e))?;
         let mut roots = RootCertStore::empty();
-        for der in certificates_from_pem(bundle_pem).map_err(|e| invalid("trust bundle", &e))? {
+        for der in bundle.certificates {
             roots
                 .add(CertificateDer::from(der))
                 .map_err(|e| invalid("trust bundle", &e))?;
+        }
+        let mut crls = Vec::with_capacity(bundle.crls.len());
+        for (index, der) in bundle.crls.into_iter().enumerate() {
+            webpki::OwnedCertRevocationList::from_der(&der).map_err(|e| {
+                invalid(
+                    &format!(
+                        "trust bundle: CRL {} of the bundle does not parse",
+                        index + 1
+                    ),
+                    &e,
+                )
+            })?;
+            crls.push(CertificateRevocationListDer::from(der));
         }
         let key = PrivateKeyDer::from_pem_slice(&files.key).map_err(|e| invalid("tls.key", &e))?;
         let signing_key = provider
@@ -165,6 +185,7 @@ impl Material {
         Ok(Self {
             certified_key: Arc::new(certified_key),
             roots: Arc::new(roots),
+            crls: crls.into(),
             identity,
             serial_hex: info.serial_hex,
             not_after_unix: info.not_after.unix_timestamp(),
@@ -192,6 +213,7 @@ impl TlsConfigs {
         for listener in &config.inbound {
             let verifier = PeerClientVerifier::new(
                 material.roots.clone(),
+                &material.crls,
                 provider.clone(),
                 &config.trust_domain,
                 listener.allow.clone(),
@@ -214,10 +236,12 @@ impl TlsConfigs {
         for listener in &config.outbound {
             let verifier = UpstreamVerifier::new(
                 material.roots.clone(),
+                &material.crls,
                 provider.clone(),
                 &config.trust_domain,
                 listener.expect.clone(),
-            );
+            )
+            .map_err(build_err)?;
             let mut client = ClientConfig::builder_with_provider(provider.clone())
                 .with_protocol_versions(&[&TLS13])
                 .map_err(build_err)?
@@ -260,5 +284,91 @@ struct AlwaysResolvesServerCert(Arc<CertifiedKey>);
 impl rustls::server::ResolvesServerCert for AlwaysResolvesServerCert {
     fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         Some(self.0.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rolemesh_profile::{
+        CertificateProfile, SpiffeId,
+        profile::{ca_params, generate_workload_key},
+    };
+    use time::OffsetDateTime;
+
+    const TD: &str = "rolemesh.test";
+
+    /// A valid file set whose bundle is the CA plus `extra`; `revoke_own` adds a CRL of the CA
+    /// that revokes the set's own certificate.
+    fn files(extra: &str, revoke_own: bool) -> FileSet {
+        let now = OffsetDateTime::now_utc();
+        let ca_key = generate_workload_key().unwrap();
+        let ca = ca_params(TD, std::time::Duration::from_secs(86400), now);
+        let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
+        let issuer = rcgen::Issuer::from_params(&ca, &ca_key);
+        let identity = WorkloadIdentity::new(
+            SpiffeId::new(TD, "shop", "payments").unwrap(),
+            "arn:aws:iam::111122223333:role/payments",
+        )
+        .unwrap();
+        let params = CertificateProfile::default()
+            .leaf_params(&identity, &[], now)
+            .unwrap();
+        let serial = params.serial_number.clone().unwrap();
+        let key = generate_workload_key().unwrap();
+        let leaf = params.signed_by(&key, &issuer).unwrap();
+        let mut bundle = format!("{ca_pem}{extra}");
+        if revoke_own {
+            let crl = rcgen::CertificateRevocationListParams {
+                this_update: now,
+                next_update: now + time::Duration::days(1),
+                crl_number: rcgen::SerialNumber::from(7u64),
+                issuing_distribution_point: None,
+                revoked_certs: vec![rcgen::RevokedCertParams {
+                    serial_number: serial,
+                    revocation_time: now,
+                    reason_code: None,
+                    invalidity_date: None,
+                }],
+                key_identifier_method: rcgen::KeyIdMethod::Sha256,
+            };
+            bundle.push_str(&crl.signed_by(&issuer).unwrap().pem().unwrap());
+        }
+        FileSet {
+            cert_chain: leaf.pem().into_bytes(),
+            key: key.serialize_pem().into_bytes(),
+            trust_bundle: bundle.into_bytes(),
+        }
+    }
+
+    fn validate(files: &FileSet) -> Result<Material, ProxyError> {
+        Material::validate(files, TD, &rustls::crypto::aws_lc_rs::default_provider())
+    }
+
+    #[test]
+    fn a_bundle_that_revokes_our_own_certificate_is_still_taken_for_its_crl() {
+        let material = validate(&files("", true)).unwrap();
+        assert_eq!(material.crls.len(), 1);
+        assert_eq!(validate(&files("", false)).unwrap().crls.len(), 0);
+    }
+
+    #[test]
+    fn a_crl_that_does_not_parse_refuses_the_set_and_says_which() {
+        let garbage = "-----BEGIN X509 CRL-----\nAAECAwQF\n-----END X509 CRL-----\n";
+        let error = validate(&files(garbage, false)).unwrap_err().to_string();
+        assert!(
+            error.contains("CRL 1 of the bundle does not parse"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn a_block_the_bundle_may_not_hold_refuses_the_set() {
+        let key = generate_workload_key().unwrap().serialize_pem();
+        let error = validate(&files(&key, false)).unwrap_err().to_string();
+        assert!(
+            error.contains("unexpected PEM block \"PRIVATE KEY\""),
+            "{error}"
+        );
     }
 }

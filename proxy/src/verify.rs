@@ -1,24 +1,28 @@
-//! Peer verification. Chains, validity, signatures and EKU are rustls-webpki's; on top of that
-//! the peer must carry a rolemesh workload identity in our trust domain that the mapping admits.
-//! Both checks run inside the handshake, so a refused peer gets a TLS alert and never app bytes.
+//! Peer verification. Chains, validity, signatures, EKU and revocation against the bundle's CRLs
+//! are rustls-webpki's; on top of that the peer must carry a rolemesh workload identity in our
+//! trust domain that the mapping admits. Both checks run inside the handshake, so a refused peer
+//! gets a TLS alert and never app bytes.
+//!
+//! Revocation: every certificate of the peer's chain is checked against the CRL of its issuer
+//! when the bundle has one. A certificate whose issuer has no CRL in the bundle is not refused
+//! for that (the bundle holds CRLs "when there are any"; during a CA rotation the new CA may have
+//! none), and a CRL past its nextUpdate still revokes what it lists.
 
 use std::{fmt, io, sync::Arc};
 
 use rolemesh_profile::{WorkloadIdentity, inspect_certificate, proxy_config::PeerPattern};
 use rustls::{
-    CertificateError, DigitallySignedStruct, DistinguishedName, Error as TlsError, OtherError,
-    RootCertStore, SignatureScheme,
-    client::{
-        danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
-        verify_server_cert_signed_by_trust_anchor,
-    },
+    CertRevocationListError, CertificateError, DigitallySignedStruct, DistinguishedName,
+    Error as TlsError, OtherError, RootCertStore, SignatureScheme,
+    client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
     crypto::CryptoProvider,
-    server::{
-        ParsedCertificate,
-        danger::{ClientCertVerified, ClientCertVerifier},
-    },
+    server::danger::{ClientCertVerified, ClientCertVerifier},
 };
-use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, ServerName, UnixTime};
+use webpki::{
+    CertRevocationList, EndEntityCert, ExpirationPolicy, KeyUsage, OwnedCertRevocationList,
+    RevocationCheckDepth, RevocationOptionsBuilder, UnknownStatusPolicy,
+};
 
 /// Why a peer that presented a valid chain was still refused.
 #[derive(Debug)]
@@ -103,11 +107,16 @@ pub struct PeerClientVerifier {
 impl PeerClientVerifier {
     pub fn new(
         roots: Arc<RootCertStore>,
+        crls: &[CertificateRevocationListDer<'static>],
         provider: Arc<CryptoProvider>,
         trust_domain: &str,
         allowed: Vec<PeerPattern>,
     ) -> Result<Self, TlsError> {
+        // Chain depth and no nextUpdate enforcement are the builder's defaults; see the module
+        // comment for why an issuer without a CRL is allowed.
         let inner = rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider)
+            .with_crls(crls.iter().cloned())
+            .allow_unknown_revocation_status()
             .build()
             .map_err(|e| TlsError::General(e.to_string()))?;
         Ok(Self {
@@ -158,13 +167,15 @@ impl ClientCertVerifier for PeerClientVerifier {
     }
 }
 
-/// Verifies an upstream: chain to the bundle, validity and EKU serverAuth by rustls-webpki, then
-/// identity by SPIFFE ID / role against the mapping's expectations. The DNS name the proxy dialled
-/// is deliberately not checked: in the mesh a workload is who its certificate says, not where it
-/// was reached.
+/// Verifies an upstream: chain to the bundle, validity, EKU serverAuth and revocation by
+/// rustls-webpki, then identity by SPIFFE ID / role against the mapping's expectations. The DNS
+/// name the proxy dialled is deliberately not checked: in the mesh a workload is who its
+/// certificate says, not where it was reached. (rustls's own server verifier always checks the
+/// name, hence webpki directly.)
 #[derive(Debug)]
 pub struct UpstreamVerifier {
     roots: Arc<RootCertStore>,
+    crls: Vec<CertRevocationList<'static>>,
     provider: Arc<CryptoProvider>,
     trust_domain: String,
     expected: Vec<PeerPattern>,
@@ -173,16 +184,23 @@ pub struct UpstreamVerifier {
 impl UpstreamVerifier {
     pub fn new(
         roots: Arc<RootCertStore>,
+        crls: &[CertificateRevocationListDer<'static>],
         provider: Arc<CryptoProvider>,
         trust_domain: &str,
         expected: Vec<PeerPattern>,
-    ) -> Self {
-        Self {
+    ) -> Result<Self, TlsError> {
+        let crls = crls
+            .iter()
+            .map(|der| OwnedCertRevocationList::from_der(der).map(CertRevocationList::from))
+            .collect::<Result<_, _>>()
+            .map_err(certificate_error)?;
+        Ok(Self {
             roots,
+            crls,
             provider,
             trust_domain: trust_domain.to_string(),
             expected,
-        }
+        })
     }
 }
 
@@ -195,14 +213,26 @@ impl ServerCertVerifier for UpstreamVerifier {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, TlsError> {
-        let parsed = ParsedCertificate::try_from(end_entity)?;
-        verify_server_cert_signed_by_trust_anchor(
-            &parsed,
-            &self.roots,
+        let cert = EndEntityCert::try_from(end_entity).map_err(certificate_error)?;
+        let crls: Vec<&CertRevocationList<'_>> = self.crls.iter().collect();
+        // No CRLs, no revocation options (the builder refuses an empty list).
+        let revocation = RevocationOptionsBuilder::new(&crls).ok().map(|options| {
+            options
+                .with_depth(RevocationCheckDepth::Chain)
+                .with_status_policy(UnknownStatusPolicy::Allow)
+                .with_expiration_policy(ExpirationPolicy::Ignore)
+                .build()
+        });
+        cert.verify_for_usage(
+            self.provider.signature_verification_algorithms.all,
+            &self.roots.roots,
             intermediates,
             now,
-            self.provider.signature_verification_algorithms.all,
-        )?;
+            KeyUsage::server_auth(),
+            revocation,
+            None,
+        )
+        .map_err(certificate_error)?;
         check_peer(end_entity, &self.trust_domain, &self.expected)?;
         Ok(ServerCertVerified::assertion())
     }
@@ -239,6 +269,30 @@ impl ServerCertVerifier for UpstreamVerifier {
         self.provider
             .signature_verification_algorithms
             .supported_schemes()
+    }
+}
+
+/// rustls's error for a rustls-webpki verification failure, in the variants the client verifier
+/// (which does the same mapping inside rustls) yields, so that both directions classify alike.
+fn certificate_error(error: webpki::Error) -> TlsError {
+    use webpki::Error as E;
+    match error {
+        E::BadDer | E::BadDerTime | E::TrailingData(_) => CertificateError::BadEncoding.into(),
+        E::CertNotValidYet { time, not_before } => {
+            CertificateError::NotValidYetContext { time, not_before }.into()
+        }
+        E::CertExpired { time, not_after } => {
+            CertificateError::ExpiredContext { time, not_after }.into()
+        }
+        E::InvalidCertValidity => CertificateError::Expired.into(),
+        E::UnknownIssuer => CertificateError::UnknownIssuer.into(),
+        E::CertRevoked => CertificateError::Revoked.into(),
+        E::UnknownRevocationStatus => CertificateError::UnknownRevocationStatus.into(),
+        E::InvalidSignatureForPublicKey => CertificateError::BadSignature.into(),
+        E::RequiredEkuNotFoundContext(_) => CertificateError::InvalidPurpose.into(),
+        E::IssuerNotCrlSigner => CertRevocationListError::IssuerInvalidForCrl.into(),
+        E::InvalidCrlSignatureForPublicKey => CertRevocationListError::BadSignature.into(),
+        other => CertificateError::Other(OtherError(Arc::new(other))).into(),
     }
 }
 
@@ -281,6 +335,7 @@ fn classify_tls_error(error: &TlsError) -> &'static str {
             }
             _ => "bad_certificate",
         },
+        TlsError::InvalidCertRevocationList(_) => "bad_crl",
         TlsError::NoCertificatesPresented => "no_client_certificate",
         TlsError::PeerIncompatible(
             P::SupportedVersionsExtensionRequired

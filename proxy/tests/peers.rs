@@ -27,22 +27,46 @@ struct Inbound {
 }
 
 fn inbound(app_port: u16) -> Inbound {
+    inbound_with_bundle(app_port, |ca| ca.pem.clone()).0
+}
+
+/// An inbound proxy whose trust bundle is what `bundle` makes of its CA; also returns the
+/// mounted identity, to update it as kubelet would.
+fn inbound_with_bundle(
+    app_port: u16,
+    bundle: impl FnOnce(&Ca) -> String,
+) -> (Inbound, MountedSecret) {
     let dir = temp_dir("in");
     let ca = Ca::new(TD);
     let port = free_port();
-    let (proxy, _) = Proxy::with_identity(
+    let (proxy, mounted) = Proxy::with_identity(
         &dir,
         &ca.leaf("payments", SERVER_ROLE),
-        &ca.pem,
+        &bundle(&ca),
         json!({"inbound": [{"name": "api", "port": port, "appPort": app_port,
                             "allow": [CLIENT_ROLE, "spiffe://rolemesh.test/ns/tools/sa/*"]}]}),
     );
-    Inbound {
+    let setup = Inbound {
         dir,
         ca,
         proxy,
         port,
-    }
+    };
+    (setup, mounted)
+}
+
+/// `openssl s_client` presenting `leaf` to the setup's inbound port.
+fn s_client_with(setup: &Inbound, name: &str, leaf: &Leaf) -> (bool, String) {
+    let (cert, key, _) = client_files(&setup.dir, name, leaf, &setup.ca.pem);
+    s_client(
+        setup.port,
+        &[
+            "-cert",
+            cert.to_str().unwrap(),
+            "-key",
+            key.to_str().unwrap(),
+        ],
+    )
 }
 
 fn good_client(setup: &Inbound) -> (bool, String) {
@@ -317,6 +341,57 @@ fn role_not_on_the_allow_list_is_refused() {
 }
 
 #[test]
+fn revoked_client_certificate_is_refused() {
+    let mut revoked = None;
+    let (setup, _) = inbound_with_bundle(echo_app(), |ca| {
+        let leaf = ca.leaf("frontend", CLIENT_ROLE);
+        let bundle = format!("{}{}", ca.pem, ca.crl(&[&leaf]));
+        revoked = Some(leaf);
+        bundle
+    });
+    // A chain, role and SPIFFE ID the mapping admits; only the CRL in the bundle stands in the way.
+    let (_, out) = s_client_with(&setup, "revoked", &revoked.unwrap());
+    // ...and the good client of assert_refused is a sibling under the same CA and CRL.
+    assert_refused(&setup, &out, "revoked");
+}
+
+#[test]
+fn crl_in_an_updated_bundle_refuses_the_next_handshakes_without_a_restart() {
+    let (setup, mut mounted) = inbound_with_bundle(echo_app(), |ca| ca.pem.clone());
+    let client = setup.ca.leaf("frontend", CLIENT_ROLE);
+    let (ok, out) = s_client_with(&setup, "before", &client);
+    assert!(ok && out.contains(BANNER), "{out}");
+    let server = setup.ca.leaf("payments", SERVER_ROLE);
+    let bundle = format!("{}{}", setup.ca.pem, setup.ca.crl(&[&client]));
+    mounted.swap(
+        server.chain_pem.as_bytes(),
+        server.key_pem.as_bytes(),
+        &bundle,
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, out) = s_client_with(&setup, "after", &client);
+        if !out.contains(BANNER) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the revoked client is still served: {}",
+            setup.proxy.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        setup.proxy.failures("revoked"),
+        1,
+        "{}",
+        setup.proxy.metrics()
+    );
+    let (ok, out) = good_client(&setup);
+    assert!(ok && out.contains(BANNER), "good peer not served: {out}");
+}
+
+#[test]
 fn spiffe_pattern_admits_a_matching_peer() {
     let setup = inbound(echo_app());
     let leaf = setup.ca.leaf_with(
@@ -346,9 +421,23 @@ fn spiffe_pattern_admits_a_matching_peer() {
 
 /// Outbound: a plain local listener dialling `openssl s_server` over mTLS.
 fn outbound_to_s_server(server_role: &str) -> (Proxy, u16, String, std::process::Child) {
+    outbound_to_s_server_with(server_role, false)
+}
+
+/// Like [`outbound_to_s_server`]; with `revoke_server` the proxy's bundle carries a CRL that
+/// revokes the server's certificate.
+fn outbound_to_s_server_with(
+    server_role: &str,
+    revoke_server: bool,
+) -> (Proxy, u16, String, std::process::Child) {
     let dir = temp_dir("out");
     let ca = Ca::new(TD);
     let server_leaf = ca.leaf("payments", server_role);
+    let bundle = if revoke_server {
+        format!("{}{}", ca.pem, ca.crl(&[&server_leaf]))
+    } else {
+        ca.pem.clone()
+    };
     let (cert, key, ca_file) = client_files(&dir, "server", &server_leaf, &ca.pem);
     let upstream_port = free_port();
     let server = Command::new("openssl")
@@ -376,7 +465,7 @@ fn outbound_to_s_server(server_role: &str) -> (Proxy, u16, String, std::process:
     let (proxy, _) = Proxy::with_identity(
         &dir,
         &ca.leaf("frontend", CLIENT_ROLE),
-        &ca.pem,
+        &bundle,
         json!({"outbound": [{"name": "payments", "localPort": local,
                              "upstream": format!("127.0.0.1:{upstream_port}"),
                              "expect": [SERVER_ROLE]}]}),
@@ -429,6 +518,18 @@ fn upstream_with_the_wrong_identity_is_refused() {
         1,
         "{log}"
     );
+}
+
+#[test]
+fn upstream_with_a_revoked_certificate_is_refused() {
+    let (proxy, local, _, mut server) = outbound_to_s_server_with(SERVER_ROLE, true);
+    let got = talk_plain(local, "olleh\n");
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(got.is_empty(), "got {got:?}");
+    assert_eq!(proxy.failures("revoked"), 1, "{}", proxy.metrics());
+    let log = proxy.log_text();
+    assert_eq!(log.matches("\"reason\":\"revoked\"").count(), 1, "{log}");
 }
 
 #[test]

@@ -38,6 +38,7 @@ pub struct Leaf {
     pub chain_pem: String,
     pub key_pem: String,
     pub serial_hex: String,
+    pub serial: Option<rcgen::SerialNumber>,
 }
 
 impl Ca {
@@ -69,6 +70,7 @@ impl Ca {
             )
             .unwrap();
         tweak(&mut params);
+        let serial = params.serial_number.clone();
         let key = generate_workload_key().unwrap();
         let issuer = Issuer::from_params(&self.params, &self.key);
         let cert = params.signed_by(&key, &issuer).unwrap();
@@ -77,11 +79,38 @@ impl Ca {
             chain_pem: cert.pem(),
             key_pem: key.serialize_pem(),
             serial_hex,
+            serial,
         }
     }
 
     pub fn leaf(&self, sa: &str, role: &str) -> Leaf {
         self.leaf_with(TD, sa, role, |_| {})
+    }
+
+    /// A CRL signed by this CA that revokes `revoked` (PEM), as a bundle would carry it.
+    pub fn crl(&self, revoked: &[&Leaf]) -> String {
+        let now = OffsetDateTime::now_utc();
+        let params = rcgen::CertificateRevocationListParams {
+            this_update: now - time::Duration::minutes(1),
+            next_update: now + time::Duration::days(1),
+            crl_number: rcgen::SerialNumber::from(1u64),
+            issuing_distribution_point: None,
+            revoked_certs: revoked
+                .iter()
+                .map(|leaf| rcgen::RevokedCertParams {
+                    serial_number: leaf.serial.clone().expect("the profile sets a serial"),
+                    revocation_time: now - time::Duration::minutes(1),
+                    reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        };
+        params
+            .signed_by(&Issuer::from_params(&self.params, &self.key))
+            .unwrap()
+            .pem()
+            .unwrap()
     }
 }
 
