@@ -355,6 +355,54 @@ fn revoked_client_certificate_is_refused() {
     assert_refused(&setup, &out, "revoked");
 }
 
+/// The case `MTLSAuthority.spec.ca.crls` is for: the user's root revokes an intermediate it
+/// retired; peers under it are refused, peers under the current intermediate are served.
+#[test]
+fn peer_under_an_intermediate_the_root_revoked_is_refused() {
+    let root = Ca::root_of_intermediates(TD);
+    let current = root.intermediate(TD);
+    let retired = root.intermediate(TD);
+    let dir = temp_dir("in");
+    let port = free_port();
+    let bundle = format!("{}{}", root.pem, root.crl_of(vec![retired.serial()]));
+    let (proxy, _) = Proxy::with_identity(
+        &dir,
+        &current.leaf("payments", SERVER_ROLE),
+        &bundle,
+        json!({"inbound": [{"name": "api", "port": port, "appPort": echo_app(),
+                            "allow": [CLIENT_ROLE]}]}),
+    );
+    let connect = |name: &str, ca: &Ca| {
+        let (cert, key, ca_file) =
+            client_files(&dir, name, &ca.leaf("frontend", CLIENT_ROLE), &root.pem);
+        // s_client sends only the first certificate of -cert; the intermediate goes separately.
+        let intermediate = dir.join(format!("{name}-intermediate.crt"));
+        std::fs::write(&intermediate, &ca.pem).unwrap();
+        s_client(
+            port,
+            &[
+                "-cert",
+                cert.to_str().unwrap(),
+                "-cert_chain",
+                intermediate.to_str().unwrap(),
+                "-key",
+                key.to_str().unwrap(),
+                "-CAfile",
+                ca_file.to_str().unwrap(),
+                "-verify_return_error",
+            ],
+        )
+    };
+    let (_, out) = connect("retired", &retired);
+    assert!(
+        !out.contains(BANNER),
+        "app bytes reached a revoked chain: {out}"
+    );
+    assert_eq!(proxy.failures("revoked"), 1, "{out}\n{}", proxy.log_text());
+    let (ok, out) = connect("current", &current);
+    assert!(ok && out.contains(BANNER), "{out}");
+}
+
 #[test]
 fn crl_in_an_updated_bundle_refuses_the_next_handshakes_without_a_restart() {
     let (setup, mut mounted) = inbound_with_bundle(echo_app(), |ca| ca.pem.clone());

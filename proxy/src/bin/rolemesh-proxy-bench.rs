@@ -291,10 +291,22 @@ fn median(mut values: Vec<f64>) -> f64 {
     }
 }
 
+/// A port nothing listens on now and not handed out before in this run (the kernel may give a
+/// just-released port to the next bind).
 fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    static HANDED_OUT: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let mut handed_out = HANDED_OUT
+            .lock()
+            .map_err(|_| anyhow::anyhow!("port list poisoned"))?;
+        if handed_out.insert(port) {
+            return Ok(port);
+        }
+    }
 }
 
 async fn wait_port(port: u16) -> anyhow::Result<()> {

@@ -32,6 +32,8 @@ pub struct Ca {
     params: CertificateParams,
     key: KeyPair,
     pub pem: String,
+    /// For an intermediate, its certificate: every leaf's chain carries it after the leaf.
+    chain_suffix: String,
 }
 
 pub struct Leaf {
@@ -50,7 +52,53 @@ impl Ca {
             OffsetDateTime::now_utc(),
         );
         let pem = params.self_signed(&key).unwrap().pem();
-        Ca { params, key, pem }
+        Ca {
+            params,
+            key,
+            pem,
+            chain_suffix: String::new(),
+        }
+    }
+
+    /// A root that may sign intermediates (the profile's CA may sign only leaves), as a user's
+    /// offline root would.
+    pub fn root_of_intermediates(trust_domain: &str) -> Ca {
+        let mut ca = Ca::new(trust_domain);
+        ca.params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        // A name of its own: an intermediate with the root's name would look self-signed.
+        ca.params.distinguished_name = rcgen::DistinguishedName::new();
+        ca.params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "offline root");
+        ca.pem = ca.params.self_signed(&ca.key).unwrap().pem();
+        ca
+    }
+
+    /// An intermediate CA in the rolemesh profile signed by this root; its leaves carry it.
+    pub fn intermediate(&self, trust_domain: &str) -> Ca {
+        let key = generate_workload_key().unwrap();
+        let params = ca_params(
+            trust_domain,
+            Duration::from_secs(30 * 86400),
+            OffsetDateTime::now_utc(),
+        );
+        let pem = params
+            .signed_by(&key, &Issuer::from_params(&self.params, &self.key))
+            .unwrap()
+            .pem();
+        Ca {
+            params,
+            key,
+            chain_suffix: pem.clone(),
+            pem,
+        }
+    }
+
+    pub fn serial(&self) -> rcgen::SerialNumber {
+        self.params
+            .serial_number
+            .clone()
+            .expect("ca_params sets a serial")
     }
 
     /// A leaf from the rolemesh profile, with `tweak` applied to make it bad in one way.
@@ -76,7 +124,7 @@ impl Ca {
         let cert = params.signed_by(&key, &issuer).unwrap();
         let serial_hex = inspect_certificate(cert.der()).unwrap().serial_hex;
         Leaf {
-            chain_pem: cert.pem(),
+            chain_pem: format!("{}{}", cert.pem(), self.chain_suffix),
             key_pem: key.serialize_pem(),
             serial_hex,
             serial,
@@ -89,16 +137,26 @@ impl Ca {
 
     /// A CRL signed by this CA that revokes `revoked` (PEM), as a bundle would carry it.
     pub fn crl(&self, revoked: &[&Leaf]) -> String {
+        self.crl_of(
+            revoked
+                .iter()
+                .map(|leaf| leaf.serial.clone().expect("the profile sets a serial"))
+                .collect(),
+        )
+    }
+
+    /// A CRL signed by this CA that revokes the certificates with these serials (PEM).
+    pub fn crl_of(&self, serials: Vec<rcgen::SerialNumber>) -> String {
         let now = OffsetDateTime::now_utc();
         let params = rcgen::CertificateRevocationListParams {
             this_update: now - time::Duration::minutes(1),
             next_update: now + time::Duration::days(1),
             crl_number: rcgen::SerialNumber::from(1u64),
             issuing_distribution_point: None,
-            revoked_certs: revoked
-                .iter()
-                .map(|leaf| rcgen::RevokedCertParams {
-                    serial_number: leaf.serial.clone().expect("the profile sets a serial"),
+            revoked_certs: serials
+                .into_iter()
+                .map(|serial_number| rcgen::RevokedCertParams {
+                    serial_number,
                     revocation_time: now - time::Duration::minutes(1),
                     reason_code: Some(rcgen::RevocationReason::KeyCompromise),
                     invalidity_date: None,
@@ -172,12 +230,22 @@ impl MountedSecret {
     }
 }
 
+/// A port nothing listens on now and that this process has not handed out before: the kernel
+/// may give a just-released port to the next bind, and two listeners of one proxy (a mapping and
+/// the admin port) must not get the same one.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static HANDED_OUT: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if HANDED_OUT.lock().unwrap().insert(port) {
+            return port;
+        }
+    }
 }
 
 /// An app on 127.0.0.1 that greets with [`BANNER`] and echoes lines until it reads `quit`.
