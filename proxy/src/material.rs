@@ -13,12 +13,8 @@ use rolemesh_profile::{
     proxy_config::ProxyConfig,
 };
 use rustls::{
-    ClientConfig, RootCertStore, ServerConfig,
-    client::{Resumption, verify_server_cert_signed_by_trust_anchor},
-    crypto::CryptoProvider,
-    server::{NoServerSessionStorage, ParsedCertificate},
-    sign::CertifiedKey,
-    version::TLS13,
+    ClientConfig, RootCertStore, ServerConfig, client::Resumption, crypto::CryptoProvider,
+    server::NoServerSessionStorage, sign::CertifiedKey, version::TLS13,
 };
 use rustls_pki_types::{
     CertificateDer, CertificateRevocationListDer, PrivateKeyDer, UnixTime, pem::PemObject,
@@ -26,7 +22,7 @@ use rustls_pki_types::{
 
 use crate::{
     ProxyError,
-    verify::{PeerClientVerifier, UpstreamVerifier},
+    verify::{PeerClientVerifier, UpstreamVerifier, parse_crls, verify_server_chain},
 };
 
 /// The raw bytes of one certificate set as found on disk.
@@ -94,6 +90,8 @@ pub struct Material {
     /// The bundle's CRLs, enforced on peers (never on our own certificate: a bundle that revokes
     /// it must still be taken, so that peers are checked against it).
     pub crls: Arc<[CertificateRevocationListDer<'static>]>,
+    /// The bundle's CRLs revoke a certificate of our own chain: peers will refuse us.
+    pub own_chain_revoked: bool,
     pub identity: WorkloadIdentity,
     pub serial_hex: String,
     pub not_after_unix: i64,
@@ -163,15 +161,17 @@ impl Material {
         let leaf = certified_key
             .end_entity_cert()
             .map_err(|e| invalid("tls.crt", &e))?;
-        let parsed = ParsedCertificate::try_from(leaf).map_err(|e| invalid("tls.crt", &e))?;
-        verify_server_cert_signed_by_trust_anchor(
-            &parsed,
-            &roots,
-            certified_key.cert.get(1..).unwrap_or_default(),
-            UnixTime::now(),
-            provider.signature_verification_algorithms.all,
-        )
-        .map_err(|e| invalid("tls.crt does not chain to the trust bundle", &e))?;
+        let intermediates = certified_key.cert.get(1..).unwrap_or_default();
+        let now = UnixTime::now();
+        verify_server_chain(leaf, intermediates, &roots, &[], provider, now)
+            .map_err(|e| invalid("tls.crt does not chain to the trust bundle", &e))?;
+        // The verdict a peer holding this bundle reaches on us; only worth a warning (see `crls`).
+        let own_chain_revoked = parse_crls(&crls).is_ok_and(|parsed| {
+            matches!(
+                verify_server_chain(leaf, intermediates, &roots, &parsed, provider, now),
+                Err(webpki::Error::CertRevoked)
+            )
+        });
         let info = inspect_certificate(leaf).map_err(|e| invalid("tls.crt", &e))?;
         let identity = info
             .workload_identity()
@@ -186,6 +186,7 @@ impl Material {
             certified_key: Arc::new(certified_key),
             roots: Arc::new(roots),
             crls: crls.into(),
+            own_chain_revoked,
             identity,
             serial_hex: info.serial_hex,
             not_after_unix: info.not_after.unix_timestamp(),
@@ -349,7 +350,9 @@ mod tests {
     fn a_bundle_that_revokes_our_own_certificate_is_still_taken_for_its_crl() {
         let material = validate(&files("", true)).unwrap();
         assert_eq!(material.crls.len(), 1);
-        assert_eq!(validate(&files("", false)).unwrap().crls.len(), 0);
+        assert!(material.own_chain_revoked);
+        let material = validate(&files("", false)).unwrap();
+        assert!(material.crls.is_empty() && !material.own_chain_revoked);
     }
 
     #[test]

@@ -257,6 +257,12 @@ impl Reloader {
                     not_after = material.not_after_unix,
                     "certificate set loaded"
                 );
+                if material.own_chain_revoked {
+                    warn!(
+                        serial = %material.serial_hex,
+                        "a CRL in the trust bundle revokes this workload's own certificate chain; peers holding the same bundle will refuse it until it is re-issued under a CA that is not revoked"
+                    );
+                }
                 shared.metrics.set_not_after(material.not_after_unix);
                 shared.metrics.reload(true);
                 shared.tls.store(Some(Arc::new(configs)));

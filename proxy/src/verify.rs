@@ -189,11 +189,7 @@ impl UpstreamVerifier {
         trust_domain: &str,
         expected: Vec<PeerPattern>,
     ) -> Result<Self, TlsError> {
-        let crls = crls
-            .iter()
-            .map(|der| OwnedCertRevocationList::from_der(der).map(CertRevocationList::from))
-            .collect::<Result<_, _>>()
-            .map_err(certificate_error)?;
+        let crls = parse_crls(crls).map_err(certificate_error)?;
         Ok(Self {
             roots,
             crls,
@@ -213,24 +209,13 @@ impl ServerCertVerifier for UpstreamVerifier {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, TlsError> {
-        let cert = EndEntityCert::try_from(end_entity).map_err(certificate_error)?;
-        let crls: Vec<&CertRevocationList<'_>> = self.crls.iter().collect();
-        // No CRLs, no revocation options (the builder refuses an empty list).
-        let revocation = RevocationOptionsBuilder::new(&crls).ok().map(|options| {
-            options
-                .with_depth(RevocationCheckDepth::Chain)
-                .with_status_policy(UnknownStatusPolicy::Allow)
-                .with_expiration_policy(ExpirationPolicy::Ignore)
-                .build()
-        });
-        cert.verify_for_usage(
-            self.provider.signature_verification_algorithms.all,
-            &self.roots.roots,
+        verify_server_chain(
+            end_entity,
             intermediates,
+            &self.roots,
+            &self.crls,
+            &self.provider,
             now,
-            KeyUsage::server_auth(),
-            revocation,
-            None,
         )
         .map_err(certificate_error)?;
         check_peer(end_entity, &self.trust_domain, &self.expected)?;
@@ -270,6 +255,48 @@ impl ServerCertVerifier for UpstreamVerifier {
             .signature_verification_algorithms
             .supported_schemes()
     }
+}
+
+/// The bundle's CRLs as rustls-webpki takes them.
+pub fn parse_crls(
+    crls: &[CertificateRevocationListDer<'_>],
+) -> Result<Vec<CertRevocationList<'static>>, webpki::Error> {
+    crls.iter()
+        .map(|der| OwnedCertRevocationList::from_der(der).map(CertRevocationList::from))
+        .collect()
+}
+
+/// rustls-webpki's path validation of a server certificate: chain to `roots`, validity, EKU
+/// serverAuth, and every certificate of the chain against its issuer's CRL in `crls` (see the
+/// module comment for the policy).
+pub fn verify_server_chain(
+    end_entity: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
+    roots: &RootCertStore,
+    crls: &[CertRevocationList<'_>],
+    provider: &CryptoProvider,
+    now: UnixTime,
+) -> Result<(), webpki::Error> {
+    let cert = EndEntityCert::try_from(end_entity)?;
+    let crls: Vec<&CertRevocationList<'_>> = crls.iter().collect();
+    // No CRLs, no revocation options (the builder refuses an empty list).
+    let revocation = RevocationOptionsBuilder::new(&crls).ok().map(|options| {
+        options
+            .with_depth(RevocationCheckDepth::Chain)
+            .with_status_policy(UnknownStatusPolicy::Allow)
+            .with_expiration_policy(ExpirationPolicy::Ignore)
+            .build()
+    });
+    cert.verify_for_usage(
+        provider.signature_verification_algorithms.all,
+        &roots.roots,
+        intermediates,
+        now,
+        KeyUsage::server_auth(),
+        revocation,
+        None,
+    )?;
+    Ok(())
 }
 
 /// rustls's error for a rustls-webpki verification failure, in the variants the client verifier
