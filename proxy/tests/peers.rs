@@ -55,35 +55,24 @@ fn inbound_with_bundle(
     (setup, mounted)
 }
 
-/// `openssl s_client` presenting `leaf` to the setup's inbound port.
-fn s_client_with(setup: &Inbound, name: &str, leaf: &Leaf) -> (bool, String) {
-    let (cert, key, _) = client_files(&setup.dir, name, leaf, &setup.ca.pem);
-    s_client(
-        setup.port,
-        &[
-            "-cert",
-            cert.to_str().unwrap(),
-            "-key",
-            key.to_str().unwrap(),
-        ],
-    )
+/// `openssl s_client` presenting `leaf` to the setup's inbound port; with `verify_server` it
+/// also checks the proxy's certificate against the setup's CA.
+fn s_client_with(setup: &Inbound, name: &str, leaf: &Leaf, verify_server: bool) -> (bool, String) {
+    let (cert, key, ca) = client_files(&setup.dir, name, leaf, &setup.ca.pem);
+    let (cert, key, ca) = (
+        cert.to_str().unwrap(),
+        key.to_str().unwrap(),
+        ca.to_str().unwrap(),
+    );
+    let mut args = vec!["-cert", cert, "-key", key];
+    if verify_server {
+        args.extend(["-CAfile", ca, "-verify_return_error"]);
+    }
+    s_client(setup.port, &args)
 }
 
 fn good_client(setup: &Inbound) -> (bool, String) {
-    let leaf = setup.ca.leaf("frontend", CLIENT_ROLE);
-    let (cert, key, ca) = client_files(&setup.dir, "good", &leaf, &setup.ca.pem);
-    s_client(
-        setup.port,
-        &[
-            "-cert",
-            cert.to_str().unwrap(),
-            "-key",
-            key.to_str().unwrap(),
-            "-CAfile",
-            ca.to_str().unwrap(),
-            "-verify_return_error",
-        ],
-    )
+    s_client_with(setup, "good", &setup.ca.leaf("frontend", CLIENT_ROLE), true)
 }
 
 #[test]
@@ -176,42 +165,23 @@ fn assert_refused(setup: &Inbound, out: &str, reason: &str) {
     );
 }
 
-fn refused_leaf(leaf: Leaf, ca_pem: Option<&str>, reason: &str) {
+fn refused_leaf(leaf: Leaf, reason: &str) {
     let setup = inbound(echo_app());
-    let (cert, key, _) = client_files(&setup.dir, "bad", &leaf, ca_pem.unwrap_or(&setup.ca.pem));
-    let (ok, out) = s_client(
-        setup.port,
-        &[
-            "-cert",
-            cert.to_str().unwrap(),
-            "-key",
-            key.to_str().unwrap(),
-        ],
-    );
+    let (ok, out) = s_client_with(&setup, "bad", &leaf, false);
     assert!(!ok || !out.contains(BANNER), "{out}");
     assert_refused(&setup, &out, reason);
 }
 
-/// A leaf issued by a CA the proxy does not trust, named `ca_trust_domain`.
-fn with_ca(ca_trust_domain: &str, f: impl FnOnce(&Ca) -> Leaf) -> (Leaf, Ca) {
-    let ca = Ca::new(ca_trust_domain);
-    (f(&ca), ca)
+/// A client leaf issued by a CA the proxy does not trust, for trust domain `ca_trust_domain`.
+fn leaf_of_another_ca(ca_trust_domain: &str) -> Leaf {
+    Ca::new(ca_trust_domain).leaf("frontend", CLIENT_ROLE)
 }
 
 /// Like [`refused_leaf`] but the bad leaf is signed by the proxy's own CA.
 fn refused_from_our_ca(reason: &str, make: impl FnOnce(&Ca) -> Leaf) {
     let setup = inbound(echo_app());
     let leaf = make(&setup.ca);
-    let (cert, key, _) = client_files(&setup.dir, "bad", &leaf, &setup.ca.pem);
-    let (_, out) = s_client(
-        setup.port,
-        &[
-            "-cert",
-            cert.to_str().unwrap(),
-            "-key",
-            key.to_str().unwrap(),
-        ],
-    );
+    let (_, out) = s_client_with(&setup, "bad", &leaf, false);
     assert_refused(&setup, &out, reason);
 }
 
@@ -293,15 +263,13 @@ fn not_yet_valid_certificate_is_refused() {
 
 #[test]
 fn certificate_from_another_ca_is_refused() {
-    let (leaf, other) = with_ca("other.test", |ca| ca.leaf("frontend", CLIENT_ROLE));
-    refused_leaf(leaf, Some(&other.pem), "unknown_issuer");
+    refused_leaf(leaf_of_another_ca("other.test"), "unknown_issuer");
 }
 
 #[test]
 fn certificate_from_an_impostor_ca_with_our_ca_name_is_refused() {
     // Same subject as the real CA, different key: found as issuer by name, fails the signature.
-    let (leaf, other) = with_ca(TD, |ca| ca.leaf("frontend", CLIENT_ROLE));
-    refused_leaf(leaf, Some(&other.pem), "bad_signature");
+    refused_leaf(leaf_of_another_ca(TD), "bad_signature");
 }
 
 #[test]
@@ -350,7 +318,7 @@ fn revoked_client_certificate_is_refused() {
         bundle
     });
     // A chain, role and SPIFFE ID the mapping admits; only the CRL in the bundle stands in the way.
-    let (_, out) = s_client_with(&setup, "revoked", &revoked.unwrap());
+    let (_, out) = s_client_with(&setup, "revoked", &revoked.unwrap(), false);
     // ...and the good client of assert_refused is a sibling under the same CA and CRL.
     assert_refused(&setup, &out, "revoked");
 }
@@ -407,7 +375,7 @@ fn peer_under_an_intermediate_the_root_revoked_is_refused() {
 fn crl_in_an_updated_bundle_refuses_the_next_handshakes_without_a_restart() {
     let (setup, mut mounted) = inbound_with_bundle(echo_app(), |ca| ca.pem.clone());
     let client = setup.ca.leaf("frontend", CLIENT_ROLE);
-    let (ok, out) = s_client_with(&setup, "before", &client);
+    let (ok, out) = s_client_with(&setup, "before", &client, false);
     assert!(ok && out.contains(BANNER), "{out}");
     let server = setup.ca.leaf("payments", SERVER_ROLE);
     let bundle = format!("{}{}", setup.ca.pem, setup.ca.crl(&[&client]));
@@ -418,7 +386,7 @@ fn crl_in_an_updated_bundle_refuses_the_next_handshakes_without_a_restart() {
     );
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let (_, out) = s_client_with(&setup, "after", &client);
+        let (_, out) = s_client_with(&setup, "after", &client, false);
         if !out.contains(BANNER) {
             break;
         }
