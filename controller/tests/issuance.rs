@@ -582,19 +582,12 @@ async fn a_user_supplied_intermediate_ca_signs_with_its_chain() -> Result<()> {
         &rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?,
         &root_issuer,
     )?;
-    let root_crl = rcgen::CertificateRevocationListParams {
-        this_update: now,
-        next_update: now + time::Duration::days(7),
-        crl_number: rcgen::SerialNumber::from(1u64),
-        issuing_distribution_point: None,
-        revoked_certs: vec![rcgen::RevokedCertParams {
-            serial_number: retired_serial,
-            revocation_time: now,
-            reason_code: Some(rcgen::RevocationReason::Superseded),
-            invalidity_date: None,
-        }],
-        key_identifier_method: rcgen::KeyIdMethod::Sha256,
-    }
+    let root_crl = rolemesh_profile::profile::crl_params(
+        vec![retired_serial],
+        1,
+        now,
+        Duration::from_secs(7 * 86400),
+    )
     .signed_by(&root_issuer)?;
     let spec = json!({
         "trustDomain": "user.test",

@@ -232,25 +232,18 @@ pub fn sha256_hex(der: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::profile::{DEFAULT_CA_DURATION, ca_params, generate_workload_key};
-    use rcgen::{CertificateRevocationListParams, Issuer, KeyIdMethod, SerialNumber};
-    use time::{Duration, OffsetDateTime};
+    use crate::profile::{DEFAULT_CA_DURATION, ca_params, crl_params, generate_workload_key};
+    use rcgen::Issuer;
+    use time::OffsetDateTime;
 
     fn ca_and_crl() -> (String, String) {
         let now = OffsetDateTime::now_utc();
         let key = generate_workload_key().unwrap();
         let params = ca_params("rolemesh.local", DEFAULT_CA_DURATION, now);
         let ca_pem = params.self_signed(&key).unwrap().pem();
-        let crl = CertificateRevocationListParams {
-            this_update: now,
-            next_update: now + Duration::days(1),
-            crl_number: SerialNumber::from(1u64),
-            issuing_distribution_point: None,
-            revoked_certs: Vec::new(),
-            key_identifier_method: KeyIdMethod::Sha256,
-        }
-        .signed_by(&Issuer::from_params(&params, &key))
-        .unwrap();
+        let crl = crl_params(Vec::new(), 1, now, std::time::Duration::from_secs(86400))
+            .signed_by(&Issuer::from_params(&params, &key))
+            .unwrap();
         (ca_pem, crl.pem().unwrap())
     }
 

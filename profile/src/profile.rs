@@ -142,6 +142,34 @@ pub fn ca_params(trust_domain: &str, duration: Duration, now: OffsetDateTime) ->
     params
 }
 
+/// Parameters of a CRL that revokes the certificates with `revoked` serials, issued now (backdated
+/// like certificates, for peers whose clocks run behind) and promising the next within
+/// `next_update_in`. rolemesh issues no CRLs itself (see docs/security-model.md#revocation); this
+/// is the shape the trust bundle's CRLs are checked in, for tests and tools.
+pub fn crl_params(
+    revoked: Vec<SerialNumber>,
+    crl_number: u64,
+    now: OffsetDateTime,
+    next_update_in: Duration,
+) -> rcgen::CertificateRevocationListParams {
+    rcgen::CertificateRevocationListParams {
+        this_update: now - BACKDATE,
+        next_update: now + next_update_in,
+        crl_number: SerialNumber::from(crl_number),
+        issuing_distribution_point: None,
+        revoked_certs: revoked
+            .into_iter()
+            .map(|serial_number| rcgen::RevokedCertParams {
+                serial_number,
+                revocation_time: now - BACKDATE,
+                reason_code: None,
+                invalidity_date: None,
+            })
+            .collect(),
+        key_identifier_method: rcgen::KeyIdMethod::Sha256,
+    }
+}
+
 /// The role-ARN extension: non-critical, a DER UTF8String.
 pub fn role_extension(role_arn: &str) -> CustomExtension {
     let content = yasna::construct_der(|writer| writer.write_utf8_string(role_arn));

@@ -293,7 +293,7 @@ mod tests {
     use super::*;
     use rolemesh_profile::{
         CertificateProfile, SpiffeId,
-        profile::{ca_params, generate_workload_key},
+        profile::{ca_params, crl_params, generate_workload_key},
     };
     use time::OffsetDateTime;
 
@@ -320,19 +320,7 @@ mod tests {
         let leaf = params.signed_by(&key, &issuer).unwrap();
         let mut bundle = format!("{ca_pem}{extra}");
         if revoke_own {
-            let crl = rcgen::CertificateRevocationListParams {
-                this_update: now,
-                next_update: now + time::Duration::days(1),
-                crl_number: rcgen::SerialNumber::from(7u64),
-                issuing_distribution_point: None,
-                revoked_certs: vec![rcgen::RevokedCertParams {
-                    serial_number: serial,
-                    revocation_time: now,
-                    reason_code: None,
-                    invalidity_date: None,
-                }],
-                key_identifier_method: rcgen::KeyIdMethod::Sha256,
-            };
+            let crl = crl_params(vec![serial], 7, now, std::time::Duration::from_secs(86400));
             bundle.push_str(&crl.signed_by(&issuer).unwrap().pem().unwrap());
         }
         FileSet {

@@ -14,7 +14,7 @@ use std::{
 use rcgen::{CertificateParams, Issuer, KeyPair, SanType};
 use rolemesh_profile::{
     CertificateProfile, SpiffeId, WorkloadIdentity, inspect_certificate,
-    profile::{ca_params, generate_workload_key},
+    profile::{ca_params, crl_params, generate_workload_key},
 };
 use rustls::{ClientConfig, RootCertStore};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject};
@@ -147,23 +147,12 @@ impl Ca {
 
     /// A CRL signed by this CA that revokes the certificates with these serials (PEM).
     pub fn crl_of(&self, serials: Vec<rcgen::SerialNumber>) -> String {
-        let now = OffsetDateTime::now_utc();
-        let params = rcgen::CertificateRevocationListParams {
-            this_update: now - time::Duration::minutes(1),
-            next_update: now + time::Duration::days(1),
-            crl_number: rcgen::SerialNumber::from(1u64),
-            issuing_distribution_point: None,
-            revoked_certs: serials
-                .into_iter()
-                .map(|serial_number| rcgen::RevokedCertParams {
-                    serial_number,
-                    revocation_time: now - time::Duration::minutes(1),
-                    reason_code: Some(rcgen::RevocationReason::KeyCompromise),
-                    invalidity_date: None,
-                })
-                .collect(),
-            key_identifier_method: rcgen::KeyIdMethod::Sha256,
-        };
+        let params = crl_params(
+            serials,
+            1,
+            OffsetDateTime::now_utc(),
+            Duration::from_secs(86400),
+        );
         params
             .signed_by(&Issuer::from_params(&self.params, &self.key))
             .unwrap()
