@@ -166,12 +166,13 @@ impl Material {
         verify_server_chain(leaf, intermediates, &roots, &[], provider, now)
             .map_err(|e| invalid("tls.crt does not chain to the trust bundle", &e))?;
         // The verdict a peer holding this bundle reaches on us; only worth a warning (see `crls`).
-        let own_chain_revoked = parse_crls(&crls).is_ok_and(|parsed| {
-            matches!(
-                verify_server_chain(leaf, intermediates, &roots, &parsed, provider, now),
-                Err(webpki::Error::CertRevoked)
-            )
-        });
+        let own_chain_revoked = !crls.is_empty()
+            && parse_crls(&crls).is_ok_and(|parsed| {
+                matches!(
+                    verify_server_chain(leaf, intermediates, &roots, &parsed, provider, now),
+                    Err(webpki::Error::CertRevoked)
+                )
+            });
         let info = inspect_certificate(leaf).map_err(|e| invalid("tls.crt", &e))?;
         let identity = info
             .workload_identity()

@@ -519,33 +519,32 @@ fn outbound_reaches_openssl_s_server_with_the_expected_identity() {
     assert!(got.contains("hello"), "got {got:?}; {}", proxy.log_text());
 }
 
-#[test]
-fn upstream_with_the_wrong_identity_is_refused() {
-    let (proxy, local, _, mut server) =
-        outbound_to_s_server("arn:aws:iam::111122223333:role/impostor");
+/// The outbound proxy dials `openssl s_server` and refuses it for `reason`: no bytes reach the
+/// local client, the refusal is counted once and logged once.
+fn assert_upstream_refused(server_role: &str, revoke_server: bool, reason: &str) {
+    let (proxy, local, _, mut server) = outbound_to_s_server_with(server_role, revoke_server);
     let got = talk_plain(local, "olleh\n");
     let _ = server.kill();
     let _ = server.wait();
     assert!(got.is_empty(), "got {got:?}");
-    assert_eq!(proxy.failures("not_allowed"), 1, "{}", proxy.metrics());
+    assert_eq!(proxy.failures(reason), 1, "{}", proxy.metrics());
     let log = proxy.log_text();
-    assert_eq!(
-        log.matches("\"reason\":\"not_allowed\"").count(),
-        1,
-        "{log}"
+    let logged = format!("\"reason\":\"{reason}\"");
+    assert_eq!(log.matches(&logged).count(), 1, "{log}");
+}
+
+#[test]
+fn upstream_with_the_wrong_identity_is_refused() {
+    assert_upstream_refused(
+        "arn:aws:iam::111122223333:role/impostor",
+        false,
+        "not_allowed",
     );
 }
 
 #[test]
 fn upstream_with_a_revoked_certificate_is_refused() {
-    let (proxy, local, _, mut server) = outbound_to_s_server_with(SERVER_ROLE, true);
-    let got = talk_plain(local, "olleh\n");
-    let _ = server.kill();
-    let _ = server.wait();
-    assert!(got.is_empty(), "got {got:?}");
-    assert_eq!(proxy.failures("revoked"), 1, "{}", proxy.metrics());
-    let log = proxy.log_text();
-    assert_eq!(log.matches("\"reason\":\"revoked\"").count(), 1, "{log}");
+    assert_upstream_refused(SERVER_ROLE, true, "revoked");
 }
 
 #[test]
