@@ -17,13 +17,13 @@ help:
 
 ## Installs kubectl, helm, the control plane and moto into target/ (cached by input hash).
 tools:
-	@tests/tools/install.sh
+	@dev/tools/install.sh
 
 cluster: tools
-	@tests/cluster/up.sh
+	@dev/cluster/up.sh
 
 cluster-down:
-	@tests/cluster/down.sh
+	@dev/cluster/down.sh
 
 crds:
 	$(CARGO) run --quiet -p rolemesh-crds --bin crdgen
@@ -39,9 +39,9 @@ build:
 test: tools
 	$(CARGO) test --workspace --no-run
 	$(CARGO) build --workspace --bins
-	@tests/cluster/down.sh >/dev/null 2>&1; tests/cluster/up.sh
+	@dev/cluster/down.sh >/dev/null 2>&1; dev/cluster/up.sh
 	@status=0; $(CARGO) test --workspace --no-fail-fast -- --test-threads=4 || status=$$?; \
-	  tests/cluster/down.sh; exit $$status
+	  dev/cluster/down.sh; exit $$status
 
 test-unit:
 	$(CARGO) test --workspace --lib --bins

@@ -28,7 +28,7 @@ cargo build --quiet --bin rolemesh-controller --bin rolemesh-webhook --bin rolem
 export PATH="$root/target/debug:$PATH"
 
 step "Starting the local control plane (kube-apiserver + etcd + kube-controller-manager) and the local AWS endpoint"
-tests/cluster/up.sh
+dev/cluster/up.sh
 # shellcheck disable=SC1091
 source target/cluster/env
 export PATH="$ROLEMESH_TOOLS_BIN:$PATH"

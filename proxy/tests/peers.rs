@@ -120,7 +120,7 @@ fn curl_with_client_certificate_gets_the_app_response() {
             cmd.arg("--cert").arg(&cert).arg("--key").arg(&key);
         }
         cmd.output()
-            .expect("curl is installed (tests/tools/install.sh)")
+            .expect("curl is installed (dev/tools/install.sh)")
     };
     let good = run(true);
     let body = String::from_utf8_lossy(&good.stdout);

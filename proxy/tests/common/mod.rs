@@ -459,7 +459,7 @@ pub fn s_client(port: u16, extra: &[&str]) -> (bool, String) {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("openssl is installed (tests/tools/install.sh)");
+        .expect("openssl is installed (dev/tools/install.sh)");
     {
         let mut stdin = child.stdin.take().unwrap();
         let _ = stdin.write_all(b"ping\n");

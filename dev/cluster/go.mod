@@ -1,4 +1,4 @@
-module rolemesh.dev/tests/cluster
+module rolemesh.dev/dev/cluster
 
 go 1.24.0
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Starts the local control plane and the local AWS endpoint in the background and writes
-# target/cluster/env to source. Reuses a running one. `tests/cluster/down.sh` stops both.
+# target/cluster/env to source. Reuses a running one. `dev/cluster/down.sh` stops both.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 dir="$root/target/cluster"
@@ -25,7 +25,7 @@ echo $! > "$dir/localkube.pid"
 moto_port=$(free_port)
 # moto, with STS's AssumeRoleWithWebIdentity checking tokens and trust policies as AWS does.
 ROLEMESH_IRSA_SIGNING_KEY="$dir/pki/sa.pub" setsid nohup "$root/target/venv/bin/python" \
-  "$root/tests/tools/aws_endpoint.py" -H 127.0.0.1 -p "$moto_port" >"$dir/logs/moto.log" 2>&1 < /dev/null &
+  "$root/dev/tools/aws_endpoint.py" -H 127.0.0.1 -p "$moto_port" >"$dir/logs/moto.log" 2>&1 < /dev/null &
 echo $! > "$dir/moto.pid"
 
 for _ in $(seq 1 360); do

@@ -11,7 +11,7 @@ bin="$root/target/tools/bin"
 mkdir -p "$bin" "$root/target/tools/stamps"
 export GOFLAGS="${GOFLAGS:--buildvcs=false}"
 
-# The Kubernetes release of the control plane; must match tests/cluster/go.mod.
+# The Kubernetes release of the control plane; must match dev/cluster/go.mod.
 K8S_VERSION=v1.34.4
 
 # The script itself is part of every key: a change to how a thing is built rebuilds it.
@@ -28,7 +28,7 @@ need_go() {
 }
 
 # localkube and kubectl: one binary, kubectl is a link to it.
-hash=$(stamp_of "$root"/tests/cluster/go.mod "$root"/tests/cluster/go.sum "$root"/tests/cluster/*.go)
+hash=$(stamp_of "$root"/dev/cluster/go.mod "$root"/dev/cluster/go.sum "$root"/dev/cluster/*.go)
 if ! up_to_date localkube "$hash" || [ ! -x "$bin/localkube" ]; then
   need_go
   log "building the Kubernetes $K8S_VERSION control plane (cold: many minutes on 2 cores; cached afterwards)"
@@ -36,27 +36,27 @@ if ! up_to_date localkube "$hash" || [ ! -x "$bin/localkube" ]; then
   ldflags="-s -w -X k8s.io/component-base/version.gitVersion=$K8S_VERSION"
   ldflags="$ldflags -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$minor"
   ldflags="$ldflags -X k8s.io/component-base/version.gitTreeState=clean"
-  (cd "$root/tests/cluster" && go build -trimpath -ldflags "$ldflags" -o "$bin/localkube.new" .)
+  (cd "$root/dev/cluster" && go build -trimpath -ldflags "$ldflags" -o "$bin/localkube.new" .)
   mv "$bin/localkube.new" "$bin/localkube"
   echo "$hash" > "$root/target/tools/stamps/localkube"
 fi
 ln -sf localkube "$bin/kubectl"
 
-hash=$(stamp_of "$root"/tests/tools/helm/go.mod "$root"/tests/tools/helm/go.sum)
+hash=$(stamp_of "$root"/dev/tools/helm/go.mod "$root"/dev/tools/helm/go.sum)
 if ! up_to_date helm "$hash" || [ ! -x "$bin/helm" ]; then
   need_go
   log "building helm"
-  (cd "$root/tests/tools/helm" && go build -trimpath -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=v3.21.4" -o "$bin/helm.new" helm.sh/helm/v3/cmd/helm)
+  (cd "$root/dev/tools/helm" && go build -trimpath -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=v3.21.4" -o "$bin/helm.new" helm.sh/helm/v3/cmd/helm)
   mv "$bin/helm.new" "$bin/helm"
   echo "$hash" > "$root/target/tools/stamps/helm"
 fi
 
-hash=$(stamp_of "$root"/tests/tools/requirements.txt)
+hash=$(stamp_of "$root"/dev/tools/requirements.txt)
 if ! up_to_date venv "$hash" || [ ! -x "$root/target/venv/bin/moto_server" ]; then
   log "installing moto into target/venv"
   rm -rf "$root/target/venv"
   python3 -m venv "$root/target/venv"
-  "$root/target/venv/bin/pip" install --quiet --disable-pip-version-check -r "$root/tests/tools/requirements.txt"
+  "$root/target/venv/bin/pip" install --quiet --disable-pip-version-check -r "$root/dev/tools/requirements.txt"
   echo "$hash" > "$root/target/tools/stamps/venv"
 fi
 

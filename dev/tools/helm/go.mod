@@ -1,6 +1,6 @@
 // Builds the real helm binary from its Go module, kept apart from the control plane's module
 // because helm pins its own k8s.io versions.
-module rolemesh.dev/tests/tools/helm
+module rolemesh.dev/dev/tools/helm
 
 go 1.26.0
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Stops what tests/cluster/up.sh started.
+# Stops what dev/cluster/up.sh started.
 set -uo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 dir="$root/target/cluster"
