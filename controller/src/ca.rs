@@ -18,6 +18,8 @@ use rolemesh_profile::{
 use time::OffsetDateTime;
 use tracing::info;
 
+use rolemesh_crds::names::{CA_CERT_KEY, MANAGED_BY_LABEL, MANAGED_BY_VALUE};
+
 use crate::{
     error::{Error, Result},
     metrics::Metrics,
@@ -27,7 +29,6 @@ use crate::{
 /// ConfigMap in rolemesh's namespace holding the self-signed CA (`ca.crt`) and every CA
 /// certificate still trusted (`bundle.crt`).
 pub const CA_CONFIGMAP: &str = "rolemesh-ca";
-pub const CA_CERT_KEY: &str = "ca.crt";
 pub const CA_BUNDLE_KEY: &str = "bundle.crt";
 
 /// Everything needed to sign workload certificates.
@@ -297,8 +298,8 @@ pub async fn establish_ca(
                 .as_ref()
                 .and_then(|cm| cm.metadata.resource_version.clone()),
             labels: Some(BTreeMap::from([(
-                "app.kubernetes.io/managed-by".to_string(),
-                "rolemesh".to_string(),
+                MANAGED_BY_LABEL.to_string(),
+                MANAGED_BY_VALUE.to_string(),
             )])),
             ..Default::default()
         },

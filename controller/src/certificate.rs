@@ -8,6 +8,14 @@ use k8s_openapi::{
 };
 use kube::api::ObjectMeta;
 use rcgen::{Issuer, KeyPair, PublicKeyData};
+use rolemesh_crds::{
+    IdentityVerification,
+    names::{
+        CA_CERT_KEY, ISSUED_FOR_POLICY_ROTATION, ISSUED_FOR_SA_ROTATION, MANAGED_BY_LABEL,
+        MANAGED_BY_VALUE, POLICY_LABEL, SERVICE_ACCOUNT_LABEL, TLS_CERT_KEY, TLS_PRIVATE_KEY_KEY,
+        VERIFICATION_ANNOTATION, workload_secret_name,
+    },
+};
 use rolemesh_profile::{
     CertificateInfo, CertificateProfile, IssuedCertificate, WorkloadIdentity,
     inspect::certificates_from_pem,
@@ -21,26 +29,6 @@ use crate::{
     ca::{CaState, pem_of, sign_certificate},
     error::{Error, Result},
 };
-
-pub const SECRET_SUFFIX: &str = "-rolemesh-tls";
-pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
-pub const MANAGED_BY_VALUE: &str = "rolemesh";
-/// Label selector of everything the controller manages, and the only Secrets it watches.
-pub const MANAGED_SELECTOR: &str = "app.kubernetes.io/managed-by=rolemesh";
-pub const POLICY_LABEL: &str = "rolemesh.dev/policy";
-pub const SERVICE_ACCOUNT_LABEL: &str = "rolemesh.dev/service-account";
-/// Set to any new value on an MTLSPolicy (all its ServiceAccounts) or a ServiceAccount to re-issue.
-pub const ROTATE_ANNOTATION: &str = "rolemesh.dev/rotate";
-/// On a Secret: the policy's and the ServiceAccount's `rolemesh.dev/rotate` values it was issued
-/// for, so that a new value is recognised as a request.
-pub const ISSUED_FOR_POLICY_ROTATION: &str = "rolemesh.dev/issued-for-policy-rotate";
-pub const ISSUED_FOR_SA_ROTATION: &str = "rolemesh.dev/issued-for-serviceaccount-rotate";
-/// On a Secret: how the role was verified at issuance (`sts` or `none`).
-pub const VERIFICATION_ANNOTATION: &str = "rolemesh.dev/verification";
-
-pub fn secret_name(service_account: &str) -> String {
-    format!("{service_account}{SECRET_SUFFIX}")
-}
 
 /// Issues a workload certificate for `identity`: a new key, one Sign call.
 pub async fn issue_certificate(
@@ -72,6 +60,42 @@ pub async fn issue_certificate(
     })
 }
 
+/// Why a new certificate is issued; its string form is the `reason` label of the
+/// `certificates_issued` metric.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum IssueReason {
+    /// The ServiceAccount has no certificate yet.
+    New,
+    /// The certificate names another SPIFFE ID or role than the ServiceAccount has now.
+    IdentityChange,
+    /// The Secret's certificate or key is broken, or does not chain to the CA in force.
+    Repair,
+    /// A `rolemesh.dev/rotate` annotation asked for new keys.
+    Rotation,
+    /// The certificate is due, or the policy's duration changed.
+    Renewal,
+}
+
+impl IssueReason {
+    pub const ALL: &[IssueReason] = &[
+        Self::New,
+        Self::IdentityChange,
+        Self::Repair,
+        Self::Rotation,
+        Self::Renewal,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::New => "new",
+            Self::IdentityChange => "identity-change",
+            Self::Repair => "repair",
+            Self::Rotation => "rotation",
+            Self::Renewal => "renewal",
+        }
+    }
+}
+
 /// What a workload needs done to its Secret.
 #[derive(Debug)]
 pub enum Need {
@@ -79,8 +103,37 @@ pub enum Need {
     Nothing(Box<CertificateInfo>),
     /// The certificate is good but `ca.crt` is not the bundle in force.
     RefreshBundle(Box<CertificateInfo>),
-    /// A new certificate is needed, for this reason (a metrics label).
-    Issue(&'static str, String),
+    /// A new certificate is needed, for `reason`; `detail` says what was found, for the log.
+    Issue { reason: IssueReason, detail: String },
+}
+
+/// What is wrong with the certificate a Secret holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Defect {
+    /// It is whole and valid but names another identity.
+    WrongIdentity(String),
+    /// It is broken or does not verify.
+    Unusable(String),
+}
+
+impl From<String> for Defect {
+    fn from(why: String) -> Self {
+        Self::Unusable(why)
+    }
+}
+
+impl From<&str> for Defect {
+    fn from(why: &str) -> Self {
+        Self::Unusable(why.to_string())
+    }
+}
+
+/// The value of [`VERIFICATION_ANNOTATION`]: how a role was verified at issuance.
+pub fn verification_value(verification: IdentityVerification) -> &'static str {
+    match verification {
+        IdentityVerification::Sts => "sts",
+        IdentityVerification::None => "none",
+    }
 }
 
 fn secret_field<'a>(secret: &'a Secret, key: &str) -> Option<&'a [u8]> {
@@ -98,11 +151,11 @@ pub fn check_certificate(
     ca: &CaState,
     identity: &WorkloadIdentity,
     now: OffsetDateTime,
-) -> std::result::Result<CertificateInfo, String> {
-    let chain_pem = secret_field(secret, "tls.crt")
+) -> std::result::Result<CertificateInfo, Defect> {
+    let chain_pem = secret_field(secret, TLS_CERT_KEY)
         .and_then(|b| std::str::from_utf8(b).ok())
         .ok_or("tls.crt is missing or not PEM")?;
-    let key_pem = secret_field(secret, "tls.key")
+    let key_pem = secret_field(secret, TLS_PRIVATE_KEY_KEY)
         .and_then(|b| std::str::from_utf8(b).ok())
         .ok_or("tls.key is missing or not PEM")?;
     let chain = certificates_from_pem(chain_pem).map_err(|e| format!("tls.crt: {e}"))?;
@@ -112,12 +165,14 @@ pub fn check_certificate(
     if !info.public_key_matches(&key.subject_public_key_info()) {
         return Err("tls.key does not match the certificate in tls.crt".into());
     }
-    let found = info.workload_identity().map_err(|e| e.to_string())?;
+    let found = info
+        .workload_identity()
+        .map_err(|e| Defect::Unusable(e.to_string()))?;
     if &found != identity {
-        return Err(format!(
+        return Err(Defect::WrongIdentity(format!(
             "the certificate names {} with role {}, expected {} with role {}",
             found.spiffe_id, found.role_arn, identity.spiffe_id, identity.role_arn
-        ));
+        )));
     }
     let ca_der = CertificateDer::from(ca.ca_der.as_slice());
     let anchor = webpki::anchor_from_trusted_cert(&ca_der)
@@ -152,20 +207,18 @@ pub fn assess(
     now: OffsetDateTime,
 ) -> Need {
     let Some(secret) = secret else {
-        return Need::Issue("new", "no certificate yet".into());
+        return issue(IssueReason::New, "no certificate yet");
     };
     let info = match check_certificate(secret, ca, identity, now) {
         Ok(info) => info,
-        Err(why) if why.starts_with("the certificate names") => {
-            return Need::Issue("identity-change", why);
-        }
-        Err(why) => return Need::Issue("repair", why),
+        Err(Defect::WrongIdentity(why)) => return issue(IssueReason::IdentityChange, why),
+        Err(Defect::Unusable(why)) => return issue(IssueReason::Repair, why),
     };
     let annotations = secret.metadata.annotations.clone().unwrap_or_default();
     if annotations.get(ISSUED_FOR_POLICY_ROTATION) != rotation.policy.as_ref()
         || annotations.get(ISSUED_FOR_SA_ROTATION) != rotation.service_account.as_ref()
     {
-        return Need::Issue("rotation", "rotation requested".into());
+        return issue(IssueReason::Rotation, "rotation requested");
     }
     let life = info.not_after - info.not_before;
     let wanted = time::Duration::try_from(profile.duration).unwrap_or(life);
@@ -173,18 +226,25 @@ pub fn assess(
     if (life - wanted - time::Duration::try_from(BACKDATE).unwrap_or_default()).abs()
         > time::Duration::minutes(1)
     {
-        return Need::Issue(
-            "renewal",
-            "the policy's certificate duration changed".into(),
+        return issue(
+            IssueReason::Renewal,
+            "the policy's certificate duration changed",
         );
     }
     if now >= profile.renewal_time(info.not_before, info.not_after, &info.serial) {
-        return Need::Issue("renewal", "due for renewal".into());
+        return issue(IssueReason::Renewal, "due for renewal");
     }
-    if secret_field(secret, "ca.crt") != Some(ca.bundle_pem.as_bytes()) {
+    if secret_field(secret, CA_CERT_KEY) != Some(ca.bundle_pem.as_bytes()) {
         return Need::RefreshBundle(Box::new(info));
     }
     Need::Nothing(Box::new(info))
+}
+
+fn issue(reason: IssueReason, detail: impl Into<String>) -> Need {
+    Need::Issue {
+        reason,
+        detail: detail.into(),
+    }
 }
 
 /// The `rolemesh.dev/rotate` values in force for one workload.
@@ -201,7 +261,7 @@ pub struct SecretContext<'a> {
     pub policy_name: &'a str,
     pub owner: OwnerReference,
     pub rotation: &'a RotationRequests,
-    pub verification: &'a str,
+    pub verification: IdentityVerification,
 }
 
 /// The whole Secret for a workload; written in one request, so it is never half-written.
@@ -213,7 +273,7 @@ pub fn workload_secret(
 ) -> Secret {
     let mut annotations = BTreeMap::from([(
         VERIFICATION_ANNOTATION.to_string(),
-        context.verification.to_string(),
+        verification_value(context.verification).to_string(),
     )]);
     if let Some(value) = &context.rotation.policy {
         annotations.insert(ISSUED_FOR_POLICY_ROTATION.into(), value.clone());
@@ -223,7 +283,7 @@ pub fn workload_secret(
     }
     Secret {
         metadata: ObjectMeta {
-            name: Some(secret_name(context.service_account)),
+            name: Some(workload_secret_name(context.service_account)),
             namespace: Some(context.namespace.to_string()),
             labels: Some(BTreeMap::from([
                 (MANAGED_BY_LABEL.to_string(), MANAGED_BY_VALUE.to_string()),
@@ -240,15 +300,15 @@ pub fn workload_secret(
         type_: Some("kubernetes.io/tls".into()),
         data: Some(BTreeMap::from([
             (
-                "tls.crt".to_string(),
+                TLS_CERT_KEY.to_string(),
                 ByteString(chain_pem.as_bytes().to_vec()),
             ),
             (
-                "tls.key".to_string(),
+                TLS_PRIVATE_KEY_KEY.to_string(),
                 ByteString(key_pem.as_bytes().to_vec()),
             ),
             (
-                "ca.crt".to_string(),
+                CA_CERT_KEY.to_string(),
                 ByteString(bundle_pem.as_bytes().to_vec()),
             ),
         ])),
@@ -259,5 +319,8 @@ pub fn workload_secret(
 /// The PEM fields of an existing Secret, to re-write it with a new `ca.crt` only.
 pub fn existing_pems(secret: &Secret) -> Option<(String, String)> {
     let get = |key| secret_field(secret, key).and_then(|b| String::from_utf8(b.to_vec()).ok());
-    Some((get("tls.crt")?, get("tls.key")?))
+    Some((get(TLS_CERT_KEY)?, get(TLS_PRIVATE_KEY_KEY)?))
 }
+
+#[cfg(test)]
+mod tests;

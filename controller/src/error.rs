@@ -1,5 +1,7 @@
 use std::time::Duration;
 
+use crate::status::Reason;
+
 /// Why a signing call failed, as operators act on it: wait (throttled, unavailable, network), fix
 /// IAM (denied), or fix the key (disabled).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -25,14 +27,14 @@ impl SignFailure {
     }
 
     /// The status reason shown for a policy whose issuance failed this way.
-    pub fn reason(self) -> &'static str {
+    pub fn reason(self) -> Reason {
         match self {
-            Self::Throttled => "SignerThrottled",
-            Self::Denied => "SignerAccessDenied",
-            Self::KeyDisabled => "SignerKeyDisabled",
-            Self::Unavailable => "SignerUnavailable",
-            Self::Network => "SignerUnreachable",
-            Self::Other => "SignerFailed",
+            Self::Throttled => Reason::SignerThrottled,
+            Self::Denied => Reason::SignerAccessDenied,
+            Self::KeyDisabled => Reason::SignerKeyDisabled,
+            Self::Unavailable => Reason::SignerUnavailable,
+            Self::Network => Reason::SignerUnreachable,
+            Self::Other => Reason::SignerFailed,
         }
     }
 }
@@ -80,6 +82,8 @@ pub enum Error {
         "failed to fill the Secret and ServiceAccount caches: their watches stopped (the controller is shutting down)"
     )]
     CachesNotFilled,
+    #[error("failed to maintain the webhook's TLS material: {0}")]
+    WebhookTls(String),
     #[error("failed to serve metrics on {address}: {source}")]
     ServeMetrics {
         address: String,
@@ -94,20 +98,21 @@ impl Error {
     }
 
     /// The reason label used in metrics and status for this error.
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> Reason {
         match self {
             Self::Sign { failure, .. } => failure.reason(),
-            Self::SignerPublicKey { .. } | Self::UnsuitableKmsKey { .. } => "SignerUnusable",
-            Self::LocalKey { .. } => "LocalKeyUnusable",
-            Self::BuildCertificate(_) => "BuildFailed",
-            Self::UserCa { .. } => "CaCertificateUnusable",
-            Self::AuthorityMissing { .. } => "AuthorityMissing",
-            Self::AuthorityInvalid { .. } => "AuthorityInvalid",
-            Self::Kube { .. } => "KubernetesApiError",
-            Self::InvalidPolicy(_) => "InvalidPolicy",
-            Self::LostLease { .. } => "LostLease",
-            Self::ServeMetrics { .. } => "ServeMetrics",
-            Self::CachesNotFilled => "CachesNotFilled",
+            Self::SignerPublicKey { .. } | Self::UnsuitableKmsKey { .. } => Reason::SignerUnusable,
+            Self::LocalKey { .. } => Reason::LocalKeyUnusable,
+            Self::BuildCertificate(_) => Reason::BuildFailed,
+            Self::UserCa { .. } => Reason::CaCertificateUnusable,
+            Self::AuthorityMissing { .. } => Reason::AuthorityMissing,
+            Self::AuthorityInvalid { .. } => Reason::AuthorityInvalid,
+            Self::Kube { .. } => Reason::KubernetesApiError,
+            Self::InvalidPolicy(_) => Reason::InvalidPolicy,
+            Self::LostLease { .. } => Reason::LostLease,
+            Self::ServeMetrics { .. } => Reason::ServeMetrics,
+            Self::CachesNotFilled => Reason::CachesNotFilled,
+            Self::WebhookTls(_) => Reason::WebhookTlsFailed,
         }
     }
 

@@ -8,6 +8,8 @@ use k8s_openapi::api::{
 use kube::{Api, Client, api::PostParams};
 use rolemesh_profile::{ROLE_ARN_ANNOTATION, validate_role_arn};
 
+use crate::status::Reason;
+
 /// Audience IRSA tokens carry, and the one STS expects.
 pub const STS_AUDIENCE: &str = "sts.amazonaws.com";
 /// Lifetime of the verification token: the shortest the API server grants.
@@ -25,14 +27,14 @@ pub enum Refusal {
 }
 
 impl Refusal {
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> Reason {
         match self {
-            Self::MissingRoleAnnotation => "MissingRoleAnnotation",
-            Self::InvalidRoleArn(_) => "InvalidRoleArn",
-            Self::TokenRequestFailed(_) => "TokenRequestFailed",
-            Self::StsRefused { .. } => "StsRefused",
-            Self::StsUnreachable(_) => "StsUnreachable",
-            Self::RoleMismatch { .. } => "RoleMismatch",
+            Self::MissingRoleAnnotation => Reason::MissingRoleAnnotation,
+            Self::InvalidRoleArn(_) => Reason::InvalidRoleArn,
+            Self::TokenRequestFailed(_) => Reason::TokenRequestFailed,
+            Self::StsRefused { .. } => Reason::StsRefused,
+            Self::StsUnreachable(_) => Reason::StsUnreachable,
+            Self::RoleMismatch { .. } => Reason::RoleMismatch,
         }
     }
 

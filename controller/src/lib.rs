@@ -1,46 +1,45 @@
 //! rolemesh's controller: turns every ServiceAccount an MTLSPolicy covers into a verified IAM-role
 //! identity with a certificate Secret signed by a CA whose key stays in KMS (or, for
-//! development, in a Secret), keeps the trust bundles current and rotates on request.
-#![forbid(unsafe_code)]
+//! development, in a Secret), keeps the trust bundles current and rotates on request; and keeps
+//! the webhook's serving certificate current.
 
+pub mod authority;
 pub mod ca;
 pub mod certificate;
+pub mod context;
 pub mod error;
 pub mod identity;
 pub mod leader;
 pub mod metrics;
 pub mod policy;
 pub mod signer;
+pub mod status;
 pub mod webhook_tls;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use futures::{StreamExt, future};
-use k8s_openapi::{
-    api::core::v1::{Secret, ServiceAccount},
-    apimachinery::pkg::apis::meta::v1::Condition,
-};
+use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
 use kube::{
     Api, Client, Resource, ResourceExt,
-    api::{Patch, PatchParams},
     runtime::{
         Controller, Predicate, WatchStreamExt,
         events::{Recorder, Reporter},
         predicates, reflector, watcher,
     },
 };
-use rolemesh_crds::{MTLSAuthority, MTLSAuthorityStatus, MTLSPolicy};
-use serde_json::json;
+use rolemesh_crds::{MTLSPolicy, names::MANAGED_SELECTOR};
 use tokio::sync::{mpsc, watch};
-use tracing::{info, warn};
+use tracing::info;
 
 pub use crate::error::{Error, Result};
 use crate::{
-    ca::{CA_RECHECK, CaState, establish_ca},
-    certificate::MANAGED_SELECTOR,
+    authority::maintain_ca,
+    context::{Caches, Context},
     leader::LeaseConfig,
     metrics::Metrics,
-    policy::{Context, FIELD_MANAGER, policies_for_service_account},
+    policy::select::policies_for_service_account,
+    webhook_tls::WebhookTlsConfig,
 };
 
 /// Everything `run` needs, from flags or environment.
@@ -59,7 +58,7 @@ pub struct ControllerConfig {
     /// Only this namespace's policies, ServiceAccounts and Secrets, when set.
     pub watch_namespace: Option<String>,
     /// The webhook's serving certificate and caBundle to keep current; `None` leaves them alone.
-    pub webhook_tls: Option<rolemesh_webhook::tls::WebhookTlsConfig>,
+    pub webhook_tls: Option<WebhookTlsConfig>,
 }
 
 fn scoped<K>(client: &Client, namespace: Option<&str>) -> Api<K>
@@ -72,201 +71,6 @@ where
     }
 }
 
-/// Serves `/metrics`, `/healthz` and `/readyz`.
-pub async fn serve_metrics(listen: SocketAddr, metrics: Metrics) -> Result<()> {
-    use axum::{Router, http::StatusCode, routing::get};
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .map_err(|source| Error::ServeMetrics {
-            address: listen.to_string(),
-            source,
-        })?;
-    let ready_metrics = metrics.clone();
-    let app = Router::new()
-        .route(
-            "/metrics",
-            get(move || {
-                let metrics = metrics.clone();
-                async move {
-                    (
-                        [(
-                            axum::http::header::CONTENT_TYPE,
-                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                        )],
-                        metrics.encode(),
-                    )
-                }
-            }),
-        )
-        .route("/healthz", get(|| async { "ok" }))
-        .route(
-            "/readyz",
-            get(move || {
-                let ready = ready_metrics.is_ready();
-                async move {
-                    if ready {
-                        (StatusCode::OK, "ready")
-                    } else {
-                        (StatusCode::SERVICE_UNAVAILABLE, "caches not synced")
-                    }
-                }
-            }),
-        );
-    axum::serve(listener, app)
-        .await
-        .map_err(|source| Error::ServeMetrics {
-            address: listen.to_string(),
-            source,
-        })
-}
-
-async fn write_authority_status(
-    client: &Client,
-    name: &str,
-    authority: &MTLSAuthority,
-    result: &Result<Arc<CaState>>,
-) {
-    let existing = authority.status.clone().unwrap_or_default();
-    let generation = authority.metadata.generation;
-    let (status, reason, message) = match result {
-        Ok(ca) => (
-            "True",
-            "CaReady".to_string(),
-            format!(
-                "CA {} signs through {}",
-                ca.fingerprint,
-                ca.signer.describe()
-            ),
-        ),
-        Err(error) => ("False", error.reason().to_string(), error.to_string()),
-    };
-    let condition = policy::set_condition(
-        &existing.conditions,
-        Condition {
-            type_: "Ready".into(),
-            status: status.into(),
-            reason,
-            message,
-            observed_generation: generation,
-            last_transition_time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
-                k8s_openapi::jiff::Timestamp::now(),
-            ),
-        },
-    );
-    let new_status = MTLSAuthorityStatus {
-        observed_generation: generation,
-        conditions: vec![condition],
-        ca_fingerprint: result
-            .as_ref()
-            .ok()
-            .map(|ca| ca.fingerprint.clone())
-            .or(existing.ca_fingerprint.clone()),
-        ca_not_after: match result {
-            Ok(ca) => k8s_openapi::jiff::Timestamp::from_second(ca.not_after.unix_timestamp())
-                .ok()
-                .map(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time),
-            Err(_) => existing.ca_not_after.clone(),
-        },
-    };
-    if authority.status.as_ref() == Some(&new_status) {
-        return;
-    }
-    let api: Api<MTLSAuthority> = Api::all(client.clone());
-    let body = json!({
-        "apiVersion": MTLSAuthority::api_version(&()),
-        "kind": MTLSAuthority::kind(&()),
-        "status": new_status,
-    });
-    if let Err(error) = api
-        .patch_status(
-            name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(body),
-        )
-        .await
-    {
-        warn!(%error, authority = name, "failed to write MTLSAuthority status");
-    }
-}
-
-/// Keeps `ctx.ca` current: on every change of the MTLSAuthority and every few minutes (to roll
-/// the CA before it expires). Policies are re-reconciled whenever the CA or bundle changes.
-async fn maintain_ca(
-    client: Client,
-    config: ControllerConfig,
-    aws: aws_config::SdkConfig,
-    ctx: Arc<Context>,
-    trigger: mpsc::Sender<()>,
-) {
-    let api: Api<MTLSAuthority> = Api::all(client.clone());
-    let mut changes = watcher(
-        api.clone(),
-        watcher::Config::default().fields(&format!("metadata.name={}", config.authority)),
-    )
-    .default_backoff()
-    .applied_objects()
-    .predicate_filter(predicates::generation, Default::default())
-    .boxed();
-    let mut retry = Duration::from_secs(2);
-    loop {
-        let outcome = match api.get_opt(&config.authority).await {
-            Ok(Some(authority)) => {
-                let result =
-                    establish_ca(&client, &config.namespace, &authority, &aws, &ctx.metrics)
-                        .await
-                        .map(Arc::new);
-                write_authority_status(&client, &config.authority, &authority, &result).await;
-                result
-            }
-            Ok(None) => Err(Error::AuthorityMissing {
-                name: config.authority.clone(),
-            }),
-            Err(source) => Err(Error::Kube {
-                action: format!("read MTLSAuthority {}", config.authority),
-                source,
-            }),
-        };
-        let wait = match outcome {
-            Ok(ca) => {
-                let current = ctx.ca.load_full();
-                let changed = current.as_ref().is_none_or(|c| {
-                    c.fingerprint != ca.fingerprint
-                        || c.bundle_pem != ca.bundle_pem
-                        || c.trust_domain != ca.trust_domain
-                        || c.verification != ca.verification
-                        || c.generation != ca.generation
-                });
-                if let Ok(mut e) = ctx.ca_error.lock() {
-                    *e = None;
-                }
-                if changed {
-                    info!(fingerprint = %ca.fingerprint, signer = %ca.signer.describe(), trust_domain = %ca.trust_domain, "CA in force");
-                    ctx.ca.store(Some(ca));
-                    let _ = trigger.try_send(());
-                }
-                retry = Duration::from_secs(2);
-                CA_RECHECK
-            }
-            Err(error) => {
-                warn!(%error, authority = %config.authority, "cannot establish the CA; existing Secrets are left as they are");
-                let first_failure = ctx.ca.load().is_none();
-                if let Ok(mut e) = ctx.ca_error.lock() {
-                    *e = Some((error.reason().to_string(), error.to_string()));
-                }
-                if first_failure {
-                    let _ = trigger.try_send(());
-                }
-                retry = (retry * 2).min(Duration::from_secs(60));
-                retry
-            }
-        };
-        tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
-            _ = changes.next() => {}
-        }
-    }
-}
-
 /// Runs the controller until it fails, loses the lease, or is asked to stop.
 pub async fn run(
     config: ControllerConfig,
@@ -275,7 +79,7 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<()> {
     let metrics = Metrics::new();
-    let metrics_server = tokio::spawn(serve_metrics(config.metrics_listen, metrics.clone()));
+    let metrics_server = tokio::spawn(metrics::serve(config.metrics_listen, metrics.clone()));
 
     let lease = LeaseConfig {
         namespace: config.namespace.clone(),
@@ -331,12 +135,15 @@ pub async fn run(
             instance: Some(config.identity.clone()),
         },
     );
+    let caches = Caches {
+        secrets: secrets.clone(),
+        service_accounts: service_accounts.clone(),
+        policies: policies.clone(),
+    };
     let ctx = Arc::new(Context::new(
         client.clone(),
         sts,
-        secrets.clone(),
-        service_accounts.clone(),
-        policies.clone(),
+        caches,
         metrics.clone(),
         recorder,
         config.issue_concurrency,
@@ -382,7 +189,7 @@ pub async fn run(
     let controller = Controller::for_stream(policy_stream, policies)
         .owns_stream(secret_stream)
         .watches_stream(sa_stream, move |sa| {
-            policies_for_service_account(&mapper_policies, &sa)
+            policies_for_service_account(&mapper_policies.state(), &sa)
         })
         .reconcile_all_on(tokio_stream_from(ca_changes))
         .run(
@@ -444,13 +251,4 @@ pub fn replica_identity() -> String {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
         format!("{}-{}", host.trim(), std::process::id())
     })
-}
-
-/// Names covered in the issue for `kubectl get` of a policy's managed Secrets.
-pub fn describe_policy(policy: &MTLSPolicy) -> String {
-    format!(
-        "{}/{}",
-        policy.namespace().unwrap_or_default(),
-        policy.name_any()
-    )
 }

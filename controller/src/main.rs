@@ -1,11 +1,11 @@
 //! `rolemesh-controller`: flags and environment in, `rolemesh_controller::run` out.
-#![forbid(unsafe_code)]
 
 use std::net::SocketAddr;
 
 use anyhow::Context as _;
 use clap::Parser;
 use rolemesh_controller::{ControllerConfig, replica_identity, run};
+use rolemesh_crds::names::WEBHOOK_NAME;
 use rolemesh_profile::logging::{LogFormat, init_logging};
 
 /// Issues and rotates rolemesh workload certificates for the ServiceAccounts MTLSPolicies cover.
@@ -39,14 +39,14 @@ struct Args {
     #[arg(
         long,
         env = "ROLEMESH_WEBHOOK_SERVICE",
-        default_value = "rolemesh-webhook"
+        default_value = WEBHOOK_NAME
     )]
     webhook_service: String,
     /// MutatingWebhookConfiguration whose caBundle the controller keeps current.
     #[arg(
         long,
         env = "ROLEMESH_WEBHOOK_CONFIGURATION",
-        default_value = "rolemesh-webhook"
+        default_value = WEBHOOK_NAME
     )]
     webhook_configuration: String,
     /// IP SANs of the webhook serving certificate (development mode with a webhook URL).
@@ -74,7 +74,7 @@ async fn main() -> anyhow::Result<()> {
         .load()
         .await;
     let webhook_tls = (!args.webhook_service.is_empty()).then(|| {
-        let mut webhook = rolemesh_webhook::tls::WebhookTlsConfig::for_service(
+        let mut webhook = rolemesh_controller::webhook_tls::WebhookTlsConfig::for_service(
             &args.namespace,
             &args.webhook_service,
         );

@@ -1,8 +1,11 @@
 //! Prometheus metrics of the controller, served on `/metrics` next to `/healthz` and `/readyz`.
 
-use std::sync::{
-    Arc,
-    atomic::{AtomicBool, AtomicI64, Ordering},
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicI64, Ordering},
+    },
 };
 
 use prometheus_client::{
@@ -14,6 +17,12 @@ use prometheus_client::{
         histogram::{Histogram, exponential_buckets},
     },
     registry::Registry,
+};
+
+use crate::{
+    certificate::IssueReason,
+    error::{Error, Result},
+    status::Reason,
 };
 
 type Labels = Vec<(&'static str, String)>;
@@ -124,17 +133,17 @@ impl Metrics {
         }
     }
 
-    pub fn certificate_issued(&self, why: &str) {
+    pub fn certificate_issued(&self, why: IssueReason) {
         self.inner
             .issued
-            .get_or_create(&labels("reason", why))
+            .get_or_create(&labels("reason", why.as_str()))
             .inc();
     }
 
-    pub fn certificate_failed(&self, reason: &str) {
+    pub fn certificate_failed(&self, reason: Reason) {
         self.inner
             .failed
-            .get_or_create(&labels("reason", reason))
+            .get_or_create(&labels("reason", reason.as_str()))
             .inc();
     }
 
@@ -168,12 +177,12 @@ impl Metrics {
 
     /// Certificates issued so far, all reasons together.
     pub fn certificates_issued(&self) -> u64 {
-        ["new", "renewal", "rotation", "repair", "identity-change"]
+        IssueReason::ALL
             .iter()
             .map(|why| {
                 self.inner
                     .issued
-                    .get_or_create(&labels("reason", why))
+                    .get_or_create(&labels("reason", why.as_str()))
                     .get()
             })
             .sum()
@@ -209,4 +218,52 @@ impl Metrics {
         let _ = encode(&mut out, &self.inner.registry);
         out
     }
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz`.
+pub async fn serve(listen: SocketAddr, metrics: Metrics) -> Result<()> {
+    use axum::{Router, http::StatusCode, routing::get};
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|source| Error::ServeMetrics {
+            address: listen.to_string(),
+            source,
+        })?;
+    let ready_metrics = metrics.clone();
+    let app = Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let metrics = metrics.clone();
+                async move {
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        metrics.encode(),
+                    )
+                }
+            }),
+        )
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let ready = ready_metrics.is_ready();
+                async move {
+                    if ready {
+                        (StatusCode::OK, "ready")
+                    } else {
+                        (StatusCode::SERVICE_UNAVAILABLE, "caches not synced")
+                    }
+                }
+            }),
+        );
+    axum::serve(listener, app)
+        .await
+        .map_err(|source| Error::ServeMetrics {
+            address: listen.to_string(),
+            source,
+        })
 }

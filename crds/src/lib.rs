@@ -8,6 +8,11 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, T
 use kube::{CustomResource, CustomResourceExt, KubeSchema};
 use serde::{Deserialize, Serialize};
 
+mod coverage;
+pub mod names;
+
+pub use coverage::{coverage_order, covering_policy};
+
 pub const GROUP: &str = "rolemesh.dev";
 pub const VERSION: &str = "v1alpha1";
 

@@ -20,18 +20,6 @@ pub enum Error {
     },
 
     #[error(
-        "rolemesh cannot inject pod {pod:?}: ServiceAccount {service_account:?} in namespace \
-         {namespace:?} is covered by more than one MTLSPolicy ({policies}); a ServiceAccount must \
-         be covered by exactly one, so remove it from all but one"
-    )]
-    AmbiguousPolicy {
-        namespace: String,
-        service_account: String,
-        pod: String,
-        policies: String,
-    },
-
-    #[error(
         "rolemesh cannot inject this pod: it already has {kind} {name:?}, a name rolemesh reserves \
          for what it injects, but no rolemesh.dev/injected annotation; rename the {kind}"
     )]
@@ -70,9 +58,6 @@ pub enum Error {
     #[error("TLS: {0}")]
     Tls(String),
 
-    #[error("certificate: {0}")]
-    Certificate(#[from] rcgen::Error),
-
     #[error("identity profile: {0}")]
     Profile(#[from] rolemesh_profile::ProfileError),
 
@@ -85,9 +70,6 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-
-    #[error("invalid configuration: {0}")]
-    Config(String),
 }
 
 impl Error {
@@ -107,7 +89,6 @@ impl Error {
         matches!(
             self,
             Self::NotCovered { .. }
-                | Self::AmbiguousPolicy { .. }
                 | Self::NameConflict { .. }
                 | Self::MountConflict { .. }
                 | Self::InvalidPolicy { .. }

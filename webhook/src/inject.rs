@@ -18,7 +18,13 @@ use k8s_openapi::{
     },
     apimachinery::pkg::{api::resource::Quantity, util::intstr::IntOrString},
 };
-use rolemesh_crds::MTLSPolicy;
+use rolemesh_crds::{
+    MTLSPolicy,
+    names::{
+        INJECTED_ANNOTATION, PROXY_IMAGE_ANNOTATION, TRUST_BUNDLE_CONFIGMAP, TRUST_BUNDLE_KEY,
+        workload_secret_name,
+    },
+};
 use rolemesh_profile::proxy_config::{
     DEFAULT_ADMIN_PORT, DEFAULT_IDENTITY_DIR, DEFAULT_TRUST_DIR, InboundListener, Limits,
     OutboundListener, PeerPattern, ProxyConfig,
@@ -27,22 +33,12 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 
-/// Label (on pods, `"true"`/`"false"`) and namespace label (`enabled`) that opt in to injection.
-pub const INJECT_LABEL: &str = "rolemesh.dev/inject";
-/// Annotation recording the policy and generation a pod was injected from: `<policy>@<generation>`.
-pub const INJECTED_ANNOTATION: &str = "rolemesh.dev/injected";
-/// Annotation recording the proxy image injected.
-pub const PROXY_IMAGE_ANNOTATION: &str = "rolemesh.dev/proxy-image";
 /// Name of the injected sidecar.
 pub const PROXY_CONTAINER: &str = "rolemesh-proxy";
 /// Volume holding the workload's certificate Secret (mounted into the proxy only).
 pub const IDENTITY_VOLUME: &str = "rolemesh-identity";
 /// Volume holding the trust bundle ConfigMap (mounted into every container).
 pub const TRUST_VOLUME: &str = "rolemesh-trust";
-/// The trust bundle ConfigMap the controller keeps in every namespace that needs it.
-pub const TRUST_BUNDLE_CONFIGMAP: &str = "rolemesh-trust-bundle";
-/// Key of the CA certificates in the trust bundle ConfigMap (and the file name in the mount).
-pub const TRUST_BUNDLE_KEY: &str = "ca.crt";
 /// Environment variable pointing TLS libraries (OpenSSL, Go, rustls-native-certs) at the bundle.
 pub const SSL_CERT_FILE_ENV: &str = "SSL_CERT_FILE";
 /// Path the proxy answers its startup probe on (admin port).
@@ -51,12 +47,6 @@ pub const PROXY_HEALTH_PATH: &str = "/live";
 pub const PROXY_READY_PATH: &str = "/ready";
 /// User and group the proxy runs as (distroless `nonroot`).
 pub const PROXY_UID: i64 = 65532;
-
-/// Name of the certificate Secret the controller keeps for a ServiceAccount (keys `tls.crt`,
-/// `tls.key`, `ca.crt`).
-pub fn workload_secret_name(service_account: &str) -> String {
-    format!("{service_account}-rolemesh-tls")
-}
 
 /// Path of the trust bundle file in every container.
 pub fn trust_bundle_path() -> String {

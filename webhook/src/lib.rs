@@ -2,7 +2,6 @@
 //! the MTLSPolicy covering its ServiceAccount whether and how to inject the mTLS proxy, and
 //! answers with a JSON patch. The decision is [`inject::injection_patch`], a pure function; the
 //! HTTP layer ([`server`]) only decodes, calls it and encodes.
-#![forbid(unsafe_code)]
 
 pub mod error;
 pub mod inject;
@@ -10,6 +9,6 @@ pub mod lookup;
 pub mod metrics;
 pub mod selection;
 pub mod server;
-pub mod tls;
+pub mod serving;
 
 pub use error::{Error, Result};

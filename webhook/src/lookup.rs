@@ -15,40 +15,19 @@ use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
 use kube::{
     Api, Client,
     api::{ListParams, PartialObjectMeta},
-    core::{Selector, SelectorExt},
     runtime::{
         WatchStreamExt,
         reflector::{self, ObjectRef, Store},
         watcher,
     },
 };
-use rolemesh_crds::{MTLSAuthority, MTLSPolicy};
+use rolemesh_crds::{MTLSAuthority, MTLSPolicy, covering_policy};
 use tracing::{debug, warn};
 
 use crate::{
     error::{Error, Result},
     metrics::Metrics,
 };
-
-/// Whether `policy` covers ServiceAccount `service_account`: `Some(true/false)` when decided,
-/// `None` when the answer depends on the ServiceAccount's labels, which the caller then fetches.
-pub fn policy_covers(
-    policy: &MTLSPolicy,
-    service_account: &str,
-    labels: Option<&BTreeMap<String, String>>,
-) -> Option<bool> {
-    let selection = &policy.spec.service_accounts;
-    if selection.names.iter().any(|n| n == service_account) {
-        return Some(true);
-    }
-    let Some(selector) = &selection.selector else {
-        return Some(false);
-    };
-    let labels = labels?;
-    // An invalid selector selects nothing (the API server's CRD validation keeps them valid).
-    let matched = Selector::try_from(selector.clone()).is_ok_and(|s| s.matches(labels));
-    Some(matched)
-}
 
 /// The webhook's view of the cluster.
 #[derive(Clone)]
@@ -165,7 +144,8 @@ impl Lookups {
         Ok(found.and_then(|sa| sa.metadata.labels).unwrap_or_default())
     }
 
-    /// The one MTLSPolicy covering `service_account`, or the refusal that names it.
+    /// The MTLSPolicy covering `service_account` (by the one coverage rule, the controller's),
+    /// or the refusal that says none does.
     pub async fn covering_policy(
         &self,
         namespace: &str,
@@ -181,7 +161,7 @@ impl Lookups {
                 .await?;
             if !covering.is_empty() {
                 self.metrics.lookup("cache");
-                return self.exactly_one(covering, namespace, service_account, pod);
+                return self.covering(covering, namespace, service_account, pod);
             }
             debug!(
                 namespace,
@@ -197,7 +177,7 @@ impl Lookups {
         let covering = self
             .filter_covering(listed, namespace, service_account)
             .await?;
-        self.exactly_one(covering, namespace, service_account, pod)
+        self.covering(covering, namespace, service_account, pod)
     }
 
     async fn filter_covering(
@@ -209,13 +189,13 @@ impl Lookups {
         let mut labels = None;
         let mut covering = Vec::new();
         for policy in candidates {
-            let covers = match policy_covers(&policy, service_account, labels.as_ref()) {
+            let covers = match policy.selects(namespace, service_account, labels.as_ref()) {
                 Some(decided) => decided,
                 None => {
                     let fetched = self
                         .service_account_labels(namespace, service_account)
                         .await?;
-                    let decided = policy_covers(&policy, service_account, Some(&fetched));
+                    let decided = policy.selects(namespace, service_account, Some(&fetched));
                     labels = Some(fetched);
                     decided.unwrap_or(false)
                 }
@@ -227,36 +207,18 @@ impl Lookups {
         Ok(covering)
     }
 
-    fn exactly_one(
+    fn covering(
         &self,
-        mut covering: Vec<Arc<MTLSPolicy>>,
+        selecting: Vec<Arc<MTLSPolicy>>,
         namespace: &str,
         service_account: &str,
         pod: &str,
     ) -> Result<Arc<MTLSPolicy>> {
-        match covering.len() {
-            0 => Err(Error::NotCovered {
-                namespace: namespace.to_string(),
-                service_account: service_account.to_string(),
-                pod: pod.to_string(),
-            }),
-            1 => covering
-                .pop()
-                .ok_or_else(|| Error::BadRequest("no policy".into())),
-            _ => {
-                let mut names: Vec<_> = covering
-                    .iter()
-                    .filter_map(|p| p.metadata.name.clone())
-                    .collect();
-                names.sort();
-                Err(Error::AmbiguousPolicy {
-                    namespace: namespace.to_string(),
-                    service_account: service_account.to_string(),
-                    pod: pod.to_string(),
-                    policies: names.join(", "),
-                })
-            }
-        }
+        covering_policy(selecting).ok_or_else(|| Error::NotCovered {
+            namespace: namespace.to_string(),
+            service_account: service_account.to_string(),
+            pod: pod.to_string(),
+        })
     }
 
     /// The trust domain of the configured MTLSAuthority, else the fallback flag.
@@ -308,38 +270,4 @@ where
         }
     });
     reader
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn policy(service_accounts: serde_json::Value) -> MTLSPolicy {
-        serde_json::from_value(serde_json::json!({
-            "apiVersion": "rolemesh.dev/v1alpha1", "kind": "MTLSPolicy",
-            "metadata": { "name": "p", "namespace": "shop" },
-            "spec": { "serviceAccounts": service_accounts },
-        }))
-        .expect("policy fixture")
-    }
-
-    #[test]
-    fn names_decide_without_labels() {
-        let by_name = policy(serde_json::json!({ "names": ["web"] }));
-        assert_eq!(policy_covers(&by_name, "web", None), Some(true));
-        assert_eq!(policy_covers(&by_name, "db", None), Some(false));
-    }
-
-    #[test]
-    fn a_selector_needs_the_service_account_labels() {
-        let by_label =
-            policy(serde_json::json!({ "selector": { "matchLabels": { "tier": "front" } } }));
-        assert_eq!(policy_covers(&by_label, "web", None), None);
-        let front = BTreeMap::from([("tier".to_string(), "front".to_string())]);
-        assert_eq!(policy_covers(&by_label, "web", Some(&front)), Some(true));
-        assert_eq!(
-            policy_covers(&by_label, "web", Some(&BTreeMap::new())),
-            Some(false)
-        );
-    }
 }

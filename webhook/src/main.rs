@@ -1,5 +1,4 @@
 //! `rolemesh-webhook`: flags and environment in, the admission server out.
-#![forbid(unsafe_code)]
 
 use std::{
     net::SocketAddr,
@@ -8,13 +7,14 @@ use std::{
 
 use anyhow::Context as _;
 use clap::Parser;
+use rolemesh_crds::names::WEBHOOK_SERVING_SECRET;
 use rolemesh_profile::logging::{LogFormat, init_logging};
 use rolemesh_webhook::{
     inject::InjectorConfig,
     lookup::Lookups,
     metrics::Metrics,
-    server::{AppState, admission_router, follow_serving_secret, serve_admin, serve_tls},
-    tls::{DEFAULT_SERVING_SECRET, ServingCertResolver},
+    server::{AppState, admission_router, serve_admin, serve_tls},
+    serving::{ServingCertResolver, follow_serving_secret},
 };
 
 // Each review allocates and frees thousands of small objects (the decoded Pod, the patch); glibc's
@@ -53,7 +53,7 @@ struct Args {
     )]
     proxy_image: String,
     /// Secret (in --namespace) holding the serving certificate, written by the controller.
-    #[arg(long, env = "ROLEMESH_WEBHOOK_TLS_SECRET", default_value = DEFAULT_SERVING_SECRET)]
+    #[arg(long, env = "ROLEMESH_WEBHOOK_TLS_SECRET", default_value = WEBHOOK_SERVING_SECRET)]
     tls_secret: String,
     #[arg(long, env = "ROLEMESH_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -113,7 +113,7 @@ fn placeholder_key() -> anyhow::Result<rustls::sign::CertifiedKey> {
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
     let cert = rcgen::CertificateParams::new(vec!["rolemesh-webhook.invalid".to_string()])?
         .self_signed(&key)?;
-    Ok(rolemesh_webhook::tls::certified_key(
+    Ok(rolemesh_webhook::serving::certified_key(
         &cert.pem(),
         &key.serialize_pem(),
     )?)

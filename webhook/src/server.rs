@@ -15,17 +15,14 @@ use axum::{
     response::{IntoResponse, Response},
     routing::{get, post},
 };
-use k8s_openapi::api::core::v1::{Pod, Secret};
-use kube::{
-    Api, Client,
-    core::{
-        DynamicObject, GroupVersionKind,
-        admission::{AdmissionRequest, AdmissionResponse, AdmissionReview},
-    },
+use k8s_openapi::api::core::v1::Pod;
+use kube::core::{
+    DynamicObject, GroupVersionKind,
+    admission::{AdmissionRequest, AdmissionResponse, AdmissionReview},
 };
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use crate::{
     error::{Error, Result},
@@ -33,7 +30,7 @@ use crate::{
     lookup::Lookups,
     metrics::Metrics,
     selection::{PodSelection, namespace_opted_in, select_pod},
-    tls::{ServingCertResolver, certified_key, server_config},
+    serving::{ServingCertResolver, server_config},
 };
 
 /// Largest AdmissionReview accepted; bigger bodies get 413.
@@ -362,69 +359,4 @@ pub async fn serve_admin(
     axum::serve(listener, app)
         .await
         .map_err(Error::io("serving the admin listener"))
-}
-
-/// Loads the serving certificate from Secret `namespace/name` (written by the controller) and
-/// keeps loading new versions; the webhook never writes it.
-pub async fn follow_serving_secret(
-    client: Client,
-    namespace: String,
-    name: String,
-    resolver: Arc<ServingCertResolver>,
-    metrics: Arc<Metrics>,
-    loaded: Arc<std::sync::atomic::AtomicBool>,
-) {
-    let api: Api<Secret> = Api::namespaced(client, &namespace);
-    let mut last_version = String::new();
-    loop {
-        match api.get_opt(&name).await {
-            Ok(Some(secret)) => {
-                let version = secret.metadata.resource_version.clone().unwrap_or_default();
-                if version != last_version {
-                    let field = |key: &str| {
-                        secret
-                            .data
-                            .as_ref()
-                            .and_then(|d| d.get(key))
-                            .map(|b| String::from_utf8_lossy(&b.0).into_owned())
-                    };
-                    match (field("tls.crt"), field("tls.key")) {
-                        (Some(cert), Some(key)) => match certified_key(&cert, &key) {
-                            Ok(certified) => {
-                                let serial =
-                                    rolemesh_profile::inspect::certificates_from_pem(&cert)
-                                        .ok()
-                                        .and_then(|c| c.into_iter().next())
-                                        .and_then(|der| {
-                                            rolemesh_profile::inspect_certificate(&der).ok()
-                                        })
-                                        .map(|info| {
-                                            metrics.serving_cert_loaded(
-                                                info.not_after.unix_timestamp(),
-                                            );
-                                            info.serial_hex
-                                        })
-                                        .unwrap_or_default();
-                                resolver.set(certified, serial.clone());
-                                loaded.store(true, std::sync::atomic::Ordering::Release);
-                                last_version = version;
-                                info!(serial = %serial, "serving certificate loaded");
-                            }
-                            Err(error) => {
-                                warn!(%error, secret = %name, "the serving certificate Secret is unusable; keeping the current one")
-                            }
-                        },
-                        _ => {
-                            warn!(secret = %name, "the serving certificate Secret lacks tls.crt or tls.key")
-                        }
-                    }
-                }
-            }
-            Ok(None) => {
-                warn!(namespace = %namespace, secret = %name, "waiting for the controller to write the serving certificate Secret")
-            }
-            Err(error) => warn!(%error, "failed to read the serving certificate Secret"),
-        }
-        tokio::time::sleep(Duration::from_secs(2)).await;
-    }
 }

@@ -15,9 +15,9 @@ use kube::{
     Api,
     api::{DeleteParams, PostParams},
 };
+use rolemesh_controller::webhook_tls::{WebhookTlsConfig, reconcile_webhook_tls};
 use rolemesh_crds::MTLSAuthority;
 use rolemesh_tests::{TestNamespace, cluster, eventually, in_namespace, install_crds};
-use rolemesh_webhook::tls::{WebhookTlsConfig, reconcile_webhook_tls};
 use serde_json::json;
 
 struct Webhook {

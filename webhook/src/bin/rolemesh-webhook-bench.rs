@@ -26,8 +26,8 @@ use kube::{
     Api, Client,
     api::{DeleteParams, PostParams},
 };
+use rolemesh_controller::webhook_tls::{WebhookTlsConfig, reconcile_webhook_tls};
 use rolemesh_crds::{MTLSAuthority, MTLSPolicy};
-use rolemesh_webhook::tls::{WebhookTlsConfig, reconcile_webhook_tls};
 use rustls_pki_types::{CertificateDer, ServerName, pem::PemObject as _};
 use serde_json::json;
 use tokio::{net::TcpStream, task::JoinSet};

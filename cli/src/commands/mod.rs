@@ -1,0 +1,6 @@
+//! One module per subcommand: its arguments and what it does.
+
+pub mod inspect;
+pub mod rotate;
+pub mod status;
+pub mod trust_bundle;

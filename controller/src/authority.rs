@@ -1,0 +1,289 @@
+//! The MTLSAuthority reconciler: keeps the CA in force ([`crate::ca`]) current in the shared
+//! context, and the authority's status saying whether it is.
+
+use std::{sync::Arc, time::Duration};
+
+use futures::StreamExt;
+use kube::{
+    Api, Client, Resource,
+    api::{Patch, PatchParams},
+    runtime::{WatchStreamExt, predicates, watcher},
+};
+use rolemesh_crds::{MTLSAuthority, MTLSAuthorityStatus};
+use serde_json::json;
+use time::OffsetDateTime;
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use crate::{
+    ControllerConfig,
+    ca::{CA_RECHECK, CaState, establish_ca},
+    context::Context,
+    error::{Error, Result},
+    policy::writes::FIELD_MANAGER,
+    status::{READY, Reason, condition, keep_transition_time, to_time},
+};
+
+/// The first wait after a failure; it doubles up to [`MAX_RETRY`].
+const FIRST_RETRY: Duration = Duration::from_secs(2);
+const MAX_RETRY: Duration = Duration::from_secs(60);
+
+/// The status an authority should show for the outcome of establishing its CA.
+fn authority_status(
+    authority: &MTLSAuthority,
+    result: &Result<Arc<CaState>>,
+    now: OffsetDateTime,
+) -> MTLSAuthorityStatus {
+    let existing = authority.status.clone().unwrap_or_default();
+    let generation = authority.metadata.generation;
+    let wanted = match result {
+        Ok(ca) => condition(
+            READY,
+            true,
+            Reason::CaReady,
+            format!(
+                "CA {} signs through {}",
+                ca.fingerprint,
+                ca.signer.describe()
+            ),
+            generation,
+            now,
+        ),
+        Err(error) => condition(
+            READY,
+            false,
+            error.reason(),
+            error.to_string(),
+            generation,
+            now,
+        ),
+    };
+    MTLSAuthorityStatus {
+        observed_generation: generation,
+        conditions: vec![keep_transition_time(&existing.conditions, wanted)],
+        ca_fingerprint: match result {
+            Ok(ca) => Some(ca.fingerprint.clone()),
+            Err(_) => existing.ca_fingerprint,
+        },
+        ca_not_after: match result {
+            Ok(ca) => Some(to_time(ca.not_after)),
+            Err(_) => existing.ca_not_after,
+        },
+    }
+}
+
+async fn write_authority_status(
+    client: &Client,
+    authority: &MTLSAuthority,
+    result: &Result<Arc<CaState>>,
+) -> Result<()> {
+    let status = authority_status(authority, result, OffsetDateTime::now_utc());
+    if authority.status.as_ref() == Some(&status) {
+        return Ok(());
+    }
+    let name = authority.metadata.name.clone().unwrap_or_default();
+    let api: Api<MTLSAuthority> = Api::all(client.clone());
+    let body = json!({
+        "apiVersion": MTLSAuthority::api_version(&()),
+        "kind": MTLSAuthority::kind(&()),
+        "status": status,
+    });
+    api.patch_status(
+        &name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(body),
+    )
+    .await
+    .map_err(Error::kube(format!(
+        "write the status of MTLSAuthority {name}"
+    )))?;
+    Ok(())
+}
+
+/// Where one pass over the authority leaves the reconcilers.
+struct Pass<'a> {
+    client: &'a Client,
+    config: &'a ControllerConfig,
+    aws: &'a aws_config::SdkConfig,
+    ctx: &'a Context,
+    /// Told when the policies must be reconciled again (the CA or bundle changed).
+    trigger: &'a mpsc::Sender<()>,
+}
+
+impl Pass<'_> {
+    /// Establishes the CA, hands it (or why there is none) to the policy reconciler, and writes
+    /// the authority's status. Returns whether a CA is in force; an error is a failed status
+    /// write.
+    async fn run(&self) -> Result<bool> {
+        let name = &self.config.authority;
+        let api: Api<MTLSAuthority> = Api::all(self.client.clone());
+        let (authority, outcome) = match api.get_opt(name).await {
+            Ok(Some(authority)) => {
+                let result = establish_ca(
+                    self.client,
+                    &self.config.namespace,
+                    &authority,
+                    self.aws,
+                    &self.ctx.metrics,
+                )
+                .await
+                .map(Arc::new);
+                (Some(authority), result)
+            }
+            Ok(None) => (None, Err(Error::AuthorityMissing { name: name.clone() })),
+            Err(source) => (
+                None,
+                Err(Error::Kube {
+                    action: format!("read MTLSAuthority {name}"),
+                    source,
+                }),
+            ),
+        };
+        let in_force = match &outcome {
+            Ok(ca) => {
+                self.publish(ca.clone());
+                true
+            }
+            Err(error) => {
+                warn!(%error, authority = %name, "cannot establish the CA; existing Secrets are left as they are");
+                let first_failure = self.ctx.ca.load().is_none();
+                if let Ok(mut e) = self.ctx.ca_error.lock() {
+                    *e = Some((error.reason(), error.to_string()));
+                }
+                if first_failure {
+                    let _ = self.trigger.try_send(());
+                }
+                false
+            }
+        };
+        if let Some(authority) = &authority {
+            write_authority_status(self.client, authority, &outcome).await?;
+        }
+        Ok(in_force)
+    }
+
+    fn publish(&self, ca: Arc<CaState>) {
+        let current = self.ctx.ca.load_full();
+        let changed = current.as_ref().is_none_or(|c| {
+            c.fingerprint != ca.fingerprint
+                || c.bundle_pem != ca.bundle_pem
+                || c.trust_domain != ca.trust_domain
+                || c.verification != ca.verification
+                || c.generation != ca.generation
+        });
+        if let Ok(mut e) = self.ctx.ca_error.lock() {
+            *e = None;
+        }
+        if changed {
+            info!(fingerprint = %ca.fingerprint, signer = %ca.signer.describe(), trust_domain = %ca.trust_domain, "CA in force");
+            self.ctx.ca.store(Some(ca));
+            let _ = self.trigger.try_send(());
+        }
+    }
+}
+
+/// Keeps `ctx.ca` current: on every change of the MTLSAuthority and every few minutes (to roll
+/// the CA before it expires). Policies are re-reconciled whenever the CA or bundle changes.
+pub async fn maintain_ca(
+    client: Client,
+    config: ControllerConfig,
+    aws: aws_config::SdkConfig,
+    ctx: Arc<Context>,
+    trigger: mpsc::Sender<()>,
+) {
+    let api: Api<MTLSAuthority> = Api::all(client.clone());
+    let mut changes = watcher(
+        api,
+        watcher::Config::default().fields(&format!("metadata.name={}", config.authority)),
+    )
+    .default_backoff()
+    .applied_objects()
+    .predicate_filter(predicates::generation, Default::default())
+    .boxed();
+    let pass = Pass {
+        client: &client,
+        config: &config,
+        aws: &aws,
+        ctx: &ctx,
+        trigger: &trigger,
+    };
+    let mut retry = FIRST_RETRY;
+    loop {
+        let wait = match pass.run().await {
+            Ok(true) => {
+                retry = FIRST_RETRY;
+                CA_RECHECK
+            }
+            Ok(false) => {
+                retry = (retry * 2).min(MAX_RETRY);
+                retry
+            }
+            Err(error) => {
+                warn!(%error, authority = %config.authority, reason = %error.reason(), "failed to write the MTLSAuthority status");
+                retry = (retry * 2).min(MAX_RETRY);
+                retry
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = changes.next() => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn authority(
+        conditions: Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>,
+    ) -> MTLSAuthority {
+        let mut authority = MTLSAuthority::new("default", Default::default());
+        authority.metadata.generation = Some(3);
+        authority.status = Some(MTLSAuthorityStatus {
+            observed_generation: Some(2),
+            conditions,
+            ca_fingerprint: Some("ab".into()),
+            ca_not_after: Some(to_time(OffsetDateTime::UNIX_EPOCH)),
+        });
+        authority
+    }
+
+    #[test]
+    fn a_failure_keeps_the_last_ca_facts_and_says_why() {
+        let at = |s| OffsetDateTime::from_unix_timestamp(s).expect("timestamp");
+        let was_down = condition(
+            READY,
+            false,
+            Reason::AuthorityInvalid,
+            "x".into(),
+            Some(2),
+            at(10),
+        );
+        // (case, existing conditions, expected lastTransitionTime)
+        let rows = vec![
+            ("first failure", vec![], 50),
+            ("still failing", vec![was_down], 10),
+        ];
+        for (case, conditions, expected) in rows {
+            let failed: Result<Arc<CaState>> = Err(Error::AuthorityMissing {
+                name: "default".into(),
+            });
+            let status = authority_status(&authority(conditions), &failed, at(50));
+            assert_eq!(status.observed_generation, Some(3), "{case}");
+            assert_eq!(status.ca_fingerprint.as_deref(), Some("ab"), "{case}");
+            assert_eq!(
+                status.ca_not_after,
+                Some(to_time(OffsetDateTime::UNIX_EPOCH)),
+                "{case}"
+            );
+            let ready = &status.conditions[0];
+            assert_eq!(
+                (ready.status.as_str(), ready.reason.as_str()),
+                ("False", "AuthorityMissing"),
+                "{case}"
+            );
+            assert_eq!(ready.last_transition_time, to_time(at(expected)), "{case}");
+        }
+    }
+}

@@ -1,0 +1,301 @@
+//! [`assess`] as a table, the way cert-manager tests its reissue policy chain: each row a Secret
+//! (made by our own issuance code, then altered), the rotation requests and the time, and the
+//! decision expected.
+#![allow(
+    clippy::type_complexity,
+    reason = "a table row is a tuple with one column per input and the expected result"
+)]
+
+use std::{sync::Arc, time::Duration};
+
+use k8s_openapi::ByteString;
+use rcgen::KeyPair;
+use rolemesh_crds::IdentityVerification;
+use rolemesh_profile::{
+    CertificateProfile, SpiffeId, WorkloadIdentity,
+    profile::{ca_params, generate_workload_key},
+};
+use time::OffsetDateTime;
+
+use super::*;
+use crate::{ca::CaState, metrics::Metrics, signer::LocalSigner};
+
+const ROLE: &str = "arn:aws:iam::111122223333:role/web";
+
+fn test_ca(trust_domain: &str) -> CaState {
+    let key = generate_workload_key().expect("CA key");
+    let cert = ca_params(
+        trust_domain,
+        Duration::from_secs(365 * 24 * 3600),
+        OffsetDateTime::now_utc(),
+    )
+    .self_signed(&key)
+    .expect("CA certificate");
+    let signer = LocalSigner::from_pem(&key.serialize_pem(), "test key".into(), Metrics::new())
+        .expect("signer");
+    let ca_der = cert.der().to_vec();
+    let pem = crate::ca::pem_of(&ca_der);
+    CaState {
+        signer: Arc::new(signer),
+        fingerprint: "test".into(),
+        not_after: OffsetDateTime::now_utc() + time::Duration::days(365),
+        ca_der,
+        chain_pem: pem.clone(),
+        bundle_pem: pem,
+        trust_domain: trust_domain.into(),
+        verification: IdentityVerification::Sts,
+        generation: Some(1),
+    }
+}
+
+fn identity(service_account: &str, role: &str) -> WorkloadIdentity {
+    let id = SpiffeId::new("mesh.test", "shop", service_account).expect("SPIFFE ID");
+    WorkloadIdentity::new(id, role).expect("identity")
+}
+
+async fn secret(
+    ca: &CaState,
+    identity: &WorkloadIdentity,
+    profile: &CertificateProfile,
+    rotation: &RotationRequests,
+) -> Secret {
+    let issued = issue_certificate(ca, identity, profile)
+        .await
+        .expect("issue");
+    let context = SecretContext {
+        namespace: "shop",
+        service_account: "web",
+        policy_name: "web",
+        owner: OwnerReference::default(),
+        rotation,
+        verification: ca.verification,
+    };
+    workload_secret(&context, &issued.chain_pem, &issued.key_pem, &ca.bundle_pem)
+}
+
+fn set(secret: &mut Secret, key: &str, value: Option<&str>) {
+    let data = secret.data.get_or_insert_with(Default::default);
+    match value {
+        Some(v) => data.insert(key.to_string(), ByteString(v.as_bytes().to_vec())),
+        None => data.remove(key),
+    };
+}
+
+/// The decision, reduced to what the table compares.
+#[derive(Debug, PartialEq, Eq)]
+enum Decision {
+    Nothing,
+    RefreshBundle,
+    Issue(IssueReason),
+}
+
+fn decision(need: Need) -> Decision {
+    match need {
+        Need::Nothing(_) => Decision::Nothing,
+        Need::RefreshBundle(_) => Decision::RefreshBundle,
+        Need::Issue { reason, .. } => Decision::Issue(reason),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn assess_decides_what_a_secret_needs() {
+    let ca = test_ca("mesh.test");
+    let other_ca = test_ca("mesh.test");
+    let web = identity("web", ROLE);
+    let profile = CertificateProfile::default();
+    let none = RotationRequests::default();
+    let good = secret(&ca, &web, &profile, &none).await;
+    let now = OffsetDateTime::now_utc();
+
+    let stale_bundle = {
+        let mut s = good.clone();
+        set(&mut s, CA_CERT_KEY, Some("an older bundle"));
+        s
+    };
+    let no_key = {
+        let mut s = good.clone();
+        set(&mut s, TLS_PRIVATE_KEY_KEY, None);
+        s
+    };
+    let foreign_key = {
+        let mut s = good.clone();
+        let key = KeyPair::generate().expect("key").serialize_pem();
+        set(&mut s, TLS_PRIVATE_KEY_KEY, Some(&key));
+        s
+    };
+    let not_pem = {
+        let mut s = good.clone();
+        set(&mut s, TLS_CERT_KEY, Some("not a certificate"));
+        s
+    };
+    let other_signer = secret(&other_ca, &web, &profile, &none).await;
+    let other_role = secret(
+        &ca,
+        &identity("web", "arn:aws:iam::111122223333:role/db"),
+        &profile,
+        &none,
+    )
+    .await;
+    let policy_rotation = RotationRequests {
+        policy: Some("2026-01-01".into()),
+        service_account: None,
+    };
+    let sa_rotation = RotationRequests {
+        policy: None,
+        service_account: Some("now".into()),
+    };
+    let rotated = secret(&ca, &web, &profile, &policy_rotation).await;
+    let short = CertificateProfile {
+        duration: Duration::from_secs(3600),
+        renew_before: None,
+    };
+    let due = now + time::Duration::hours(20);
+    let long_before_due = now + time::Duration::hours(1);
+
+    // (case, Secret, profile, rotation requests, now, expected decision)
+    let rows: Vec<(
+        &str,
+        Option<&Secret>,
+        &CertificateProfile,
+        &RotationRequests,
+        OffsetDateTime,
+        Decision,
+    )> = vec![
+        (
+            "no Secret",
+            None,
+            &profile,
+            &none,
+            now,
+            Decision::Issue(IssueReason::New),
+        ),
+        ("good", Some(&good), &profile, &none, now, Decision::Nothing),
+        (
+            "good, an hour on",
+            Some(&good),
+            &profile,
+            &none,
+            long_before_due,
+            Decision::Nothing,
+        ),
+        (
+            "stale ca.crt",
+            Some(&stale_bundle),
+            &profile,
+            &none,
+            now,
+            Decision::RefreshBundle,
+        ),
+        (
+            "tls.key missing",
+            Some(&no_key),
+            &profile,
+            &none,
+            now,
+            Decision::Issue(IssueReason::Repair),
+        ),
+        (
+            "tls.key of another certificate",
+            Some(&foreign_key),
+            &profile,
+            &none,
+            now,
+            Decision::Issue(IssueReason::Repair),
+        ),
+        (
+            "tls.crt not PEM",
+            Some(&not_pem),
+            &profile,
+            &none,
+            now,
+            Decision::Issue(IssueReason::Repair),
+        ),
+        (
+            "signed by another CA",
+            Some(&other_signer),
+            &profile,
+            &none,
+            now,
+            Decision::Issue(IssueReason::Repair),
+        ),
+        (
+            "names another role",
+            Some(&other_role),
+            &profile,
+            &none,
+            now,
+            Decision::Issue(IssueReason::IdentityChange),
+        ),
+        (
+            "policy asks to rotate",
+            Some(&good),
+            &profile,
+            &policy_rotation,
+            now,
+            Decision::Issue(IssueReason::Rotation),
+        ),
+        (
+            "ServiceAccount asks to rotate",
+            Some(&good),
+            &profile,
+            &sa_rotation,
+            now,
+            Decision::Issue(IssueReason::Rotation),
+        ),
+        (
+            "rotation already done",
+            Some(&rotated),
+            &profile,
+            &policy_rotation,
+            now,
+            Decision::Nothing,
+        ),
+        (
+            "rotation request withdrawn",
+            Some(&rotated),
+            &profile,
+            &none,
+            now,
+            Decision::Issue(IssueReason::Rotation),
+        ),
+        (
+            "policy duration changed",
+            Some(&good),
+            &short,
+            &none,
+            now,
+            Decision::Issue(IssueReason::Renewal),
+        ),
+        (
+            "due for renewal",
+            Some(&good),
+            &profile,
+            &none,
+            due,
+            Decision::Issue(IssueReason::Renewal),
+        ),
+        // Identity is checked before everything that follows it: a wrong identity is re-issued
+        // as such even when a rotation is also pending.
+        (
+            "wrong role and rotation",
+            Some(&other_role),
+            &profile,
+            &policy_rotation,
+            now,
+            Decision::Issue(IssueReason::IdentityChange),
+        ),
+    ];
+    for (case, secret, profile, rotation, at, expected) in rows {
+        let need = assess(secret, &ca, &web, profile, rotation, at);
+        assert_eq!(decision(need), expected, "{case}");
+    }
+}
+
+#[test]
+fn issue_reasons_are_the_metric_labels() {
+    let labels: Vec<&str> = IssueReason::ALL.iter().map(|r| r.as_str()).collect();
+    assert_eq!(
+        labels,
+        ["new", "identity-change", "repair", "rotation", "renewal"]
+    );
+}

@@ -1,0 +1,143 @@
+//! What every reconcile shares: clients, the CA in force, the caches, and what this process
+//! wrote that the caches may not show yet.
+
+use std::{
+    collections::HashMap,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use arc_swap::ArcSwapOption;
+use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
+use kube::{
+    Client,
+    runtime::{
+        events::Recorder,
+        reflector::{ObjectRef, Store},
+    },
+};
+use rolemesh_crds::MTLSPolicy;
+
+use crate::{ca::CaState, metrics::Metrics, status::Reason};
+
+/// How long a write of ours stands in for the watch's copy before the watch must have caught up.
+const WRITE_SHADOW: Duration = Duration::from_secs(30);
+
+/// The reflector caches the reconcilers read.
+#[derive(Clone)]
+pub struct Caches {
+    /// Only the Secrets rolemesh manages.
+    pub secrets: Store<Secret>,
+    pub service_accounts: Store<ServiceAccount>,
+    pub policies: Store<MTLSPolicy>,
+}
+
+/// Shared state of the reconcilers.
+pub struct Context {
+    pub client: Client,
+    pub sts: aws_sdk_sts::Client,
+    pub ca: ArcSwapOption<CaState>,
+    /// Why there is no CA, when there is none.
+    pub ca_error: Mutex<Option<(Reason, String)>>,
+    pub caches: Caches,
+    pub metrics: Metrics,
+    pub recorder: Recorder,
+    /// How many certificates one reconcile issues at once.
+    pub issue_concurrency: usize,
+    /// Secrets written by this process that the watch may not have delivered yet, so that a
+    /// reconcile racing the watch does not issue a second certificate for the same need.
+    written: Mutex<HashMap<(String, String), (Secret, Instant)>>,
+    /// The trust bundle last applied per namespace, to skip no-op writes.
+    bundles: Mutex<HashMap<String, String>>,
+}
+
+impl Context {
+    pub fn new(
+        client: Client,
+        sts: aws_sdk_sts::Client,
+        caches: Caches,
+        metrics: Metrics,
+        recorder: Recorder,
+        issue_concurrency: usize,
+    ) -> Self {
+        Self {
+            client,
+            sts,
+            ca: ArcSwapOption::empty(),
+            ca_error: Mutex::new(None),
+            caches,
+            metrics,
+            recorder,
+            issue_concurrency,
+            written: Mutex::new(HashMap::new()),
+            bundles: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The Secret as this process last knows it: the cache's copy, or our own write while the
+    /// watch has not delivered it yet.
+    pub fn effective_secret(&self, namespace: &str, name: &str) -> Option<Secret> {
+        let cached = self
+            .caches
+            .secrets
+            .get(&ObjectRef::new(name).within(namespace))
+            .map(|s| (*s).clone());
+        let key = (namespace.to_string(), name.to_string());
+        let mut written = self.written.lock().ok()?;
+        let Some((ours, at)) = written.get(&key) else {
+            return cached;
+        };
+        let version = |s: &Secret| {
+            s.metadata
+                .resource_version
+                .as_deref()
+                .and_then(|v| v.parse::<u64>().ok())
+        };
+        match &cached {
+            Some(seen) if version(seen) >= version(ours) => {
+                written.remove(&key);
+                cached
+            }
+            // The watch has not caught up with our write yet.
+            _ if at.elapsed() < WRITE_SHADOW => Some(ours.clone()),
+            _ => {
+                written.remove(&key);
+                cached
+            }
+        }
+    }
+
+    pub fn remember_written(&self, secret: Secret) {
+        if let (Some(ns), Some(name), Ok(mut written)) = (
+            secret.metadata.namespace.clone(),
+            secret.metadata.name.clone(),
+            self.written.lock(),
+        ) {
+            // Entries are normally dropped when the watch catches up; this bounds the rest.
+            if written.len() >= 1024 {
+                written.retain(|_, (_, at)| at.elapsed() < WRITE_SHADOW);
+            }
+            written.insert((ns, name), (secret, Instant::now()));
+        }
+    }
+
+    pub fn forget_written(&self, namespace: &str, name: &str) {
+        if let Ok(mut written) = self.written.lock() {
+            written.remove(&(namespace.to_string(), name.to_string()));
+        }
+    }
+
+    /// Whether `bundle` is what was last applied to `namespace`'s trust bundle.
+    pub fn bundle_applied(&self, namespace: &str, bundle: &str) -> bool {
+        self.bundles
+            .lock()
+            .ok()
+            .is_some_and(|b| b.get(namespace).map(String::as_str) == Some(bundle))
+    }
+
+    pub fn remember_bundle(&self, namespace: &str, bundle: &str) {
+        if let Ok(mut bundles) = self.bundles.lock() {
+            bundles.insert(namespace.to_string(), bundle.to_string());
+        }
+    }
+}

@@ -1,0 +1,302 @@
+//! What the controller says in status: the reasons (one enum, whose names are the strings
+//! shown), the conditions, and the one conversion to the API's timestamps.
+
+use k8s_openapi::{
+    apimachinery::pkg::apis::meta::v1::{Condition, Time},
+    jiff::Timestamp,
+};
+use time::OffsetDateTime;
+
+macro_rules! reasons {
+    ($($(#[doc = $doc:literal])+ $variant:ident,)+) => {
+        /// Every reason the controller shows in a condition or a workload's status entry, and
+        /// counts in metrics. The string form is the variant's name.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        pub enum Reason {
+            $($(#[doc = $doc])+ $variant,)+
+        }
+
+        impl Reason {
+            /// All reasons, for documentation.
+            pub const ALL: &[Reason] = &[$(Reason::$variant,)+];
+
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(Reason::$variant => stringify!($variant),)+
+                }
+            }
+
+            /// What the reason means, for a person.
+            pub fn description(self) -> &'static str {
+                match self {
+                    $(Reason::$variant => concat!($($doc),+).trim_ascii(),)+
+                }
+            }
+        }
+    };
+}
+
+reasons! {
+    /// A certificate was issued after STS verified the role.
+    Issued,
+    /// A certificate was issued without verifying the role (identityVerification: none).
+    IssuedUnverified,
+    /// Every covered ServiceAccount has a valid certificate.
+    CertificatesIssued,
+    /// The policy covers no ServiceAccount.
+    NoServiceAccounts,
+    /// A listed ServiceAccount does not exist.
+    ServiceAccountNotFound,
+    /// An older MTLSPolicy also selects the ServiceAccount and covers it.
+    CoveredByAnotherPolicy,
+    /// The policy selects ServiceAccounts an older MTLSPolicy covers.
+    OverlapsPolicy,
+    /// No older MTLSPolicy covers a ServiceAccount this policy selects.
+    NoOverlap,
+    /// The certificate Secret's name is taken by a Secret of another policy.
+    SecretOwnedByAnotherPolicy,
+    /// The certificate Secret lost its PEM fields.
+    SecretUnreadable,
+    /// The ServiceAccount's SPIFFE ID or role cannot be put in a certificate.
+    InvalidIdentity,
+    /// The ServiceAccount has no IRSA role annotation.
+    MissingRoleAnnotation,
+    /// The IRSA role annotation is not an IAM role ARN.
+    InvalidRoleArn,
+    /// A token for the ServiceAccount could not be requested to verify its role.
+    TokenRequestFailed,
+    /// STS refused to assume the role with the ServiceAccount's token.
+    StsRefused,
+    /// STS could not be reached to verify the role.
+    StsUnreachable,
+    /// STS assumed a role other than the annotated one.
+    RoleMismatch,
+    /// The CA is not established yet.
+    CaNotReady,
+    /// The CA is established and signs.
+    CaReady,
+    /// The signer throttled a signing call.
+    SignerThrottled,
+    /// The signer refused a signing call (IAM).
+    SignerAccessDenied,
+    /// The signer's key is disabled.
+    SignerKeyDisabled,
+    /// The signer is unavailable.
+    SignerUnavailable,
+    /// The signer could not be reached.
+    SignerUnreachable,
+    /// A signing call failed otherwise.
+    SignerFailed,
+    /// The signer's key cannot be used as the CA key.
+    SignerUnusable,
+    /// The local signing key Secret is unusable.
+    LocalKeyUnusable,
+    /// A certificate could not be built.
+    BuildFailed,
+    /// The CA certificate given in the MTLSAuthority is unusable.
+    CaCertificateUnusable,
+    /// The configured MTLSAuthority does not exist.
+    AuthorityMissing,
+    /// The MTLSAuthority is invalid.
+    AuthorityInvalid,
+    /// A Kubernetes API call failed.
+    KubernetesApiError,
+    /// The policy's certificate settings are invalid.
+    InvalidPolicy,
+    /// The controller lost its leader lease.
+    LostLease,
+    /// The metrics listener failed.
+    ServeMetrics,
+    /// The controller's caches could not be filled.
+    CachesNotFilled,
+    /// The webhook's serving certificate or caBundle could not be maintained.
+    WebhookTlsFailed,
+}
+
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Condition type saying whether the policy's certificates are all valid.
+pub const READY: &str = "Ready";
+/// Condition type saying whether the policy selects ServiceAccounts an older policy covers.
+pub const CONFLICTED: &str = "Conflicted";
+
+/// The API's timestamp for `t`. The controller computes with `time` (the profile crate's
+/// certificates do); the API types want `jiff`, converted here only.
+pub fn to_time(t: OffsetDateTime) -> Time {
+    Time(Timestamp::from_second(t.unix_timestamp()).unwrap_or(Timestamp::UNIX_EPOCH))
+}
+
+/// A condition as wanted now; see [`keep_transition_time`].
+pub fn condition(
+    type_: &str,
+    status: bool,
+    reason: Reason,
+    message: String,
+    generation: Option<i64>,
+    now: OffsetDateTime,
+) -> Condition {
+    Condition {
+        type_: type_.into(),
+        status: if status { "True" } else { "False" }.into(),
+        reason: reason.as_str().into(),
+        message,
+        observed_generation: generation,
+        last_transition_time: to_time(now),
+    }
+}
+
+/// Conditions keep their lastTransitionTime while their status does not change.
+pub fn keep_transition_time(existing: &[Condition], mut wanted: Condition) -> Condition {
+    if let Some(old) = existing.iter().find(|c| c.type_ == wanted.type_)
+        && old.status == wanted.status
+    {
+        wanted.last_transition_time = old.last_transition_time.clone();
+    }
+    wanted
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(second: i64) -> OffsetDateTime {
+        OffsetDateTime::from_unix_timestamp(second).expect("timestamp")
+    }
+
+    #[test]
+    fn transition_time() {
+        let was_ready = condition(
+            READY,
+            true,
+            Reason::CertificatesIssued,
+            "old".into(),
+            Some(1),
+            at(100),
+        );
+        let was_conflicted = condition(
+            CONFLICTED,
+            true,
+            Reason::OverlapsPolicy,
+            "old".into(),
+            Some(1),
+            at(100),
+        );
+        // (case, existing, wanted, expected lastTransitionTime)
+        let rows: Vec<(&str, Vec<Condition>, Condition, i64)> = vec![
+            (
+                "new condition",
+                vec![],
+                condition(
+                    READY,
+                    true,
+                    Reason::CertificatesIssued,
+                    "m".into(),
+                    Some(2),
+                    at(200),
+                ),
+                200,
+            ),
+            (
+                "same status: kept",
+                vec![was_ready.clone()],
+                condition(
+                    READY,
+                    true,
+                    Reason::CertificatesIssued,
+                    "m".into(),
+                    Some(2),
+                    at(200),
+                ),
+                100,
+            ),
+            (
+                "same status, new reason and message: kept",
+                vec![was_ready.clone()],
+                condition(
+                    READY,
+                    true,
+                    Reason::Issued,
+                    "other".into(),
+                    Some(2),
+                    at(200),
+                ),
+                100,
+            ),
+            (
+                "status flips: now",
+                vec![was_ready.clone()],
+                condition(
+                    READY,
+                    false,
+                    Reason::CaNotReady,
+                    "m".into(),
+                    Some(2),
+                    at(200),
+                ),
+                200,
+            ),
+            (
+                "another type with the same status does not count",
+                vec![was_conflicted.clone()],
+                condition(
+                    READY,
+                    true,
+                    Reason::CertificatesIssued,
+                    "m".into(),
+                    Some(2),
+                    at(200),
+                ),
+                200,
+            ),
+            (
+                "the matching type among several",
+                vec![was_conflicted, was_ready],
+                condition(
+                    READY,
+                    true,
+                    Reason::CertificatesIssued,
+                    "m".into(),
+                    Some(2),
+                    at(200),
+                ),
+                100,
+            ),
+        ];
+        for (case, existing, wanted, expected) in rows {
+            let kept = keep_transition_time(&existing, wanted.clone());
+            assert_eq!(kept.last_transition_time, to_time(at(expected)), "{case}");
+            // Everything but the time is what was wanted.
+            assert_eq!(
+                Condition {
+                    last_transition_time: wanted.last_transition_time.clone(),
+                    ..kept
+                },
+                wanted,
+                "{case}"
+            );
+        }
+    }
+
+    #[test]
+    fn reasons_are_their_names_and_described() {
+        assert_eq!(
+            Reason::CoveredByAnotherPolicy.as_str(),
+            "CoveredByAnotherPolicy"
+        );
+        assert_eq!(
+            Reason::Issued.description(),
+            "A certificate was issued after STS verified the role."
+        );
+        for reason in Reason::ALL {
+            assert!(!reason.description().is_empty(), "{reason}");
+        }
+        let mut names: Vec<&str> = Reason::ALL.iter().map(|r| r.as_str()).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), Reason::ALL.len());
+    }
+}

@@ -1,0 +1,82 @@
+//! Every name the controller, the webhook and the CLI share: labels, annotations, and the names
+//! and keys of the Secrets and ConfigMaps one of them writes and another reads. Defined here once
+//! so that a rename cannot leave one component looking for what another no longer writes.
+
+/// Standard label on everything rolemesh writes (Secrets, ConfigMaps).
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+/// Value of [`MANAGED_BY_LABEL`] on what rolemesh writes.
+pub const MANAGED_BY_VALUE: &str = "rolemesh";
+/// Label selector of everything rolemesh manages.
+pub const MANAGED_SELECTOR: &str = "app.kubernetes.io/managed-by=rolemesh";
+
+/// On a workload Secret: the MTLSPolicy that owns it.
+pub const POLICY_LABEL: &str = "rolemesh.dev/policy";
+/// On a workload Secret: the ServiceAccount whose identity it holds.
+pub const SERVICE_ACCOUNT_LABEL: &str = "rolemesh.dev/service-account";
+
+/// Set to any new value on an MTLSPolicy (all its ServiceAccounts) or a ServiceAccount to
+/// re-issue its certificates with new keys.
+pub const ROTATE_ANNOTATION: &str = "rolemesh.dev/rotate";
+/// On a workload Secret: the policy's [`ROTATE_ANNOTATION`] value it was issued for, so that a
+/// new value is recognised as a request.
+pub const ISSUED_FOR_POLICY_ROTATION: &str = "rolemesh.dev/issued-for-policy-rotate";
+/// On a workload Secret: the ServiceAccount's [`ROTATE_ANNOTATION`] value it was issued for.
+pub const ISSUED_FOR_SA_ROTATION: &str = "rolemesh.dev/issued-for-serviceaccount-rotate";
+/// On a workload Secret: how the role was verified at issuance (`sts` or `none`).
+pub const VERIFICATION_ANNOTATION: &str = "rolemesh.dev/verification";
+
+/// Label (on pods, `"true"`/`"false"`) and namespace label (`enabled`) that opt in to injection.
+pub const INJECT_LABEL: &str = "rolemesh.dev/inject";
+/// Annotation recording the policy and generation a pod was injected from: `<policy>@<generation>`.
+pub const INJECTED_ANNOTATION: &str = "rolemesh.dev/injected";
+/// Annotation recording the proxy image injected.
+pub const PROXY_IMAGE_ANNOTATION: &str = "rolemesh.dev/proxy-image";
+
+/// Suffix of a workload certificate Secret's name; see [`workload_secret_name`].
+const WORKLOAD_SECRET_SUFFIX: &str = "-rolemesh-tls";
+
+/// Name of the `kubernetes.io/tls` Secret holding a ServiceAccount's certificate (keys
+/// [`TLS_CERT_KEY`], [`TLS_PRIVATE_KEY_KEY`], [`CA_CERT_KEY`]).
+pub fn workload_secret_name(service_account: &str) -> String {
+    format!("{service_account}{WORKLOAD_SECRET_SUFFIX}")
+}
+
+/// Key of the certificate chain (leaf first) in a `kubernetes.io/tls` Secret.
+pub const TLS_CERT_KEY: &str = "tls.crt";
+/// Key of the PKCS#8 private key in a `kubernetes.io/tls` Secret.
+pub const TLS_PRIVATE_KEY_KEY: &str = "tls.key";
+/// Key of the CA certificates to trust, in a workload Secret, the trust bundle ConfigMap and the
+/// webhook's Secrets.
+pub const CA_CERT_KEY: &str = "ca.crt";
+
+/// The trust bundle ConfigMap the controller keeps in every namespace a policy covers.
+pub const TRUST_BUNDLE_CONFIGMAP: &str = "rolemesh-trust-bundle";
+/// Key of the CA certificates (and CRLs) in the trust bundle ConfigMap, and the file name in the
+/// pods' mount.
+pub const TRUST_BUNDLE_KEY: &str = CA_CERT_KEY;
+
+/// Secret (in rolemesh's namespace) holding the webhook's serving certificate, written by the
+/// controller and read by the webhook.
+pub const WEBHOOK_SERVING_SECRET: &str = "rolemesh-webhook-tls";
+/// Secret (in rolemesh's namespace) holding the CA that signs the webhook's serving certificate.
+pub const WEBHOOK_CA_SECRET: &str = "rolemesh-webhook-ca";
+/// The MutatingWebhookConfiguration the chart installs, and the webhook Service's name.
+pub const WEBHOOK_NAME: &str = "rolemesh-webhook";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_managed_selector_selects_the_managed_label() {
+        assert_eq!(
+            MANAGED_SELECTOR,
+            format!("{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}")
+        );
+    }
+
+    #[test]
+    fn a_workload_secret_is_named_after_its_service_account() {
+        assert_eq!(workload_secret_name("web"), "web-rolemesh-tls");
+    }
+}
