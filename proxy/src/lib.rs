@@ -9,6 +9,7 @@ pub mod admin;
 pub mod listeners;
 pub mod material;
 pub mod metrics;
+pub mod read_ahead;
 pub mod splice;
 pub mod state;
 pub mod verify;

@@ -16,7 +16,8 @@ use tracing::{debug, warn};
 
 use crate::{
     metrics::MappingMetrics,
-    splice::{ReadAhead, SpliceEnd, splice},
+    read_ahead::ReadAhead,
+    splice::{SpliceEnd, splice},
     state::{ActiveGuard, Shared},
     verify::classify_handshake_error,
 };
