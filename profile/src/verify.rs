@@ -372,6 +372,8 @@ mod tests {
             vec![other.crl(vec![], now)],
         );
         let foreign = store(vec![other.der.clone()], vec![]);
+        // tls.crt holds the leaf followed by its CA.
+        let as_issued = vec![leaf.clone(), ca.der.clone()];
         let leaf = vec![leaf];
         type Case<'a> = (
             &'a str,
@@ -379,8 +381,9 @@ mod tests {
             &'a TrustStore,
             Result<(), ChainError>,
         );
-        let cases: [Case<'_>; 7] = [
+        let cases: [Case<'_>; 8] = [
             ("trusted", &leaf, &trusted, Ok(())),
+            ("leaf and CA, as issued", &as_issued, &trusted, Ok(())),
             ("CRL lists another serial", &leaf, &revoking_others, Ok(())),
             ("CRL of another issuer only", &leaf, &foreign_crl, Ok(())),
             ("revoked", &leaf, &revoking, Err(ChainError::Revoked)),
