@@ -6,6 +6,7 @@
 //! - [`ROLE_ARN_OID`]: the private certificate extension carrying the IAM role ARN;
 //! - [`profile`]: the X.509 profile of workload and CA certificates;
 //! - [`inspect`]: reading an issued certificate back (parsing by x509-parser, never by hand);
+//! - [`verify`]: the one chain check (rustls-webpki, with the trust bundle's CRLs);
 //! - [`proxy_config`]: the proxy's configuration file, written by the webhook, read by the proxy.
 
 pub mod inspect;
@@ -14,10 +15,12 @@ pub mod logging;
 pub mod profile;
 pub mod proxy_config;
 pub mod spiffe;
+pub mod verify;
 
 pub use inspect::{CertificateInfo, inspect_certificate};
 pub use profile::{CertificateProfile, IssuedCertificate, WorkloadIdentity};
 pub use spiffe::SpiffeId;
+pub use verify::{ChainError, TrustStore, Usage, verify_chain, verify_chain_der};
 
 /// OID of the non-critical extension that carries the workload's IAM role ARN as a DER
 /// UTF8String. docs/security-model.md documents it. The enterprise number is not yet registered

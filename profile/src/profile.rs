@@ -145,7 +145,8 @@ pub fn ca_params(trust_domain: &str, duration: Duration, now: OffsetDateTime) ->
 /// Parameters of a CRL that revokes the certificates with `revoked` serials, issued now (backdated
 /// like certificates, for peers whose clocks run behind) and promising the next within
 /// `next_update_in`. rolemesh issues no CRLs itself (see docs/security-model.md#revocation); this
-/// is the shape the trust bundle's CRLs are checked in, for tests and tools.
+/// is the shape the trust bundle's CRLs are checked in, for tests (feature `test-support`).
+#[cfg(any(test, feature = "test-support"))]
 pub fn crl_params(
     revoked: Vec<SerialNumber>,
     crl_number: u64,

@@ -1,4 +1,5 @@
-//! The plain-HTTP admin port: `/live`, `/ready`, `/metrics`.
+//! The plain-HTTP admin port: `/live`, `/ready`, `/metrics`. It sees the proxy only through a
+//! readiness handle and the metrics registry.
 
 use std::{convert::Infallible, sync::Arc, time::Duration};
 
@@ -7,12 +8,12 @@ use hyper::{Request, Response, StatusCode, body::Bytes, header, service::service
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
-use crate::proxy::Shared;
+use crate::{metrics::Metrics, state::Readiness};
 
 /// Admin requests are tiny; a client that holds a connection longer is dropped.
 const ADMIN_CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
 
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+pub async fn serve(listener: TcpListener, readiness: Readiness, metrics: Arc<Metrics>) {
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
@@ -22,10 +23,11 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
                 continue;
             }
         };
-        let shared = shared.clone();
+        let readiness = readiness.clone();
+        let metrics = metrics.clone();
         tokio::spawn(async move {
             let service = service_fn(move |request: Request<hyper::body::Incoming>| {
-                let response = respond(&shared, request.uri().path());
+                let response = respond(&readiness, &metrics, request.uri().path());
                 async move { Ok::<_, Infallible>(response) }
             });
             let connection = hyper::server::conn::http1::Builder::new()
@@ -35,10 +37,10 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     }
 }
 
-fn respond(shared: &Shared, path: &str) -> Response<Full<Bytes>> {
+fn respond(readiness: &Readiness, metrics: &Metrics, path: &str) -> Response<Full<Bytes>> {
     let (status, content_type, body) = match path {
         "/live" => (StatusCode::OK, "text/plain", "ok\n".to_string()),
-        "/ready" if shared.is_ready() => (StatusCode::OK, "text/plain", "ready\n".to_string()),
+        "/ready" if readiness.is_ready() => (StatusCode::OK, "text/plain", "ready\n".to_string()),
         "/ready" => (
             StatusCode::SERVICE_UNAVAILABLE,
             "text/plain",
@@ -47,7 +49,7 @@ fn respond(shared: &Shared, path: &str) -> Response<Full<Bytes>> {
         "/metrics" => (
             StatusCode::OK,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            shared.metrics.encode(),
+            metrics.encode(),
         ),
         _ => (
             StatusCode::NOT_FOUND,

@@ -1,5 +1,6 @@
 //! The workload's certificate, key and trust bundle: read from the mounted Secret and ConfigMap,
-//! validated as a set, and turned into the TLS configurations every listener uses.
+//! validated as a set, turned into the TLS configurations every listener uses, and reloaded when
+//! the files change.
 
 use std::{
     fmt,
@@ -8,21 +9,23 @@ use std::{
 };
 
 use rolemesh_profile::{
-    WorkloadIdentity,
+    ChainError, TrustStore, Usage, WorkloadIdentity,
     inspect::{certificates_from_pem, inspect_certificate, trust_bundle_from_pem},
     proxy_config::ProxyConfig,
+    verify_chain,
 };
 use rustls::{
-    ClientConfig, RootCertStore, ServerConfig, client::Resumption, crypto::CryptoProvider,
+    ClientConfig, ServerConfig, client::Resumption, crypto::CryptoProvider,
     server::NoServerSessionStorage, sign::CertifiedKey, version::TLS13,
 };
-use rustls_pki_types::{
-    CertificateDer, CertificateRevocationListDer, PrivateKeyDer, UnixTime, pem::PemObject,
-};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime, pem::PemObject};
+
+use tracing::{error, info, warn};
 
 use crate::{
     ProxyError,
-    verify::{PeerClientVerifier, UpstreamVerifier, parse_crls, verify_server_chain},
+    state::Shared,
+    verify::{PeerClientVerifier, UpstreamVerifier},
 };
 
 /// The raw bytes of one certificate set as found on disk.
@@ -86,10 +89,9 @@ impl MaterialPaths {
 /// A validated certificate set.
 pub struct Material {
     pub certified_key: Arc<CertifiedKey>,
-    pub roots: Arc<RootCertStore>,
-    /// The bundle's CRLs, enforced on peers (never on our own certificate: a bundle that revokes
-    /// it must still be taken, so that peers are checked against it).
-    pub crls: Arc<[CertificateRevocationListDer<'static>]>,
+    /// The bundle's CAs and CRLs. The CRLs are enforced on peers, never on our own certificate:
+    /// a bundle that revokes it must still be taken, so that peers are checked against it.
+    pub trust: Arc<TrustStore>,
     /// The bundle's CRLs revoke a certificate of our own chain: peers will refuse us.
     pub own_chain_revoked: bool,
     pub identity: WorkloadIdentity,
@@ -103,8 +105,8 @@ impl fmt::Debug for Material {
             .field("identity", &self.identity)
             .field("serial_hex", &self.serial_hex)
             .field("not_after_unix", &self.not_after_unix)
-            .field("roots", &self.roots.len())
-            .field("crls", &self.crls.len())
+            .field("anchors", &self.trust.anchors().len())
+            .field("crls", &self.trust.crls().len())
             .field("key", &"<redacted>")
             .finish()
     }
@@ -130,25 +132,9 @@ impl Material {
         let bundle_pem = std::str::from_utf8(&files.trust_bundle)
             .map_err(|e| invalid("trust bundle is not text", &e))?;
         let bundle = trust_bundle_from_pem(bundle_pem).map_err(|e| invalid("trust bundle", &e))?;
-        let mut roots = RootCertStore::empty();
-        for der in bundle.certificates {
-            roots
-                .add(CertificateDer::from(der))
-                .map_err(|e| invalid("trust bundle", &e))?;
-        }
-        let mut crls = Vec::with_capacity(bundle.crls.len());
-        for (index, der) in bundle.crls.into_iter().enumerate() {
-            webpki::OwnedCertRevocationList::from_der(&der).map_err(|e| {
-                invalid(
-                    &format!(
-                        "trust bundle: CRL {} of the bundle does not parse",
-                        index + 1
-                    ),
-                    &e,
-                )
-            })?;
-            crls.push(CertificateRevocationListDer::from(der));
-        }
+        let trust = TrustStore::from_bundle(&bundle)
+            .map_err(|e| invalid("trust bundle", &e))?
+            .with_algorithms(provider.signature_verification_algorithms.all);
         let key = PrivateKeyDer::from_pem_slice(&files.key).map_err(|e| invalid("tls.key", &e))?;
         let signing_key = provider
             .key_provider
@@ -163,16 +149,20 @@ impl Material {
             .map_err(|e| invalid("tls.crt", &e))?;
         let intermediates = certified_key.cert.get(1..).unwrap_or_default();
         let now = UnixTime::now();
-        verify_server_chain(leaf, intermediates, &roots, &[], provider, now)
-            .map_err(|e| invalid("tls.crt does not chain to the trust bundle", &e))?;
-        // The verdict a peer holding this bundle reaches on us; only worth a warning (see `crls`).
-        let own_chain_revoked = !crls.is_empty()
-            && parse_crls(&crls).is_ok_and(|parsed| {
-                matches!(
-                    verify_server_chain(leaf, intermediates, &roots, &parsed, provider, now),
-                    Err(webpki::Error::CertRevoked)
-                )
-            });
+        verify_chain(
+            leaf,
+            intermediates,
+            &trust.without_crls(),
+            Usage::ServerAuth,
+            now,
+        )
+        .map_err(|e| invalid("tls.crt does not chain to the trust bundle", &e))?;
+        // The verdict a peer holding this bundle reaches on us; only worth a warning (see `trust`).
+        let own_chain_revoked = !trust.crls().is_empty()
+            && matches!(
+                verify_chain(leaf, intermediates, &trust, Usage::ServerAuth, now),
+                Err(ChainError::Revoked)
+            );
         let info = inspect_certificate(leaf).map_err(|e| invalid("tls.crt", &e))?;
         let identity = info
             .workload_identity()
@@ -185,8 +175,7 @@ impl Material {
         }
         Ok(Self {
             certified_key: Arc::new(certified_key),
-            roots: Arc::new(roots),
-            crls: crls.into(),
+            trust: Arc::new(trust),
             own_chain_revoked,
             identity,
             serial_hex: info.serial_hex,
@@ -214,13 +203,11 @@ impl TlsConfigs {
         let mut inbound = Vec::with_capacity(config.inbound.len());
         for listener in &config.inbound {
             let verifier = PeerClientVerifier::new(
-                material.roots.clone(),
-                &material.crls,
+                material.trust.clone(),
                 provider.clone(),
                 &config.trust_domain,
                 listener.allow.clone(),
-            )
-            .map_err(build_err)?;
+            );
             let mut server = ServerConfig::builder_with_provider(provider.clone())
                 .with_protocol_versions(&[&TLS13])
                 .map_err(build_err)?
@@ -237,13 +224,11 @@ impl TlsConfigs {
         let mut outbound = Vec::with_capacity(config.outbound.len());
         for listener in &config.outbound {
             let verifier = UpstreamVerifier::new(
-                material.roots.clone(),
-                &material.crls,
+                material.trust.clone(),
                 provider.clone(),
                 &config.trust_domain,
                 listener.expect.clone(),
-            )
-            .map_err(build_err)?;
+            );
             let mut client = ClientConfig::builder_with_provider(provider.clone())
                 .with_protocol_versions(&[&TLS13])
                 .map_err(build_err)?
@@ -260,6 +245,74 @@ impl TlsConfigs {
             inbound,
             outbound,
         })
+    }
+}
+
+/// Follows the mounted files: each new set is validated and, if good, taken into use for every
+/// new handshake; a bad set is refused and the one in use kept.
+pub struct Reloader {
+    paths: MaterialPaths,
+    /// The last set read from disk, taken into use or not: each new set is judged (and a
+    /// refusal logged) once.
+    last_seen: Option<FileSet>,
+    read_error_logged: bool,
+}
+
+impl Reloader {
+    pub fn new(paths: MaterialPaths) -> Self {
+        Self {
+            paths,
+            last_seen: None,
+            read_error_logged: false,
+        }
+    }
+
+    pub fn poll(&mut self, shared: &Shared) {
+        let files = match self.paths.read() {
+            Ok(Some(files)) => files,
+            // Swapped while reading; the next poll sees a consistent set.
+            Ok(None) => return,
+            Err(error) => {
+                if !self.read_error_logged {
+                    warn!(%error, "cannot read the certificate files; keeping what is in use");
+                    self.read_error_logged = true;
+                }
+                return;
+            }
+        };
+        self.read_error_logged = false;
+        if self.last_seen.as_ref() == Some(&files) {
+            return;
+        }
+        let result = Material::validate(&files, &shared.config.trust_domain, &shared.provider)
+            .and_then(|material| TlsConfigs::build(material, &shared.config, &shared.provider));
+        self.last_seen = Some(files);
+        match result {
+            Ok(configs) => {
+                let material = &configs.material;
+                info!(
+                    serial = %material.serial_hex,
+                    spiffe_id = %material.identity.spiffe_id,
+                    role_arn = %material.identity.role_arn,
+                    not_after = material.not_after_unix,
+                    "certificate set loaded"
+                );
+                if material.own_chain_revoked {
+                    warn!(
+                        serial = %material.serial_hex,
+                        "a CRL in the trust bundle revokes this workload's own certificate chain; peers holding the same bundle will refuse it until it is re-issued under a CA that is not revoked"
+                    );
+                }
+                shared.metrics.set_not_after(material.not_after_unix);
+                shared.metrics.reload(true);
+                shared.use_tls(configs);
+            }
+            Err(error) => {
+                shared.metrics.reload(false);
+                let in_use = shared.with_tls(|c| c.material.serial_hex.clone());
+                error!(%error, serial_in_use = ?in_use, "certificate set refused; keeping the one in use");
+            }
+        }
     }
 }
 
@@ -338,10 +391,10 @@ mod tests {
     #[test]
     fn a_bundle_that_revokes_our_own_certificate_is_still_taken_for_its_crl() {
         let material = validate(&files("", true)).unwrap();
-        assert_eq!(material.crls.len(), 1);
+        assert_eq!(material.trust.crls().len(), 1);
         assert!(material.own_chain_revoked);
         let material = validate(&files("", false)).unwrap();
-        assert!(material.crls.is_empty() && !material.own_chain_revoked);
+        assert!(material.trust.crls().is_empty() && !material.own_chain_revoked);
     }
 
     #[test]

@@ -1,28 +1,22 @@
-//! Peer verification. Chains, validity, signatures, EKU and revocation against the bundle's CRLs
-//! are rustls-webpki's; on top of that the peer must carry a rolemesh workload identity in our
-//! trust domain that the mapping admits. Both checks run inside the handshake, so a refused peer
-//! gets a TLS alert and never app bytes.
-//!
-//! Revocation: every certificate of the peer's chain is checked against the CRL of its issuer
-//! when the bundle has one. A certificate whose issuer has no CRL in the bundle is not refused
-//! for that (the bundle holds CRLs "when there are any"; during a CA rotation the new CA may have
-//! none), and a CRL past its nextUpdate still revokes what it lists.
+//! Peer verification, inside the handshake so that a refused peer gets a TLS alert and never app
+//! bytes. Both directions run the same two checks: the chain ([`rolemesh_profile::verify_chain`]:
+//! chain to the bundle, validity, EKU and revocation against the bundle's CRLs), then identity:
+//! the peer must carry a rolemesh workload identity in our trust domain that the mapping admits.
 
-use std::{fmt, io, sync::Arc};
+use std::{io, sync::Arc};
 
-use rolemesh_profile::{WorkloadIdentity, inspect_certificate, proxy_config::PeerPattern};
+use rolemesh_profile::{
+    ChainError, TrustStore, Usage, WorkloadIdentity, inspect_certificate,
+    proxy_config::PeerPattern, verify_chain,
+};
 use rustls::{
     CertRevocationListError, CertificateError, DigitallySignedStruct, DistinguishedName,
-    Error as TlsError, OtherError, RootCertStore, SignatureScheme,
+    Error as TlsError, OtherError, SignatureScheme,
     client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
     crypto::CryptoProvider,
     server::danger::{ClientCertVerified, ClientCertVerifier},
 };
-use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, ServerName, UnixTime};
-use webpki::{
-    CertRevocationList, EndEntityCert, ExpirationPolicy, KeyUsage, OwnedCertRevocationList,
-    RevocationCheckDepth, RevocationOptionsBuilder, UnknownStatusPolicy,
-};
+use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
 /// Why a peer that presented a valid chain was still refused.
 #[derive(Debug)]
@@ -31,8 +25,8 @@ pub struct Rejection {
     pub detail: String,
 }
 
-impl fmt::Display for Rejection {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+impl std::fmt::Display for Rejection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}: {}", self.reason, self.detail)
     }
 }
@@ -95,41 +89,37 @@ pub fn check_peer(
     Ok(identity)
 }
 
-/// rustls's webpki client verifier (chain to the bundle, validity, EKU clientAuth) plus
-/// [`check_peer`] against one inbound mapping's allow list.
+/// Verifies a connecting peer: [`verify_chain`] for clientAuth, then [`check_peer`] against one
+/// inbound mapping's allow list. Client authentication is mandatory (the trait's default).
 #[derive(Debug)]
 pub struct PeerClientVerifier {
-    inner: Arc<dyn ClientCertVerifier>,
-    trust_domain: String,
-    allowed: Vec<PeerPattern>,
+    peer: PeerCheck,
+    /// The bundle's CA subjects, sent in the CertificateRequest.
+    root_hint_subjects: Vec<DistinguishedName>,
 }
 
 impl PeerClientVerifier {
     pub fn new(
-        roots: Arc<RootCertStore>,
-        crls: &[CertificateRevocationListDer<'static>],
+        trust: Arc<TrustStore>,
         provider: Arc<CryptoProvider>,
         trust_domain: &str,
         allowed: Vec<PeerPattern>,
-    ) -> Result<Self, TlsError> {
-        // Chain depth and no nextUpdate enforcement are the builder's defaults; see the module
-        // comment for why an issuer without a CRL is allowed.
-        let inner = rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider)
-            .with_crls(crls.iter().cloned())
-            .allow_unknown_revocation_status()
-            .build()
-            .map_err(|e| TlsError::General(e.to_string()))?;
-        Ok(Self {
-            inner,
-            trust_domain: trust_domain.to_string(),
-            allowed,
-        })
+    ) -> Self {
+        let root_hint_subjects = trust
+            .anchors()
+            .iter()
+            .map(|anchor| DistinguishedName::in_sequence(anchor.subject.as_ref()))
+            .collect();
+        Self {
+            peer: PeerCheck::new(trust, provider, trust_domain, allowed),
+            root_hint_subjects,
+        }
     }
 }
 
 impl ClientCertVerifier for PeerClientVerifier {
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        self.inner.root_hint_subjects()
+        &self.root_hint_subjects
     }
 
     fn verify_client_cert(
@@ -138,9 +128,8 @@ impl ClientCertVerifier for PeerClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, TlsError> {
-        self.inner
-            .verify_client_cert(end_entity, intermediates, now)?;
-        check_peer(end_entity, &self.trust_domain, &self.allowed)?;
+        self.peer
+            .verify(end_entity, intermediates, Usage::ClientAuth, now)?;
         Ok(ClientCertVerified::assertion())
     }
 
@@ -150,7 +139,7 @@ impl ClientCertVerifier for PeerClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, TlsError> {
-        self.inner.verify_tls12_signature(message, cert, dss)
+        self.peer.verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -159,44 +148,32 @@ impl ClientCertVerifier for PeerClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, TlsError> {
-        self.inner.verify_tls13_signature(message, cert, dss)
+        self.peer.verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
+        self.peer.supported_verify_schemes()
     }
 }
 
-/// Verifies an upstream: chain to the bundle, validity, EKU serverAuth and revocation by
-/// rustls-webpki, then identity by SPIFFE ID / role against the mapping's expectations. The DNS
-/// name the proxy dialled is deliberately not checked: in the mesh a workload is who its
-/// certificate says, not where it was reached. (rustls's own server verifier always checks the
-/// name, hence webpki directly.)
+/// Verifies an upstream: [`verify_chain`] for serverAuth, then [`check_peer`] against the
+/// mapping's expectations. The DNS name the proxy dialled is deliberately not checked: in the
+/// mesh a workload is who its certificate says, not where it was reached.
 #[derive(Debug)]
 pub struct UpstreamVerifier {
-    roots: Arc<RootCertStore>,
-    crls: Vec<CertRevocationList<'static>>,
-    provider: Arc<CryptoProvider>,
-    trust_domain: String,
-    expected: Vec<PeerPattern>,
+    peer: PeerCheck,
 }
 
 impl UpstreamVerifier {
     pub fn new(
-        roots: Arc<RootCertStore>,
-        crls: &[CertificateRevocationListDer<'static>],
+        trust: Arc<TrustStore>,
         provider: Arc<CryptoProvider>,
         trust_domain: &str,
         expected: Vec<PeerPattern>,
-    ) -> Result<Self, TlsError> {
-        let crls = parse_crls(crls).map_err(certificate_error)?;
-        Ok(Self {
-            roots,
-            crls,
-            provider,
-            trust_domain: trust_domain.to_string(),
-            expected,
-        })
+    ) -> Self {
+        Self {
+            peer: PeerCheck::new(trust, provider, trust_domain, expected),
+        }
     }
 }
 
@@ -209,17 +186,69 @@ impl ServerCertVerifier for UpstreamVerifier {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, TlsError> {
-        verify_server_chain(
-            end_entity,
-            intermediates,
-            &self.roots,
-            &self.crls,
-            &self.provider,
-            now,
-        )
-        .map_err(certificate_error)?;
-        check_peer(end_entity, &self.trust_domain, &self.expected)?;
+        self.peer
+            .verify(end_entity, intermediates, Usage::ServerAuth, now)?;
         Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, TlsError> {
+        self.peer.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, TlsError> {
+        self.peer.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.peer.supported_verify_schemes()
+    }
+}
+
+/// What both verifiers share: the bundle, the crypto provider (whose algorithms judge both the
+/// chain and the handshake signatures) and whom the mapping admits.
+#[derive(Debug)]
+struct PeerCheck {
+    trust: Arc<TrustStore>,
+    provider: Arc<CryptoProvider>,
+    trust_domain: String,
+    allowed: Vec<PeerPattern>,
+}
+
+impl PeerCheck {
+    fn new(
+        trust: Arc<TrustStore>,
+        provider: Arc<CryptoProvider>,
+        trust_domain: &str,
+        allowed: Vec<PeerPattern>,
+    ) -> Self {
+        Self {
+            trust,
+            provider,
+            trust_domain: trust_domain.to_string(),
+            allowed,
+        }
+    }
+
+    fn verify(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        usage: Usage,
+        now: UnixTime,
+    ) -> Result<WorkloadIdentity, TlsError> {
+        verify_chain(end_entity, intermediates, &self.trust, usage, now)
+            .map_err(certificate_error)?;
+        Ok(check_peer(end_entity, &self.trust_domain, &self.allowed)?)
     }
 
     fn verify_tls12_signature(
@@ -257,69 +286,27 @@ impl ServerCertVerifier for UpstreamVerifier {
     }
 }
 
-/// The bundle's CRLs as rustls-webpki takes them.
-pub fn parse_crls(
-    crls: &[CertificateRevocationListDer<'_>],
-) -> Result<Vec<CertRevocationList<'static>>, webpki::Error> {
-    crls.iter()
-        .map(|der| OwnedCertRevocationList::from_der(der).map(CertRevocationList::from))
-        .collect()
-}
-
-/// rustls-webpki's path validation of a server certificate: chain to `roots`, validity, EKU
-/// serverAuth, and every certificate of the chain against its issuer's CRL in `crls` (see the
-/// module comment for the policy).
-pub fn verify_server_chain(
-    end_entity: &CertificateDer<'_>,
-    intermediates: &[CertificateDer<'_>],
-    roots: &RootCertStore,
-    crls: &[CertRevocationList<'_>],
-    provider: &CryptoProvider,
-    now: UnixTime,
-) -> Result<(), webpki::Error> {
-    let cert = EndEntityCert::try_from(end_entity)?;
-    let crls: Vec<&CertRevocationList<'_>> = crls.iter().collect();
-    // No CRLs, no revocation options (the builder refuses an empty list).
-    let revocation = RevocationOptionsBuilder::new(&crls).ok().map(|options| {
-        options
-            .with_depth(RevocationCheckDepth::Chain)
-            .with_status_policy(UnknownStatusPolicy::Allow)
-            .with_expiration_policy(ExpirationPolicy::Ignore)
-            .build()
-    });
-    cert.verify_for_usage(
-        provider.signature_verification_algorithms.all,
-        &roots.roots,
-        intermediates,
-        now,
-        KeyUsage::server_auth(),
-        revocation,
-        None,
-    )?;
-    Ok(())
-}
-
-/// rustls's error for a rustls-webpki verification failure, in the variants the client verifier
-/// (which does the same mapping inside rustls) yields, so that both directions classify alike.
-fn certificate_error(error: webpki::Error) -> TlsError {
-    use webpki::Error as E;
+/// rustls's error for a refused chain, in the variants rustls's own webpki verifiers yield, so
+/// that the alert a peer gets is the one any rustls verifier would send.
+fn certificate_error(error: ChainError) -> TlsError {
     match error {
-        E::BadDer | E::BadDerTime | E::TrailingData(_) => CertificateError::BadEncoding.into(),
-        E::CertNotValidYet { time, not_before } => {
+        ChainError::Empty | ChainError::Malformed(_) => CertificateError::BadEncoding.into(),
+        ChainError::NotYetValid { time, not_before } => {
             CertificateError::NotValidYetContext { time, not_before }.into()
         }
-        E::CertExpired { time, not_after } => {
+        ChainError::Expired { time, not_after } => {
             CertificateError::ExpiredContext { time, not_after }.into()
         }
-        E::InvalidCertValidity => CertificateError::Expired.into(),
-        E::UnknownIssuer => CertificateError::UnknownIssuer.into(),
-        E::CertRevoked => CertificateError::Revoked.into(),
-        E::UnknownRevocationStatus => CertificateError::UnknownRevocationStatus.into(),
-        E::InvalidSignatureForPublicKey => CertificateError::BadSignature.into(),
-        E::RequiredEkuNotFoundContext(_) => CertificateError::InvalidPurpose.into(),
-        E::IssuerNotCrlSigner => CertRevocationListError::IssuerInvalidForCrl.into(),
-        E::InvalidCrlSignatureForPublicKey => CertRevocationListError::BadSignature.into(),
-        other => CertificateError::Other(OtherError(Arc::new(other))).into(),
+        ChainError::InvalidValidity => CertificateError::Expired.into(),
+        ChainError::UnknownIssuer => CertificateError::UnknownIssuer.into(),
+        ChainError::Revoked => CertificateError::Revoked.into(),
+        ChainError::BadSignature => CertificateError::BadSignature.into(),
+        ChainError::WrongUsage => CertificateError::InvalidPurpose.into(),
+        ChainError::CrlIssuerNotCrlSigner => CertRevocationListError::IssuerInvalidForCrl.into(),
+        ChainError::CrlBadSignature => CertRevocationListError::BadSignature.into(),
+        other @ (ChainError::CaUsedAsEndEntity | ChainError::Other(_)) => {
+            CertificateError::Other(OtherError(Arc::new(other))).into()
+        }
     }
 }
 
@@ -354,7 +341,7 @@ fn classify_tls_error(error: &TlsError) -> &'static str {
             CertificateError::Other(OtherError(inner)) => {
                 if let Some(rejection) = inner.downcast_ref::<Rejection>() {
                     rejection.reason
-                } else if inner.to_string().contains("CaUsedAsEndEntity") {
+                } else if let Some(ChainError::CaUsedAsEndEntity) = inner.downcast_ref() {
                     "leaf_is_ca"
                 } else {
                     "bad_certificate"

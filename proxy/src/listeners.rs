@@ -1,0 +1,220 @@
+//! The listeners: one accept loop for both directions, and what each direction does with a
+//! connection it accepted (an inbound peer is TLS-accepted and spliced to the app; an outbound
+//! app connection is spliced to an upstream dialled over mTLS).
+
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+
+use rolemesh_profile::inspect_certificate;
+use rustls_pki_types::ServerName;
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::{TcpListener, TcpStream},
+    sync::{OwnedSemaphorePermit, watch},
+};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tracing::{debug, warn};
+
+use crate::{
+    metrics::MappingMetrics,
+    read_ahead::ReadAhead,
+    splice::{SpliceEnd, splice},
+    state::{ActiveGuard, Shared},
+    verify::classify_handshake_error,
+};
+
+/// Back-off after a failed accept (e.g. out of file descriptors) so the loop does not spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// A refusal: a bounded metric label and a human-readable detail.
+type Refusal = (&'static str, String);
+
+/// One mapping's listener and what it does with a connection.
+pub enum Mapping {
+    /// `config.inbound[index]`.
+    Inbound { index: usize },
+    /// `config.outbound[index]`, whose upstream is dialled with this TLS name.
+    Outbound {
+        index: usize,
+        server_name: ServerName<'static>,
+    },
+}
+
+/// Accepts connections until `stop` changes, each handled in a task of its own that counts as an
+/// open connection until it ends.
+pub async fn serve(
+    shared: Arc<Shared>,
+    mapping: Mapping,
+    listener: TcpListener,
+    metrics: MappingMetrics,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mapping = Arc::new(mapping);
+    let metrics = Arc::new(metrics);
+    loop {
+        // Inbound, the permit is taken before accepting: under a flood, connections wait in the
+        // kernel's bounded backlog rather than in our memory, and each handshake in flight is
+        // bounded by the handshake timeout, so good peers keep getting through. Outbound
+        // connections come from our own app and are not bounded.
+        let permit = match *mapping {
+            Mapping::Inbound { .. } => tokio::select! {
+                permit = shared.handshakes.clone().acquire_owned() => match permit {
+                    Ok(permit) => Some(permit),
+                    Err(_) => break,
+                },
+                _ = stop.changed() => break,
+            },
+            Mapping::Outbound { .. } => None,
+        };
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    warn!(mapping = metrics.name(), %error, "accept failed");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => break,
+        };
+        let shared = shared.clone();
+        let mapping = mapping.clone();
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let _active = ActiveGuard::new(&shared);
+            let result = match &*mapping {
+                Mapping::Inbound { index } => {
+                    inbound(&shared, *index, &metrics, tcp, peer, permit).await
+                }
+                Mapping::Outbound { index, server_name } => {
+                    outbound(&shared, *index, server_name, &metrics, tcp, peer).await
+                }
+            };
+            if let Err((reason, detail)) = result {
+                refuse(&metrics, peer, reason, &detail);
+            }
+        });
+    }
+}
+
+/// A peer connecting to an inbound mapping: TLS-accepted (which verifies it), then spliced to the
+/// app on 127.0.0.1.
+async fn inbound(
+    shared: &Shared,
+    index: usize,
+    metrics: &MappingMetrics,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    permit: Option<OwnedSemaphorePermit>,
+) -> Result<(), Refusal> {
+    let config = shared
+        .with_tls(|c| c.inbound[index].clone())
+        .ok_or_else(not_ready)?;
+    let _ = tcp.set_nodelay(true);
+    let accepted = within_handshake_timeout(shared, async {
+        TlsAcceptor::from(config)
+            .accept(ReadAhead::new(tcp))
+            .await
+            .map_err(|e| classify_handshake_error(&e))
+    })
+    .await;
+    drop(permit);
+    let tls = accepted?;
+    if tracing::enabled!(tracing::Level::DEBUG) {
+        let id = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(|c| inspect_certificate(c).ok())
+            .map(|i| i.uri_sans.join(","));
+        debug!(mapping = metrics.name(), %peer, peer_id = ?id, "peer admitted");
+    }
+    let app_port = shared.config.inbound[index].app_port;
+    let app = TcpStream::connect(("127.0.0.1", app_port))
+        .await
+        .map_err(|error| ("app_unreachable", error.to_string()))?;
+    let _ = app.set_nodelay(true);
+    spliced(shared, metrics, peer, tls, app).await;
+    Ok(())
+}
+
+/// The app connecting to an outbound mapping: its upstream is dialled over mTLS (which verifies
+/// the upstream), then the two are spliced.
+async fn outbound(
+    shared: &Shared,
+    index: usize,
+    server_name: &ServerName<'static>,
+    metrics: &MappingMetrics,
+    local: TcpStream,
+    peer: SocketAddr,
+) -> Result<(), Refusal> {
+    let config = shared
+        .with_tls(|c| c.outbound[index].clone())
+        .ok_or_else(not_ready)?;
+    let _ = local.set_nodelay(true);
+    let upstream = &shared.config.outbound[index].upstream;
+    let tls = within_handshake_timeout(shared, async {
+        let tcp = TcpStream::connect(upstream.as_str())
+            .await
+            .map_err(|e| ("upstream_unreachable", e.to_string()))?;
+        let _ = tcp.set_nodelay(true);
+        TlsConnector::from(config)
+            .connect(server_name.clone(), ReadAhead::new(tcp))
+            .await
+            .map_err(|e| classify_handshake_error(&e))
+    })
+    .await?;
+    spliced(shared, metrics, peer, local, tls).await;
+    Ok(())
+}
+
+fn not_ready() -> Refusal {
+    ("not_ready", "no certificate loaded yet".to_string())
+}
+
+/// `handshake`, refused if it does not finish within the configured handshake timeout.
+async fn within_handshake_timeout<T>(
+    shared: &Shared,
+    handshake: impl Future<Output = Result<T, Refusal>>,
+) -> Result<T, Refusal> {
+    let timeout = Duration::from_millis(shared.config.limits.handshake_timeout_ms);
+    tokio::time::timeout(timeout, handshake)
+        .await
+        .unwrap_or_else(|_| {
+            Err((
+                "handshake_timeout",
+                "no handshake within the timeout".to_string(),
+            ))
+        })
+}
+
+fn refuse(metrics: &MappingMetrics, peer: SocketAddr, reason: &'static str, detail: &str) {
+    metrics.failed(reason);
+    warn!(
+        mapping = metrics.name(),
+        direction = metrics.direction(),
+        %peer,
+        reason,
+        detail,
+        "connection refused"
+    );
+}
+
+async fn spliced<A, B>(shared: &Shared, metrics: &MappingMetrics, peer: SocketAddr, a: A, b: B)
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    metrics.total.inc();
+    metrics.open.inc();
+    let idle = Duration::from_secs(shared.config.limits.idle_timeout_secs.max(1));
+    let end = splice(a, b, idle, metrics).await;
+    metrics.open.dec();
+    match end {
+        SpliceEnd::Closed => {}
+        SpliceEnd::Idle => debug!(mapping = metrics.name(), %peer, "idle connection closed"),
+        SpliceEnd::Failed(error) => {
+            debug!(mapping = metrics.name(), %peer, %error, "connection ended with an error")
+        }
+    }
+}
