@@ -17,10 +17,11 @@ use rolemesh_crds::{
     },
 };
 use rolemesh_profile::{
-    CertificateInfo, CertificateProfile, IssuedCertificate, WorkloadIdentity,
-    inspect::certificates_from_pem,
+    CertificateInfo, CertificateProfile, IssuedCertificate, TrustStore, Usage, WorkloadIdentity,
+    inspect::{TrustBundle, certificates_from_pem},
     inspect_certificate,
     profile::{BACKDATE, generate_workload_key},
+    verify_chain_der,
 };
 use rustls_pki_types::{CertificateDer, UnixTime};
 use time::OffsetDateTime;
@@ -174,26 +175,16 @@ pub fn check_certificate(
             found.spiffe_id, found.role_arn, identity.spiffe_id, identity.role_arn
         )));
     }
-    let ca_der = CertificateDer::from(ca.ca_der.as_slice());
-    let anchor = webpki::anchor_from_trusted_cert(&ca_der)
-        .map_err(|e| format!("the CA certificate is unusable as a trust anchor: {e:?}"))?;
-    let leaf_der = CertificateDer::from(leaf.as_slice());
-    let end_entity =
-        webpki::EndEntityCert::try_from(&leaf_der).map_err(|e| format!("tls.crt: {e:?}"))?;
+    let trust = TrustStore::from_bundle(&TrustBundle {
+        certificates: vec![ca.ca_der.clone()],
+        crls: vec![],
+    })
+    .map_err(|e| format!("the CA certificate is unusable as a trust anchor: {e}"))?;
     let unix = UnixTime::since_unix_epoch(std::time::Duration::from_secs(
         now.unix_timestamp().max(0) as u64,
     ));
-    end_entity
-        .verify_for_usage(
-            webpki::ALL_VERIFICATION_ALGS,
-            &[anchor],
-            &[],
-            unix,
-            webpki::KeyUsage::client_auth(),
-            None,
-            None,
-        )
-        .map_err(|e| format!("the certificate does not verify against the CA in force: {e:?}"))?;
+    verify_chain_der(&chain, &trust, Usage::ClientAuth, unix)
+        .map_err(|e| format!("the certificate does not verify against the CA in force: {e}"))?;
     Ok(info)
 }
 

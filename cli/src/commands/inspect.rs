@@ -3,11 +3,13 @@
 
 use std::collections::BTreeMap;
 
-use anyhow::{Context as _, Result, anyhow, bail};
+use anyhow::{Context as _, Result, bail};
 use k8s_openapi::api::core::v1::Secret;
 use kube::{Api, Client};
 use rolemesh_crds::names::{CA_CERT_KEY, TLS_CERT_KEY};
-use rolemesh_profile::{inspect::certificates_from_pem, inspect_certificate};
+use rolemesh_profile::{
+    TrustStore, Usage, inspect::certificates_from_pem, inspect_certificate, verify_chain_der,
+};
 use serde::Serialize;
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 
@@ -49,34 +51,11 @@ struct Inspection {
     verification: String,
 }
 
+/// The proxies' own chain check (rustls-webpki, with the bundle's CRLs), so `inspect` agrees with
+/// what a peer proxy would decide.
 fn verify_chain(chain: &[Vec<u8>], bundle_pem: &str) -> Result<()> {
-    use rustls_pki_types::{CertificateDer, UnixTime};
-    let anchors_der = certificates_from_pem(bundle_pem)?;
-    let anchors = anchors_der
-        .iter()
-        .map(|d| {
-            webpki::anchor_from_trusted_cert(&CertificateDer::from(d.as_slice()))
-                .map(|a| a.to_owned())
-        })
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| anyhow!("the trust bundle holds an unusable certificate: {e:?}"))?;
-    let leaf = CertificateDer::from(chain.first().context("no certificate")?.as_slice());
-    let intermediates: Vec<CertificateDer<'_>> = chain[1..]
-        .iter()
-        .map(|d| CertificateDer::from(d.as_slice()))
-        .collect();
-    let end_entity = webpki::EndEntityCert::try_from(&leaf).map_err(|e| anyhow!("{e:?}"))?;
-    end_entity
-        .verify_for_usage(
-            webpki::ALL_VERIFICATION_ALGS,
-            &anchors,
-            &intermediates,
-            UnixTime::now(),
-            webpki::KeyUsage::client_auth(),
-            None,
-            None,
-        )
-        .map_err(|e| anyhow!("{e:?}"))?;
+    let trust = TrustStore::from_pem(bundle_pem)?;
+    verify_chain_der(chain, &trust, Usage::ClientAuth, rustls_pki_types::UnixTime::now())?;
     Ok(())
 }
 
