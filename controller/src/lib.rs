@@ -42,6 +42,9 @@ use crate::{
     webhook_tls::WebhookTlsConfig,
 };
 
+/// The controller's name in Events and its field manager in server-side applies.
+pub const CONTROLLER_NAME: &str = "rolemesh-controller";
+
 /// Everything `run` needs, from flags or environment.
 #[derive(Clone, Debug)]
 pub struct ControllerConfig {
@@ -131,7 +134,7 @@ pub async fn run(
     let recorder = Recorder::new(
         client.clone(),
         Reporter {
-            controller: "rolemesh-controller".into(),
+            controller: CONTROLLER_NAME.into(),
             instance: Some(config.identity.clone()),
         },
     );

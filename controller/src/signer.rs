@@ -31,7 +31,7 @@ use crate::{
 pub const KMS_RAW_LIMIT: usize = 4096;
 
 /// Key of the PKCS#8 PEM private key in the local signer's Secret.
-pub const LOCAL_KEY_FIELD: &str = "tls.key";
+pub const LOCAL_KEY_FIELD: &str = rolemesh_crds::names::TLS_PRIVATE_KEY_KEY;
 
 /// Most KMS Sign calls in flight at once from one controller.
 pub const KMS_MAX_IN_FLIGHT: usize = 32;

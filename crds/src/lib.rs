@@ -57,7 +57,9 @@ const NAME_PATTERN: &str = r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$";
 #[serde(rename_all = "camelCase")]
 pub struct MTLSPolicySpec {
     /// Which ServiceAccounts in this namespace the policy covers. A ServiceAccount is covered if
-    /// it is named in `names` or matches `selector`.
+    /// it is named in `names` or matches `selector`. When several policies select one
+    /// ServiceAccount, the oldest (then the first by name) covers it; the others show the
+    /// condition `Conflicted` naming that policy.
     pub service_accounts: ServiceAccountSelector,
 
     /// Inbound mappings: for each, the proxy terminates mTLS on `port` and forwards plain TCP to
@@ -171,7 +173,8 @@ pub struct MTLSPolicyStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
 
-    /// Ready is True when every covered ServiceAccount has a valid certificate.
+    /// Ready is True when every covered ServiceAccount has a valid certificate. Conflicted is
+    /// True when an older policy covers some of the ServiceAccounts this one selects.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 16))]
     pub conditions: Vec<Condition>,

@@ -19,7 +19,7 @@ use crate::{
     error::{Error, Result},
 };
 
-pub const FIELD_MANAGER: &str = "rolemesh-controller";
+pub const FIELD_MANAGER: &str = crate::CONTROLLER_NAME;
 /// Field manager of `status.lastRotation` alone. The main status write leaves that field out, so a
 /// reconcile that started from a cached policy older than a rotation cannot erase the record.
 const ROTATION_FIELD_MANAGER: &str = "rolemesh-controller-rotation";
