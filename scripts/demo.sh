@@ -53,11 +53,7 @@ PY
   echo "created KMS key $key_arn (ECC_NIST_P256, SIGN_VERIFY) in the local AWS endpoint"
   authority_values+=(--set authority.signer.type=kms --set authority.signer.kms.keyId="$key_arn" --set authority.signer.kms.region=us-east-1)
 fi
-# CRDs go in first with kubectl so that a control plane whose CRDs the test suite applied can run
-# the demo too (helm refuses to adopt objects it did not create).
-run kubectl apply --server-side --force-conflicts -f deploy/crds.yaml
-run kubectl wait --for=condition=Established --timeout=60s crd/mtlspolicies.rolemesh.dev crd/mtlsauthorities.rolemesh.dev
-run helm install rolemesh charts/rolemesh -n rolemesh --create-namespace --set crds.enabled=false \
+run helm install rolemesh charts/rolemesh -n rolemesh --create-namespace \
   --set controller.replicas=0 --set webhook.replicas=0 \
   --set webhook.url="https://127.0.0.1:$webhook_port/mutate-pod" "${authority_values[@]}"
 run kubectl get mtlsauthority default

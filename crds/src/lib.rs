@@ -405,8 +405,11 @@ pub fn crds()
 
 /// Plain manifests, for `kubectl apply -f deploy/crds.yaml`.
 pub const PLAIN_CRDS_PATH: &str = "deploy/crds.yaml";
-/// The Helm chart's CRD template (gated by `crds.enabled`, kept on uninstall with `crds.keep`).
-pub const CHART_CRDS_PATH: &str = "charts/rolemesh/templates/crds.yaml";
+/// The Helm chart's CRDs, in the chart's `crds/` directory: `helm install` creates them before it
+/// renders the templates (so the chart's own `MTLSAuthority` maps on a cluster that has never
+/// seen rolemesh), and neither `helm upgrade` nor `helm uninstall` touches them (see the chart's
+/// README for upgrades).
+pub const CHART_CRDS_PATH: &str = "charts/rolemesh/crds/rolemesh.dev.yaml";
 
 const HEADER: &str = "# Generated from crds/src/lib.rs by `make crds`; do not edit by hand.\n";
 
@@ -420,30 +423,10 @@ pub fn crds_yaml() -> Result<String, serde_yaml::Error> {
     Ok(out)
 }
 
-/// The CRDs wrapped as a Helm template: rendered only when `crds.enabled`, and annotated to
-/// survive `helm uninstall` when `crds.keep`, as cert-manager's chart does.
-pub fn chart_crds_template() -> Result<String, serde_yaml::Error> {
-    let mut out = format!("{HEADER}{{{{- if .Values.crds.enabled }}}}\n");
-    for crd in crds() {
-        let yaml = serde_yaml::to_string(&crd)?;
-        out.push_str("---\n");
-        for line in yaml.lines() {
-            out.push_str(line);
-            out.push('\n');
-            if line == "metadata:" {
-                out.push_str("  labels:\n    {{- include \"rolemesh.labels\" . | nindent 4 }}\n");
-                out.push_str("  {{- if .Values.crds.keep }}\n  annotations:\n    helm.sh/resource-policy: keep\n  {{- end }}\n");
-            }
-        }
-    }
-    out.push_str("{{- end }}\n");
-    Ok(out)
-}
-
 /// Every generated file, as (path relative to the repository root, content).
 pub fn generated_files() -> Result<Vec<(&'static str, String)>, serde_yaml::Error> {
     Ok(vec![
         (PLAIN_CRDS_PATH, crds_yaml()?),
-        (CHART_CRDS_PATH, chart_crds_template()?),
+        (CHART_CRDS_PATH, crds_yaml()?),
     ])
 }
