@@ -1,13 +1,12 @@
-//! Shared helpers for tests that run against the local control plane (`make cluster`) and the
-//! local AWS endpoint. Nothing here fakes Kubernetes or AWS: a test that needs them and finds
-//! them missing fails with a message saying how to start them.
+//! The local control plane (`make cluster`) and the local AWS endpoint, as tests use them: the
+//! environment file, clients, the project's kubectl and helm, and a namespace per test. A test
+//! that needs them and finds them missing fails with a message saying how to start them.
 
 use std::{
     collections::BTreeMap,
     future::Future,
     path::{Path, PathBuf},
     process::{Command, Output},
-    time::Duration,
 };
 
 use anyhow::{Context, Result, bail};
@@ -19,13 +18,7 @@ use kube::{
 };
 use tokio::sync::OnceCell;
 
-/// Root of the repository (the workspace).
-pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from(".."))
-}
+use crate::{binary, repo_root};
 
 /// What `make cluster` wrote to `target/cluster/env`: KUBECONFIG, the AWS endpoint and the
 /// directory of the project's kubectl and helm.
@@ -106,7 +99,7 @@ impl ClusterEnv {
             self.get("AWS_SECRET_ACCESS_KEY").unwrap_or("testing"),
             None,
             None,
-            "rolemesh-tests",
+            "rolemesh-testkit",
         );
         aws_config::defaults(aws_config::BehaviorVersion::latest())
             .region(aws_config::Region::new(region))
@@ -166,13 +159,11 @@ impl ClusterEnv {
         expect_success("kubectl", args, &output)
     }
 
-    /// `kubectl rolemesh ARGS`: the plugin as kubectl finds it on PATH (target/debug, built by
-    /// `make test` before the tests run). Returns exit code, stdout and stderr.
+    /// `kubectl rolemesh ARGS`: the plugin as kubectl finds it on PATH (the workspace's built
+    /// `kubectl-rolemesh`, see [`binary`]). Returns exit code, stdout and stderr.
     pub fn kubectl_plugin(&self, args: &[&str]) -> Result<(i32, String, String)> {
-        let plugin_dir = repo_root().join("target/debug");
-        if !plugin_dir.join("kubectl-rolemesh").exists() {
-            bail!("build the plugin first: cargo build -p kubectl-rolemesh");
-        }
+        let plugin = binary("kubectl-rolemesh")?;
+        let plugin_dir = plugin.parent().context("the plugin's directory")?;
         let kubectl = self.tool("kubectl");
         let path = format!(
             "{}:{}:{}",
@@ -319,8 +310,7 @@ where
 {
     let env = cluster().await?;
     let client = env.client().await?;
-    let suffix: u32 = rand::random();
-    let name = format!("{prefix}-{suffix:08x}");
+    let name = crate::unique(prefix);
     let namespaces: Api<Namespace> = Api::all(client.clone());
     let mut ns = Namespace::default();
     ns.metadata.name = Some(name.clone());
@@ -348,27 +338,5 @@ where
         Ok(result) => result,
         Err(join) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
         Err(join) => Err(join.into()),
-    }
-}
-
-/// Polls `check` every 200 ms until it returns `Ok(Some(_))` or `timeout` passes; the last error
-/// explains a timeout.
-pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<Option<T>>>,
-{
-    let deadline = tokio::time::Instant::now() + timeout;
-    let mut last = String::from("condition never held");
-    loop {
-        match check().await {
-            Ok(Some(value)) => return Ok(value),
-            Ok(None) => {}
-            Err(error) => last = format!("{error:#}"),
-        }
-        if tokio::time::Instant::now() >= deadline {
-            bail!("timed out after {timeout:?} waiting for {what}: {last}");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }

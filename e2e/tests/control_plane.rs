@@ -10,7 +10,7 @@ use k8s_openapi::api::{
     core::v1::{ConfigMap, Secret, ServiceAccount},
 };
 use kube::api::{DeleteParams, PostParams};
-use rolemesh_tests::{cluster, eventually, in_namespace, install_crds};
+use rolemesh_testkit::{cluster, eventually, in_namespace, install_crds};
 
 const VALID_POLICY: &str = r#"
 apiVersion: rolemesh.dev/v1alpha1
@@ -62,7 +62,7 @@ async fn kubectl_get_prints_policy_columns() -> Result<()> {
     install_crds(&env).await?;
     in_namespace("crd-columns", |ns| async move {
         let out = ns.env.kubectl_apply(&ns.name, VALID_POLICY)?;
-        rolemesh_tests::expect_success("kubectl", &["apply"], &out)?;
+        rolemesh_testkit::expect_success("kubectl", &["apply"], &out)?;
         let table = ns.env.kubectl(&["get", "mtlsp", "-n", &ns.name])?;
         let header = table.lines().next().unwrap_or_default();
         for column in ["NAME", "READY", "WORKLOADS", "SOONEST EXPIRY", "AGE"] {
@@ -182,7 +182,7 @@ async fn api_server_refuses_invalid_objects_naming_the_field() -> Result<()> {
         }
         // The valid policy is accepted, so the refusals above are about the fields named.
         let out = ns.env.kubectl_apply(&ns.name, VALID_POLICY)?;
-        rolemesh_tests::expect_success("kubectl", &["apply"], &out)?;
+        rolemesh_testkit::expect_success("kubectl", &["apply"], &out)?;
         Ok(())
     })
     .await

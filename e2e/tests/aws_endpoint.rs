@@ -12,7 +12,7 @@ use k8s_openapi::api::{
     core::v1::ServiceAccount,
 };
 use kube::api::PostParams;
-use rolemesh_tests::{cluster, in_namespace};
+use rolemesh_testkit::{cluster, in_namespace};
 
 #[tokio::test]
 async fn kms_signs_with_p256_key_and_signature_verifies() -> Result<()> {
