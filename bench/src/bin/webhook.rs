@@ -27,7 +27,7 @@ use kube::{
 };
 use rolemesh_bench::stats::{cpu_ms, percentile, rss_kib};
 use rolemesh_crds::{MTLSAuthority, MTLSPolicy};
-use rolemesh_testkit::try_free_port;
+use rolemesh_testkit::{ClusterEnv, try_free_port};
 use rolemesh_webhook::tls::{WebhookTlsConfig, reconcile_webhook_tls};
 use rustls_pki_types::{CertificateDer, ServerName, pem::PemObject as _};
 use serde_json::json;
@@ -426,14 +426,15 @@ fn report(name: &str, phase: &Phase, targets: Targets) {
 }
 
 async fn run(args: Args) -> Result<()> {
-    let client = rolemesh_testkit::cluster().await?.client().await?;
+    let cluster = rolemesh_testkit::cluster().await?;
+    let client = cluster.client().await?;
     let fixture = Fixture::create(client.clone()).await?;
-    let outcome = bench(&args, &fixture).await;
+    let outcome = bench(&args, &cluster, &fixture).await;
     fixture.delete().await;
     outcome
 }
 
-async fn bench(args: &Args, fixture: &Fixture) -> Result<()> {
+async fn bench(args: &Args, cluster: &ClusterEnv, fixture: &Fixture) -> Result<()> {
     let mut tls_config =
         WebhookTlsConfig::for_service(&fixture.system_namespace, "rolemesh-webhook");
     tls_config.webhook_configuration = None;
@@ -443,6 +444,8 @@ async fn bench(args: &Args, fixture: &Fixture) -> Result<()> {
     let log = std::env::temp_dir().join(format!("{}-webhook.log", fixture.namespace));
     let webhook = Webhook(
         Command::new("taskset")
+            // The webhook reaches the same control plane as this driver.
+            .envs(cluster.vars())
             .args(["-c", &args.webhook_cpu])
             .arg(&args.webhook_bin)
             .args(["--namespace", &fixture.system_namespace])
