@@ -10,6 +10,7 @@ export GOFLAGS ?= -buildvcs=false
 help:
 	@echo "make demo          start the local control plane and walk through rolemesh"
 	@echo "make test          unit tests, CRD and docs drift checks, integration tests on the local control plane"
+	@echo "make test-e2e      the integration tests in e2e/ against a running control plane"
 	@echo "make bench         benchmarks (prints figures and ratios)"
 	@echo "make cluster       start the local control plane + local AWS endpoint (target/cluster/env)"
 	@echo "make cluster-down  stop them"

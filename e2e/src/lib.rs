@@ -21,8 +21,8 @@ use rolemesh_crds::{MTLSAuthority, MTLSPolicy};
 use rolemesh_profile::{CertificateInfo, inspect::certificates_from_pem, inspect_certificate};
 pub use rolemesh_testkit::unique;
 use rolemesh_testkit::{
-    ClusterEnv, TestNamespace, binary, cluster, eventually, free_port, in_namespace, install_crds,
-    log_dir, temp_dir,
+    ClusterEnv, TestNamespace, binary, cluster, eventually, free_port, http_get, in_namespace,
+    install_crds, log_dir, temp_dir,
 };
 use serde_json::json;
 
@@ -88,14 +88,7 @@ impl ControllerProcess {
 
     /// The Prometheus exposition of the running controller.
     pub async fn metrics(&self) -> Result<String> {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.metrics_port)).await?;
-        stream
-            .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-            .await?;
-        let mut body = String::new();
-        stream.read_to_string(&mut body).await?;
-        Ok(body)
+        http_get(self.metrics_port, "/metrics").await
     }
 
     /// The value of one sample (name with labels, as exposed), 0 when absent.

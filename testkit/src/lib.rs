@@ -130,6 +130,24 @@ where
     }
 }
 
+/// `GET path` on 127.0.0.1:`port` over plain HTTP/1.1; the whole response, status line and
+/// headers included (metrics and readiness endpoints of the processes tests start).
+pub async fn http_get(port: u16, path: &str) -> Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .with_context(|| format!("connecting to 127.0.0.1:{port}"))?;
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await?;
+    Ok(response)
+}
+
 /// The sum of every sample of Prometheus metric `name` whose labels contain `labels` (e.g.
 /// `signer="kms"`; empty for all), in the text exposition format.
 pub fn metric_sum(exposition: &str, name: &str, labels: &str) -> f64 {
@@ -177,6 +195,32 @@ mod tests {
         assert_eq!(metric_sum(text, "rolemesh_x_total", "signer=\"kms\""), 2.0);
         assert_eq!(metric_sum(text, "rolemesh_y", ""), 7.0);
         assert_eq!(metric_sum(text, "rolemesh_z", ""), 0.0);
+    }
+
+    #[tokio::test]
+    async fn http_get_sends_the_path_and_returns_the_whole_response() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut request = vec![0u8; 1024];
+            let n = stream.read(&mut request).await.unwrap();
+            let request = String::from_utf8_lossy(&request[..n]).into_owned();
+            stream
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                .await
+                .unwrap();
+            request
+        });
+        let response = http_get(port, "/metrics").await.unwrap();
+        assert!(
+            server
+                .await
+                .unwrap()
+                .starts_with("GET /metrics HTTP/1.1\r\n")
+        );
+        assert!(response.starts_with("HTTP/1.1 200 OK") && response.ends_with("\r\n\r\nok"));
     }
 
     #[test]

@@ -35,7 +35,8 @@ use kube::{
 use rolemesh_bench::stats::{median, rss_kib};
 use rolemesh_crds::{MTLSAuthority, MTLSPolicy};
 use rolemesh_testkit::{
-    ClusterEnv, cluster, install_crds, metric_sum, repo_root, try_free_port as free_port, unique,
+    ClusterEnv, cluster, http_get, install_crds, metric_sum, repo_root, try_free_port as free_port,
+    unique,
 };
 use serde_json::json;
 
@@ -274,14 +275,7 @@ impl Drop for ControllerProcess {
 
 impl ControllerProcess {
     async fn metrics(&self) -> Result<String> {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.metrics_port)).await?;
-        stream
-            .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-            .await?;
-        let mut body = String::new();
-        stream.read_to_string(&mut body).await?;
-        Ok(body)
+        http_get(self.metrics_port, "/metrics").await
     }
 
     /// The sum of every sample of metric `name` whose labels contain `labels` (e.g.
