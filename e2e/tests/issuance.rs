@@ -326,26 +326,10 @@ async fn refusals_end_in_status_reasons_and_no_certificate() -> Result<()> {
     .await
 }
 
-async fn create_kms_key(env: &rolemesh_testkit::ClusterEnv) -> Result<(String, String)> {
-    let kms = aws_sdk_kms::Client::new(&env.aws_config().await);
-    let key = kms
-        .create_key()
-        .key_spec(aws_sdk_kms::types::KeySpec::EccNistP256)
-        .key_usage(aws_sdk_kms::types::KeyUsageType::SignVerify)
-        .description("rolemesh test CA")
-        .send()
-        .await?;
-    let meta = key.key_metadata().context("KMS returned no key")?;
-    Ok((
-        meta.arn().unwrap_or(meta.key_id()).to_string(),
-        meta.key_id().to_string(),
-    ))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kms_signer_issues_and_recovers_from_an_outage_without_touching_secrets() -> Result<()> {
     let env = control_plane().await?;
-    let (key_arn, _key_id) = create_kms_key(&env).await?;
+    let (key_arn, _key_id) = env.create_kms_key("rolemesh test CA").await?;
     let kms = aws_sdk_kms::Client::new(&env.aws_config().await);
     let spec = json!({
         "trustDomain": "kms.test",

@@ -10,7 +10,10 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::api::{
+    authentication::v1::{TokenRequest, TokenRequestSpec},
+    core::v1::{Namespace, ServiceAccount},
+};
 use kube::{
     Api, Client, Config,
     api::{DeleteParams, PostParams},
@@ -141,6 +144,26 @@ impl ClusterEnv {
             .role()
             .map(|r| r.arn().to_string())
             .unwrap_or_default())
+    }
+
+    /// Creates a P-256 signing key in the local KMS, as a KMS signer's CA key is; returns its ARN
+    /// and key id.
+    pub async fn create_kms_key(&self, description: &str) -> Result<(String, String)> {
+        let kms = aws_sdk_kms::Client::new(&self.aws_config().await);
+        let key = kms
+            .create_key()
+            .key_spec(aws_sdk_kms::types::KeySpec::EccNistP256)
+            .key_usage(aws_sdk_kms::types::KeyUsageType::SignVerify)
+            .description(description)
+            .send()
+            .await
+            .map_err(|e| anyhow::anyhow!(aws_sdk_kms::error::DisplayErrorContext(e).to_string()))
+            .context("creating a KMS key")?;
+        let meta = key.key_metadata().context("KMS returned no key")?;
+        Ok((
+            meta.arn().unwrap_or(meta.key_id()).to_string(),
+            meta.key_id().to_string(),
+        ))
     }
 
     /// Runs one of the project's tools (`kubectl`, `helm`) against the local control plane.
@@ -280,6 +303,32 @@ impl TestNamespace {
         <K as kube::Resource>::DynamicType: Default,
     {
         Api::namespaced(self.client.clone(), &self.name)
+    }
+
+    /// Creates ServiceAccount `name` and mints it a 10-minute token for `audience`, as kubelet
+    /// projects one into an IRSA pod; returns the token (a JWT).
+    pub async fn service_account_token(&self, name: &str, audience: &str) -> Result<String> {
+        let accounts = self.api::<ServiceAccount>();
+        let mut sa = ServiceAccount::default();
+        sa.metadata.name = Some(name.into());
+        accounts
+            .create(&PostParams::default(), &sa)
+            .await
+            .with_context(|| format!("creating ServiceAccount {name}"))?;
+        let request = TokenRequest {
+            spec: TokenRequestSpec {
+                audiences: vec![audience.into()],
+                expiration_seconds: Some(600),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        Ok(accounts
+            .create_token_request(name, &PostParams::default(), &request)
+            .await?
+            .status
+            .context("TokenRequest returned no status")?
+            .token)
     }
 
     /// Prints what the namespace holds, for a failed test's output.

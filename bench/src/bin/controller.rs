@@ -781,19 +781,10 @@ impl Bench {
     /// (b) KMS Sign calls per issued certificate.
     async fn kms(&mut self) -> Result<()> {
         let n = self.args.kms_count;
-        let kms = aws_sdk_kms::Client::new(&self.env.aws_config().await);
-        let key = kms
-            .create_key()
-            .key_spec(aws_sdk_kms::types::KeySpec::EccNistP256)
-            .key_usage(aws_sdk_kms::types::KeyUsageType::SignVerify)
-            .description("rolemesh controller benchmark CA")
-            .send()
-            .await
-            .map_err(|e| anyhow::anyhow!(aws_sdk_kms::error::DisplayErrorContext(e).to_string()))
-            .context("creating a KMS key")?;
-        let meta = key.key_metadata().context("KMS returned no key")?;
-        let key_arn = meta.arn().unwrap_or(meta.key_id()).to_string();
-        let key_id = meta.key_id().to_string();
+        let (key_arn, key_id) = self
+            .env
+            .create_kms_key("rolemesh controller benchmark CA")
+            .await?;
         let outcome = async {
             let namespace = self.namespace("bench-kms").await?;
             self.service_accounts(
@@ -854,6 +845,7 @@ impl Bench {
             Ok::<_, anyhow::Error>(())
         }
         .await;
+        let kms = aws_sdk_kms::Client::new(&self.env.aws_config().await);
         let _ = kms
             .schedule_key_deletion()
             .key_id(key_id)
