@@ -193,7 +193,6 @@ pub async fn apply_service_account(
     name: &str,
     role: Option<&str>,
 ) -> Result<()> {
-    let api: Api<ServiceAccount> = ns.api();
     let annotations = match role {
         Some(role) => json!({ "eks.amazonaws.com/role-arn": role }),
         None => json!({}),
@@ -202,27 +201,16 @@ pub async fn apply_service_account(
         "apiVersion": "v1", "kind": "ServiceAccount",
         "metadata": { "name": name, "annotations": annotations },
     });
-    api.patch(
-        name,
-        &PatchParams::apply("rolemesh-e2e").force(),
-        &Patch::Apply(body),
-    )
-    .await?;
+    ns.apply::<ServiceAccount>(name, body).await?;
     Ok(())
 }
 
 pub async fn apply_policy(ns: &TestNamespace, name: &str, spec: serde_json::Value) -> Result<()> {
-    let api: Api<MTLSPolicy> = ns.api();
     let body = json!({
         "apiVersion": "rolemesh.dev/v1alpha1", "kind": "MTLSPolicy",
         "metadata": { "name": name }, "spec": spec,
     });
-    api.patch(
-        name,
-        &PatchParams::apply("rolemesh-e2e").force(),
-        &Patch::Apply(body),
-    )
-    .await?;
+    ns.apply::<MTLSPolicy>(name, body).await?;
     Ok(())
 }
 

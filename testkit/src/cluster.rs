@@ -16,7 +16,7 @@ use k8s_openapi::api::{
 };
 use kube::{
     Api, Client, Config,
-    api::{DeleteParams, PostParams},
+    api::{DeleteParams, Patch, PatchParams, PostParams},
     config::{KubeConfigOptions, Kubeconfig},
 };
 use tokio::sync::OnceCell;
@@ -303,6 +303,26 @@ impl TestNamespace {
         <K as kube::Resource>::DynamicType: Default,
     {
         Api::namespaced(self.client.clone(), &self.name)
+    }
+
+    /// Server-side applies `body` (a whole object as JSON) as object `name` of the namespace,
+    /// taking every field over, as `kubectl apply --server-side --force-conflicts` does.
+    pub async fn apply<K>(&self, name: &str, body: serde_json::Value) -> Result<K>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug,
+        <K as kube::Resource>::DynamicType: Default,
+    {
+        self.api::<K>()
+            .patch(
+                name,
+                &PatchParams::apply("rolemesh-testkit").force(),
+                &Patch::Apply(body),
+            )
+            .await
+            .with_context(|| format!("applying {name}"))
     }
 
     /// Creates ServiceAccount `name` and mints it a 10-minute token for `audience`, as kubelet
