@@ -2,17 +2,20 @@
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 CARGO ?= cargo
+PYTHON ?= python3
 export GOFLAGS ?= -buildvcs=false
 
-.PHONY: help tools cluster cluster-down crds check-crds build test test-unit test-integration lint demo bench clean
+.PHONY: help tools cluster cluster-down crds check-crds docs check-docs build test test-unit test-e2e lint demo bench clean
 
 help:
 	@echo "make demo          start the local control plane and walk through rolemesh"
-	@echo "make test          unit tests, CRD drift check, integration tests on the local control plane"
+	@echo "make test          unit tests, CRD and docs drift checks, integration tests on the local control plane"
+	@echo "make test-e2e      the integration tests in e2e/ against a running control plane"
 	@echo "make bench         benchmarks (prints figures and ratios)"
 	@echo "make cluster       start the local control plane + local AWS endpoint (target/cluster/env)"
 	@echo "make cluster-down  stop them"
 	@echo "make crds          regenerate the CRD YAML from crds/src/lib.rs"
+	@echo "make docs          regenerate docs/reference.md from the CRD YAML"
 	@echo "make lint          rustfmt and clippy"
 
 ## Installs kubectl, helm, the control plane and moto into target/ (cached by input hash).
@@ -31,20 +34,37 @@ crds:
 check-crds:
 	$(CARGO) run --quiet -p rolemesh-crds --bin crdgen -- --check
 
+docs:
+	$(PYTHON) dev/gen_reference.py > docs/reference.md
+
+## Fails when docs/reference.md is not what `make docs` would write from the CRD YAML.
+check-docs:
+	@$(PYTHON) dev/gen_reference.py | diff -u docs/reference.md - \
+	  || { echo "docs/reference.md is stale: run make docs" >&2; exit 1; }
+
 build:
 	$(CARGO) build --workspace --bins
 
-## Everything: builds first so the control plane is not left idle while Rust compiles, then starts
-## a fresh control plane, runs every test against it, and stops it whatever the outcome.
+## Everything: builds first so the control plane is not left idle while Rust compiles (the
+## integration tests in e2e/ start the workspace's binaries from the target directory), checks
+## that the generated CRDs and docs are current, then starts a fresh control plane, runs every
+## test against it, and stops it whatever the outcome.
 test: tools
 	$(CARGO) test --workspace --no-run
 	$(CARGO) build --workspace --bins
+	@$(MAKE) --no-print-directory check-crds check-docs
 	@dev/cluster/down.sh >/dev/null 2>&1; dev/cluster/up.sh
 	@status=0; $(CARGO) test --workspace --no-fail-fast -- --test-threads=4 || status=$$?; \
 	  dev/cluster/down.sh; exit $$status
 
+## Tests that need no control plane: every crate's unit tests.
 test-unit:
 	$(CARGO) test --workspace --lib --bins
+
+## The integration tests in e2e/ against an already running control plane (`make cluster`).
+test-e2e:
+	$(CARGO) build --workspace --bins
+	$(CARGO) test -p rolemesh-e2e --no-fail-fast -- --test-threads=4
 
 lint:
 	$(CARGO) fmt --all -- --check

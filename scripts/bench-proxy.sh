@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Proxy benchmark (issue 5): the same echo workload direct, through one and two rolemesh hops and
-# through stunnel4 in the two-hop shape, all in one run; prints figures and ratios to targets.
+# Proxy benchmark (driver bench/src/bin/proxy.rs): the same echo workload direct, through one and
+# two rolemesh hops and through stunnel4 in the two-hop shape, all in one run; prints figures and
+# ratios to targets.
 # Paths alternate within each of BENCH_ROUNDS rounds (default 3); figures are medians over rounds.
 # Knobs: BENCH_SECONDS (bulk and handshake phases, default 3), BENCH_LATENCY_SECONDS (default 4),
 # BENCH_ROUNDS (default 3).
@@ -14,7 +15,8 @@ if ! command -v stunnel4 >/dev/null 2>&1; then
   fi
 fi
 
-cargo build --release --quiet -p rolemesh-proxy --bins
+cargo build --release --quiet -p rolemesh-proxy --bin rolemesh-proxy
+cargo build --release --quiet -p rolemesh-bench --bin bench-proxy
 
 # The proxy image's glibc tuning (deploy/Dockerfile.proxy), for every process of the run alike.
 GLIBC_TUNABLES=$(sed -n 's/^ENV GLIBC_TUNABLES=//p' deploy/Dockerfile.proxy)
@@ -24,6 +26,6 @@ if [ -z "$GLIBC_TUNABLES" ]; then
 fi
 export GLIBC_TUNABLES
 
-exec target/release/rolemesh-proxy-bench run \
+exec target/release/bench-proxy run \
   --proxy target/release/rolemesh-proxy \
   --stunnel "$(command -v stunnel4)"

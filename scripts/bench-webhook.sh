@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Webhook benchmark (issue 4): ~10 KiB Pod AdmissionReviews from 64 concurrent TLS clients for 30 s
-# per phase against one rolemesh-webhook process pinned to CPU 0, the load generator on CPU 1.
+# Webhook benchmark (driver bench/src/bin/webhook.rs): ~10 KiB Pod AdmissionReviews from 64
+# concurrent TLS clients for 30 s per phase against one rolemesh-webhook process pinned to CPU 0,
+# the load generator on CPU 1.
 # Four phases: keep-alive connections with the clients offering BENCH_RATE reviews/s together
 # (latency targets), keep-alive closed loop (capacity), a new TLS connection with a full handshake
 # per review at BENCH_NEW_CONNECTION_RATE reviews/s (p99 target), and new connections closed loop.
@@ -19,7 +20,8 @@ kubectl="${ROLEMESH_TOOLS_BIN:-target/tools/bin}/kubectl"
 "$kubectl" wait --for=condition=Established --timeout=60s \
   crd/mtlspolicies.rolemesh.dev crd/mtlsauthorities.rolemesh.dev >/dev/null
 
-cargo build --release --quiet -p rolemesh-webhook --bins
+cargo build --release --quiet -p rolemesh-webhook --bin rolemesh-webhook
+cargo build --release --quiet -p rolemesh-bench --bin bench-webhook
 
 cpus=$(nproc)
 webhook_cpu=${WEBHOOK_CPU:-0}
@@ -28,7 +30,7 @@ if [ "$cpus" -lt 2 ]; then
   echo "note: only $cpus CPU; the load generator shares the webhook's core" >&2
 fi
 
-exec taskset -c "$client_cpu" target/release/rolemesh-webhook-bench \
+exec taskset -c "$client_cpu" target/release/bench-webhook \
   --webhook-bin target/release/rolemesh-webhook \
   --webhook-cpu "$webhook_cpu" \
   --duration "${BENCH_DURATION:-30}" \

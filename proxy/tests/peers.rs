@@ -17,6 +17,7 @@ use std::{
 
 use common::*;
 use rcgen::{BasicConstraints, IsCa, KeyUsagePurpose};
+use rolemesh_testkit::pki::add_uri_san;
 use serde_json::json;
 
 struct Inbound {

@@ -17,7 +17,9 @@ use kube::{
 };
 use rolemesh_controller::webhook_tls::{WebhookTlsConfig, reconcile_webhook_tls};
 use rolemesh_crds::MTLSAuthority;
-use rolemesh_tests::{TestNamespace, cluster, eventually, in_namespace, install_crds};
+use rolemesh_testkit::{
+    TestNamespace, cluster, eventually, free_port, in_namespace, install_crds, log_dir, temp_dir,
+};
 use serde_json::json;
 
 struct Webhook {
@@ -39,29 +41,14 @@ impl Drop for Webhook {
     }
 }
 
-fn rand_suffix() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
-}
-
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 fn start_webhook(
     ns: &TestNamespace,
     system_ns: &str,
     authority: &str,
     port: u16,
 ) -> Result<Webhook> {
-    let admin_port = free_port()?;
-    let log_dir = rolemesh_tests::repo_root().join("target/test-logs");
-    std::fs::create_dir_all(&log_dir)?;
-    let log = log_dir.join(format!("webhook-{}.log", ns.name));
+    let admin_port = free_port();
+    let log = log_dir()?.join(format!("webhook-{}.log", ns.name));
     let mut command = Command::new(env!("CARGO_BIN_EXE_rolemesh-webhook"));
     for (key, value) in ns.env.vars() {
         command.env(key, value);
@@ -162,9 +149,9 @@ async fn the_api_server_calls_the_webhook_over_tls() -> Result<()> {
                 "apiVersion: v1\nkind: ServiceAccount\nmetadata: {{name: web}}\n---\napiVersion: v1\nkind: ServiceAccount\nmetadata: {{name: stranger}}\n---\napiVersion: rolemesh.dev/v1alpha1\nkind: MTLSPolicy\nmetadata: {{name: web}}\nspec:\n  serviceAccounts: {{names: [web]}}\n  inbound: [{{name: http, port: 8443, appPort: 8080, allow: ['arn:aws:iam::123456789012:role/*']}}]\n  outbound: [{{name: db, localPort: 9001, upstream: 'db.{}.svc:8443', expect: ['spiffe://mesh.test/ns/{}/sa/db']}}]\n",
                 ns.name, ns.name
             );
-            rolemesh_tests::expect_success("kubectl", &["apply"], &ns.env.kubectl_apply(&ns.name, &setup)?)?;
+            rolemesh_testkit::expect_success("kubectl", &["apply"], &ns.env.kubectl_apply(&ns.name, &setup)?)?;
 
-            let port = free_port()?;
+            let port = free_port();
             configurations.create(&PostParams::default(), &serde_json::from_value(registration(&configuration, &ns.name, port))?).await?;
             // The serving certificate and caBundle, exactly as the controller maintains them.
             let mut tls_config = WebhookTlsConfig::for_service(&system_ns, "rolemesh-webhook");
@@ -177,14 +164,15 @@ async fn the_api_server_calls_the_webhook_over_tls() -> Result<()> {
             // Bad input straight to the server, from curl: 413 for an oversized body, 400 for
             // malformed JSON or a review without a request, a denial naming the kind otherwise.
             let curl = |body: &[u8]| -> Result<(String, String)> {
-                let path = std::env::temp_dir().join(format!("rolemesh-body-{}", rand_suffix()));
+                let dir = temp_dir("body");
+                let path = dir.join("review.json");
                 std::fs::write(&path, body)?;
                 let out = Command::new("curl")
                     .args(["-sk", "-o", "-", "-w", "\n%{http_code}", "-H", "Content-Type: application/json", "--data-binary"])
                     .arg(format!("@{}", path.display()))
                     .arg(format!("https://127.0.0.1:{port}/mutate-pod"))
                     .output()?;
-                let _ = std::fs::remove_file(&path);
+                let _ = std::fs::remove_dir_all(&dir);
                 let text = String::from_utf8_lossy(&out.stdout).into_owned();
                 let (body, code) = text.rsplit_once('\n').context("curl output")?;
                 Ok((code.to_string(), body.to_string()))
@@ -206,7 +194,7 @@ async fn the_api_server_calls_the_webhook_over_tls() -> Result<()> {
             ensure!(code == "200" && body.contains("\"allowed\":false") && body.contains("expected a Pod"), "{code} {body}");
 
             // An opted-in pod is stored with the sidecar, mounts and config.
-            rolemesh_tests::expect_success("kubectl", &["apply"], &ns.env.kubectl_apply(&ns.name, &pod_manifest("web-1", "web", Some("true")))?)?;
+            rolemesh_testkit::expect_success("kubectl", &["apply"], &ns.env.kubectl_apply(&ns.name, &pod_manifest("web-1", "web", Some("true")))?)?;
             let pods: Api<Pod> = ns.api();
             let stored = pods.get("web-1").await?;
             let spec = stored.spec.clone().context("pod spec")?;
@@ -236,7 +224,7 @@ async fn the_api_server_calls_the_webhook_over_tls() -> Result<()> {
             ensure!(pods.get("web-1").await?.spec == Some(spec.clone()), "a second apply must not change the pod");
             pods.delete("web-1", &DeleteParams::default().grace_period(0)).await?;
             eventually("web-1 gone", Duration::from_secs(30), || async { Ok(pods.get_opt("web-1").await?.is_none().then_some(())) }).await?;
-            rolemesh_tests::expect_success("kubectl", &["apply"], &ns.env.kubectl_apply(&ns.name, &pod_manifest("web-1", "web", Some("true")))?)?;
+            rolemesh_testkit::expect_success("kubectl", &["apply"], &ns.env.kubectl_apply(&ns.name, &pod_manifest("web-1", "web", Some("true")))?)?;
             let recreated = pods.get("web-1").await?.spec.context("spec")?;
             // (The API server's own token volume has a random name; compare what rolemesh adds.)
             let ours = |s: &k8s_openapi::api::core::v1::PodSpec| {
@@ -251,7 +239,7 @@ async fn the_api_server_calls_the_webhook_over_tls() -> Result<()> {
             ensure!(ours(&recreated) == ours(&spec), "same spec, same injection:\n{:?}\n{:?}", ours(&recreated), ours(&spec));
 
             // A pod that did not opt in is untouched.
-            rolemesh_tests::expect_success("kubectl", &["apply"], &ns.env.kubectl_apply(&ns.name, &pod_manifest("plain", "web", None))?)?;
+            rolemesh_testkit::expect_success("kubectl", &["apply"], &ns.env.kubectl_apply(&ns.name, &pod_manifest("plain", "web", None))?)?;
             ensure!(pods.get("plain").await?.spec.and_then(|s| s.init_containers).is_none());
 
             // An opted-in pod whose ServiceAccount no policy covers is refused, saying what to do.

@@ -1,5 +1,5 @@
-//! Test harness: certificates from the project's own issuance code (signed with rcgen here),
-//! the proxy binary with a kubelet-style mounted Secret, small loopback apps and clients.
+//! Test harness: the proxy binary with a kubelet-style mounted Secret, small loopback apps and
+//! clients. Certificates, ports and directories come from `rolemesh_testkit`.
 #![allow(dead_code)]
 
 use std::{
@@ -7,178 +7,24 @@ use std::{
     net::{TcpListener, TcpStream},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::atomic::{AtomicU64, Ordering},
     time::{Duration, Instant},
 };
 
-use rcgen::{CertificateParams, Issuer, KeyPair, SanType};
-use rolemesh_profile::{
-    CertificateProfile, SpiffeId, WorkloadIdentity, inspect_certificate,
-    profile::{ca_params, crl_params, generate_workload_key},
+use rolemesh_profile::inspect_certificate;
+pub use rolemesh_testkit::{
+    free_port,
+    pki::{Ca, Leaf, TRUST_DOMAIN as TD},
+    temp_dir,
 };
 use rustls::{ClientConfig, RootCertStore};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject};
 use std::sync::Arc;
-use time::OffsetDateTime;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio_rustls::{TlsConnector, client::TlsStream};
 
-pub const TD: &str = "rolemesh.test";
 pub const CLIENT_ROLE: &str = "arn:aws:iam::111122223333:role/frontend";
 pub const SERVER_ROLE: &str = "arn:aws:iam::111122223333:role/payments";
 pub const BANNER: &str = "hello-from-app";
-
-pub struct Ca {
-    params: CertificateParams,
-    key: KeyPair,
-    pub pem: String,
-    /// For an intermediate, its certificate: every leaf's chain carries it after the leaf.
-    chain_suffix: String,
-}
-
-pub struct Leaf {
-    pub chain_pem: String,
-    pub key_pem: String,
-    pub serial_hex: String,
-    pub serial: Option<rcgen::SerialNumber>,
-}
-
-impl Ca {
-    pub fn new(trust_domain: &str) -> Ca {
-        let key = generate_workload_key().unwrap();
-        let params = ca_params(
-            trust_domain,
-            Duration::from_secs(30 * 86400),
-            OffsetDateTime::now_utc(),
-        );
-        let pem = params.self_signed(&key).unwrap().pem();
-        Ca {
-            params,
-            key,
-            pem,
-            chain_suffix: String::new(),
-        }
-    }
-
-    /// A root that may sign intermediates (the profile's CA may sign only leaves), as a user's
-    /// offline root would.
-    pub fn root_of_intermediates(trust_domain: &str) -> Ca {
-        let mut ca = Ca::new(trust_domain);
-        ca.params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        // A name of its own: an intermediate with the root's name would look self-signed.
-        ca.params.distinguished_name = rcgen::DistinguishedName::new();
-        ca.params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "offline root");
-        ca.pem = ca.params.self_signed(&ca.key).unwrap().pem();
-        ca
-    }
-
-    /// An intermediate CA in the rolemesh profile signed by this root; its leaves carry it.
-    pub fn intermediate(&self, trust_domain: &str) -> Ca {
-        let key = generate_workload_key().unwrap();
-        let params = ca_params(
-            trust_domain,
-            Duration::from_secs(30 * 86400),
-            OffsetDateTime::now_utc(),
-        );
-        let pem = params
-            .signed_by(&key, &Issuer::from_params(&self.params, &self.key))
-            .unwrap()
-            .pem();
-        Ca {
-            params,
-            key,
-            chain_suffix: pem.clone(),
-            pem,
-        }
-    }
-
-    pub fn serial(&self) -> rcgen::SerialNumber {
-        self.params
-            .serial_number
-            .clone()
-            .expect("ca_params sets a serial")
-    }
-
-    /// A leaf from the rolemesh profile, with `tweak` applied to make it bad in one way.
-    pub fn leaf_with(
-        &self,
-        td: &str,
-        sa: &str,
-        role: &str,
-        tweak: impl FnOnce(&mut CertificateParams),
-    ) -> Leaf {
-        let identity = WorkloadIdentity::new(SpiffeId::new(td, "shop", sa).unwrap(), role).unwrap();
-        let mut params = CertificateProfile::default()
-            .leaf_params(
-                &identity,
-                &["localhost".to_string()],
-                OffsetDateTime::now_utc(),
-            )
-            .unwrap();
-        tweak(&mut params);
-        let serial = params.serial_number.clone();
-        let key = generate_workload_key().unwrap();
-        let issuer = Issuer::from_params(&self.params, &self.key);
-        let cert = params.signed_by(&key, &issuer).unwrap();
-        let serial_hex = inspect_certificate(cert.der()).unwrap().serial_hex;
-        Leaf {
-            chain_pem: format!("{}{}", cert.pem(), self.chain_suffix),
-            key_pem: key.serialize_pem(),
-            serial_hex,
-            serial,
-        }
-    }
-
-    pub fn leaf(&self, sa: &str, role: &str) -> Leaf {
-        self.leaf_with(TD, sa, role, |_| {})
-    }
-
-    /// A CRL signed by this CA that revokes `revoked` (PEM), as a bundle would carry it.
-    pub fn crl(&self, revoked: &[&Leaf]) -> String {
-        self.crl_of(
-            revoked
-                .iter()
-                .map(|leaf| leaf.serial.clone().expect("the profile sets a serial"))
-                .collect(),
-        )
-    }
-
-    /// A CRL signed by this CA that revokes the certificates with these serials (PEM).
-    pub fn crl_of(&self, serials: Vec<rcgen::SerialNumber>) -> String {
-        let params = crl_params(
-            serials,
-            1,
-            OffsetDateTime::now_utc(),
-            Duration::from_secs(86400),
-        );
-        params
-            .signed_by(&Issuer::from_params(&self.params, &self.key))
-            .unwrap()
-            .pem()
-            .unwrap()
-    }
-}
-
-pub fn add_uri_san(params: &mut CertificateParams, uri: &str) {
-    params
-        .subject_alt_names
-        .push(SanType::URI(uri.to_string().try_into().unwrap()));
-}
-
-static COUNTER: AtomicU64 = AtomicU64::new(0);
-
-pub fn temp_dir(tag: &str) -> PathBuf {
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let dir = std::env::temp_dir().join(format!(
-        "rolemesh-proxy-test-{tag}-{}-{n}",
-        std::process::id()
-    ));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
 
 /// A directory laid out as kubelet mounts a Secret: the files live in a timestamped directory,
 /// `..data` points at it, and the visible names point through `..data`.
@@ -216,24 +62,6 @@ impl MountedSecret {
         let _ = std::fs::remove_file(&tmp);
         std::os::unix::fs::symlink(&generation, &tmp).unwrap();
         std::fs::rename(&tmp, self.dir.join("..data")).unwrap();
-    }
-}
-
-/// A port nothing listens on now and that this process has not handed out before: the kernel
-/// may give a just-released port to the next bind, and two listeners of one proxy (a mapping and
-/// the admin port) must not get the same one.
-pub fn free_port() -> u16 {
-    static HANDED_OUT: std::sync::Mutex<std::collections::BTreeSet<u16>> =
-        std::sync::Mutex::new(std::collections::BTreeSet::new());
-    loop {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        if HANDED_OUT.lock().unwrap().insert(port) {
-            return port;
-        }
     }
 }
 
@@ -379,12 +207,9 @@ impl Proxy {
 
     /// The proxy's resident set size in KiB, from /proc.
     pub fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap()
+        let kib = rolemesh_testkit::procfs::rss_kib(self.child.id());
+        assert!(kib > 0, "the proxy has exited: {}", self.log_text());
+        kib
     }
 
     pub fn log_text(&self) -> String {
@@ -407,12 +232,9 @@ impl Drop for Proxy {
     }
 }
 
+/// A counter's samples summed, as a whole number.
 pub fn metric_sum(metrics: &str, name: &str, label: &str) -> u64 {
-    metrics
-        .lines()
-        .filter(|l| l.starts_with(name) && l.contains(label))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>() as u64
+    rolemesh_testkit::metric_sum(metrics, name, label) as u64
 }
 
 pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {

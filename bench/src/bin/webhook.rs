@@ -8,7 +8,6 @@
 //! The webhook's policy, ServiceAccount, namespace and authority lookups are served from its
 //! reflector caches, primed from the local API server before the load starts (the first review is
 //! checked to be a real injection, so the measured path is the full one).
-#![forbid(unsafe_code)]
 
 use std::{
     path::PathBuf,
@@ -26,8 +25,10 @@ use kube::{
     Api, Client,
     api::{DeleteParams, PostParams},
 };
-use rolemesh_controller::webhook_tls::{WebhookTlsConfig, reconcile_webhook_tls};
+use rolemesh_bench::stats::{cpu_ms, percentile, rss_kib};
 use rolemesh_crds::{MTLSAuthority, MTLSPolicy};
+use rolemesh_testkit::{ClusterEnv, try_free_port};
+use rolemesh_controller::webhook_tls::{WebhookTlsConfig, reconcile_webhook_tls};
 use rustls_pki_types::{CertificateDer, ServerName, pem::PemObject as _};
 use serde_json::json;
 use tokio::{net::TcpStream, task::JoinSet};
@@ -35,7 +36,7 @@ use tokio_rustls::TlsConnector;
 
 /// Benchmarks rolemesh-webhook against the local control plane.
 #[derive(Debug, Parser)]
-#[command(name = "rolemesh-webhook-bench")]
+#[command(name = "bench-webhook")]
 struct Args {
     /// The webhook binary to start (a --release build).
     #[arg(long, env = "ROLEMESH_WEBHOOK_BIN")]
@@ -73,9 +74,7 @@ fn main() -> Result<()> {
     let mut args = Args::parse();
     for port in [&mut args.port, &mut args.admin_port] {
         if *port == 0 {
-            *port = std::net::TcpListener::bind("127.0.0.1:0")?
-                .local_addr()?
-                .port();
+            *port = try_free_port()?;
         }
     }
     // One worker thread: the load generator gets the one core taskset gives it.
@@ -379,46 +378,6 @@ async fn load(
     phase
 }
 
-/// Resident set size of a process in KiB (0 if unreadable).
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
-/// User plus system CPU time of a process so far, in seconds (from /proc; 0 if unreadable).
-fn cpu_seconds(pid: u32) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
-    };
-    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
-    let Some((_, rest)) = stat.rsplit_once(')') else {
-        return 0.0;
-    };
-    let ticks: f64 = rest
-        .split_whitespace()
-        .skip(11)
-        .take(2)
-        .filter_map(|t| t.parse::<f64>().ok())
-        .sum();
-    // USER_HZ is 100 on every Linux architecture we run on.
-    ticks / 100.0
-}
-
-fn percentile(sorted: &[u64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[index.min(sorted.len() - 1)] as f64 / 1000.0
-}
-
 /// Targets a phase is held to; `None` prints the figure without a target.
 #[derive(Default)]
 struct Targets {
@@ -428,8 +387,8 @@ struct Targets {
 }
 
 fn report(name: &str, phase: &Phase, targets: Targets) {
-    let p50 = percentile(&phase.latencies_us, 0.50);
-    let p99 = percentile(&phase.latencies_us, 0.99);
+    let p50 = percentile(&phase.latencies_us, 0.50) / 1000.0;
+    let p99 = percentile(&phase.latencies_us, 0.99) / 1000.0;
     let rate = phase.latencies_us.len() as f64 / phase.elapsed.as_secs_f64();
     println!(
         "{name}: {} reviews in {:.1}s, {rate:.0} reviews/s, p50 {p50:.2} ms, p99 {p99:.2} ms, {} errors",
@@ -467,16 +426,15 @@ fn report(name: &str, phase: &Phase, targets: Targets) {
 }
 
 async fn run(args: Args) -> Result<()> {
-    let client = Client::try_default()
-        .await
-        .context("connecting to the API server (source target/cluster/env)")?;
+    let cluster = rolemesh_testkit::cluster().await?;
+    let client = cluster.client().await?;
     let fixture = Fixture::create(client.clone()).await?;
-    let outcome = bench(&args, &fixture).await;
+    let outcome = bench(&args, &cluster, &fixture).await;
     fixture.delete().await;
     outcome
 }
 
-async fn bench(args: &Args, fixture: &Fixture) -> Result<()> {
+async fn bench(args: &Args, cluster: &ClusterEnv, fixture: &Fixture) -> Result<()> {
     let mut tls_config =
         WebhookTlsConfig::for_service(&fixture.system_namespace, "rolemesh-webhook");
     tls_config.webhook_configuration = None;
@@ -486,6 +444,8 @@ async fn bench(args: &Args, fixture: &Fixture) -> Result<()> {
     let log = std::env::temp_dir().join(format!("{}-webhook.log", fixture.namespace));
     let webhook = Webhook(
         Command::new("taskset")
+            // The webhook reaches the same control plane as this driver.
+            .envs(cluster.vars())
             .args(["-c", &args.webhook_cpu])
             .arg(&args.webhook_bin)
             .args(["--namespace", &fixture.system_namespace])
@@ -599,8 +559,7 @@ async fn bench(args: &Args, fixture: &Fixture) -> Result<()> {
         ),
     ];
     for (name, connector, reuse, pacing, targets) in phases {
-        let (webhook_before, own_before) =
-            (cpu_seconds(webhook_pid), cpu_seconds(std::process::id()));
+        let (webhook_before, own_before) = (cpu_ms(webhook_pid), cpu_ms(std::process::id()));
         let phase = load(
             connector.clone(),
             args.port,
@@ -613,7 +572,7 @@ async fn bench(args: &Args, fixture: &Fixture) -> Result<()> {
         .await;
         report(&name, &phase, targets);
         let busy = |before: f64, pid: u32| {
-            (cpu_seconds(pid) - before) / phase.elapsed.as_secs_f64() * 100.0
+            (cpu_ms(pid) - before) / 1e3 / phase.elapsed.as_secs_f64() * 100.0
         };
         println!(
             "  CPU: webhook {:.0}% of its core, load generator {:.0}% of its core; webhook RSS {:.1} MiB",

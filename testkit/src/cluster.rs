@@ -1,31 +1,27 @@
-//! Shared helpers for tests that run against the local control plane (`make cluster`) and the
-//! local AWS endpoint. Nothing here fakes Kubernetes or AWS: a test that needs them and finds
-//! them missing fails with a message saying how to start them.
+//! The local control plane (`make cluster`) and the local AWS endpoint, as tests use them: the
+//! environment file, clients, the project's kubectl and helm, and a namespace per test. A test
+//! that needs them and finds them missing fails with a message saying how to start them.
 
 use std::{
     collections::BTreeMap,
     future::Future,
     path::{Path, PathBuf},
     process::{Command, Output},
-    time::Duration,
 };
 
 use anyhow::{Context, Result, bail};
-use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::api::{
+    authentication::v1::{TokenRequest, TokenRequestSpec},
+    core::v1::{Namespace, ServiceAccount},
+};
 use kube::{
     Api, Client, Config,
-    api::{DeleteParams, PostParams},
+    api::{DeleteParams, Patch, PatchParams, PostParams},
     config::{KubeConfigOptions, Kubeconfig},
 };
 use tokio::sync::OnceCell;
 
-/// Root of the repository (the workspace).
-pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from(".."))
-}
+use crate::{binary, repo_root};
 
 /// What `make cluster` wrote to `target/cluster/env`: KUBECONFIG, the AWS endpoint and the
 /// directory of the project's kubectl and helm.
@@ -106,7 +102,7 @@ impl ClusterEnv {
             self.get("AWS_SECRET_ACCESS_KEY").unwrap_or("testing"),
             None,
             None,
-            "rolemesh-tests",
+            "rolemesh-testkit",
         );
         aws_config::defaults(aws_config::BehaviorVersion::latest())
             .region(aws_config::Region::new(region))
@@ -150,6 +146,26 @@ impl ClusterEnv {
             .unwrap_or_default())
     }
 
+    /// Creates a P-256 signing key in the local KMS, as a KMS signer's CA key is; returns its ARN
+    /// and key id.
+    pub async fn create_kms_key(&self, description: &str) -> Result<(String, String)> {
+        let kms = aws_sdk_kms::Client::new(&self.aws_config().await);
+        let key = kms
+            .create_key()
+            .key_spec(aws_sdk_kms::types::KeySpec::EccNistP256)
+            .key_usage(aws_sdk_kms::types::KeyUsageType::SignVerify)
+            .description(description)
+            .send()
+            .await
+            .map_err(|e| anyhow::anyhow!(aws_sdk_kms::error::DisplayErrorContext(e).to_string()))
+            .context("creating a KMS key")?;
+        let meta = key.key_metadata().context("KMS returned no key")?;
+        Ok((
+            meta.arn().unwrap_or(meta.key_id()).to_string(),
+            meta.key_id().to_string(),
+        ))
+    }
+
     /// Runs one of the project's tools (`kubectl`, `helm`) against the local control plane.
     pub fn run(&self, tool: &str, args: &[&str], stdin: Option<&str>) -> Result<Output> {
         let mut command = Command::new(self.tool(tool));
@@ -166,13 +182,11 @@ impl ClusterEnv {
         expect_success("kubectl", args, &output)
     }
 
-    /// `kubectl rolemesh ARGS`: the plugin as kubectl finds it on PATH (target/debug, built by
-    /// `make test` before the tests run). Returns exit code, stdout and stderr.
+    /// `kubectl rolemesh ARGS`: the plugin as kubectl finds it on PATH (the workspace's built
+    /// `kubectl-rolemesh`, see [`binary`]). Returns exit code, stdout and stderr.
     pub fn kubectl_plugin(&self, args: &[&str]) -> Result<(i32, String, String)> {
-        let plugin_dir = repo_root().join("target/debug");
-        if !plugin_dir.join("kubectl-rolemesh").exists() {
-            bail!("build the plugin first: cargo build -p kubectl-rolemesh");
-        }
+        let plugin = binary("kubectl-rolemesh")?;
+        let plugin_dir = plugin.parent().context("the plugin's directory")?;
         let kubectl = self.tool("kubectl");
         let path = format!(
             "{}:{}:{}",
@@ -291,6 +305,52 @@ impl TestNamespace {
         Api::namespaced(self.client.clone(), &self.name)
     }
 
+    /// Server-side applies `body` (a whole object as JSON) as object `name` of the namespace,
+    /// taking every field over, as `kubectl apply --server-side --force-conflicts` does.
+    pub async fn apply<K>(&self, name: &str, body: serde_json::Value) -> Result<K>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug,
+        <K as kube::Resource>::DynamicType: Default,
+    {
+        self.api::<K>()
+            .patch(
+                name,
+                &PatchParams::apply("rolemesh-testkit").force(),
+                &Patch::Apply(body),
+            )
+            .await
+            .with_context(|| format!("applying {name}"))
+    }
+
+    /// Creates ServiceAccount `name` and mints it a 10-minute token for `audience`, as kubelet
+    /// projects one into an IRSA pod; returns the token (a JWT).
+    pub async fn service_account_token(&self, name: &str, audience: &str) -> Result<String> {
+        let accounts = self.api::<ServiceAccount>();
+        let mut sa = ServiceAccount::default();
+        sa.metadata.name = Some(name.into());
+        accounts
+            .create(&PostParams::default(), &sa)
+            .await
+            .with_context(|| format!("creating ServiceAccount {name}"))?;
+        let request = TokenRequest {
+            spec: TokenRequestSpec {
+                audiences: vec![audience.into()],
+                expiration_seconds: Some(600),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        Ok(accounts
+            .create_token_request(name, &PostParams::default(), &request)
+            .await?
+            .status
+            .context("TokenRequest returned no status")?
+            .token)
+    }
+
     /// Prints what the namespace holds, for a failed test's output.
     fn dump(&self) {
         let kinds = "all,serviceaccounts,secrets,configmaps,mtlspolicies,events";
@@ -319,8 +379,7 @@ where
 {
     let env = cluster().await?;
     let client = env.client().await?;
-    let suffix: u32 = rand::random();
-    let name = format!("{prefix}-{suffix:08x}");
+    let name = crate::unique(prefix);
     let namespaces: Api<Namespace> = Api::all(client.clone());
     let mut ns = Namespace::default();
     ns.metadata.name = Some(name.clone());
@@ -348,27 +407,5 @@ where
         Ok(result) => result,
         Err(join) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
         Err(join) => Err(join.into()),
-    }
-}
-
-/// Polls `check` every 200 ms until it returns `Ok(Some(_))` or `timeout` passes; the last error
-/// explains a timeout.
-pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<Option<T>>>,
-{
-    let deadline = tokio::time::Instant::now() + timeout;
-    let mut last = String::from("condition never held");
-    loop {
-        match check().await {
-            Ok(Some(value)) => return Ok(value),
-            Ok(None) => {}
-            Err(error) => last = format!("{error:#}"),
-        }
-        if tokio::time::Instant::now() >= deadline {
-            bail!("timed out after {timeout:?} waiting for {what}: {last}");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }

@@ -2,8 +2,6 @@
 //! real STS verification of IRSA tokens, real KMS signing, certificates checked by parsing and
 //! by `openssl verify`.
 
-mod support;
-
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
@@ -14,13 +12,13 @@ use kube::{
     api::{DeleteParams, ListParams, Patch, PatchParams},
 };
 use rolemesh_crds::MTLSPolicy;
+use rolemesh_e2e::*;
 use rolemesh_profile::{
     ROLE_ARN_OID_DOTTED,
     inspect::{TrustBundle, certificates_from_pem, trust_bundle_from_pem},
 };
-use rolemesh_tests::eventually;
+use rolemesh_testkit::eventually;
 use serde_json::json;
-use support::*;
 use time::OffsetDateTime;
 
 /// Every field of the certificate profile, for a Secret the controller wrote.
@@ -328,26 +326,10 @@ async fn refusals_end_in_status_reasons_and_no_certificate() -> Result<()> {
     .await
 }
 
-async fn create_kms_key(env: &rolemesh_tests::ClusterEnv) -> Result<(String, String)> {
-    let kms = aws_sdk_kms::Client::new(&env.aws_config().await);
-    let key = kms
-        .create_key()
-        .key_spec(aws_sdk_kms::types::KeySpec::EccNistP256)
-        .key_usage(aws_sdk_kms::types::KeyUsageType::SignVerify)
-        .description("rolemesh test CA")
-        .send()
-        .await?;
-    let meta = key.key_metadata().context("KMS returned no key")?;
-    Ok((
-        meta.arn().unwrap_or(meta.key_id()).to_string(),
-        meta.key_id().to_string(),
-    ))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kms_signer_issues_and_recovers_from_an_outage_without_touching_secrets() -> Result<()> {
     let env = control_plane().await?;
-    let (key_arn, _key_id) = create_kms_key(&env).await?;
+    let (key_arn, _key_id) = env.create_kms_key("rolemesh test CA").await?;
     let kms = aws_sdk_kms::Client::new(&env.aws_config().await);
     let spec = json!({
         "trustDomain": "kms.test",
@@ -451,12 +433,6 @@ async fn a_controller_killed_mid_issuance_leaves_every_secret_whole() -> Result<
             for i in 0..COUNT {
                 apply_service_account(&ns, &format!("sa-{i}"), Some(&format!("arn:aws:iam::111122223333:role/sa-{i}"))).await?;
             }
-            let sa_api: Api<ServiceAccount> = ns.api();
-            for i in 0..COUNT {
-                annotate(&sa_api, &format!("sa-{i}"), "team", "a").await?;
-            }
-            apply_policy(&ns, "p", json!({ "serviceAccounts": { "selector": { "matchLabels": {} }, "names": [] } })).await?;
-            // The selector above selects all; label them for a real selector instead.
             apply_policy(&ns, "p", json!({ "serviceAccounts": { "names": (0..COUNT).map(|i| format!("sa-{i}")).collect::<Vec<_>>() } })).await?;
             let secrets: Api<Secret> = ns.api();
             let mut first = ControllerProcess::start(&ns, &authority, "replica-a", &["--issue-concurrency", "1"])?;

@@ -7,12 +7,7 @@ use aws_sdk_kms::{
     primitives::Blob,
     types::{KeySpec, KeyUsageType, MessageType, SigningAlgorithmSpec},
 };
-use k8s_openapi::api::{
-    authentication::v1::{TokenRequest, TokenRequestSpec},
-    core::v1::ServiceAccount,
-};
-use kube::api::PostParams;
-use rolemesh_tests::{cluster, in_namespace};
+use rolemesh_testkit::{cluster, in_namespace};
 
 #[tokio::test]
 async fn kms_signs_with_p256_key_and_signature_verifies() -> Result<()> {
@@ -81,24 +76,9 @@ async fn kms_signs_with_p256_key_and_signature_verifies() -> Result<()> {
 #[tokio::test]
 async fn sts_assumes_role_with_service_account_token() -> Result<()> {
     in_namespace("sts", |ns| async move {
-        let accounts = ns.api::<ServiceAccount>();
-        let mut sa = ServiceAccount::default();
-        sa.metadata.name = Some("workload".into());
-        accounts.create(&PostParams::default(), &sa).await?;
-        let request = TokenRequest {
-            spec: TokenRequestSpec {
-                audiences: vec!["sts.amazonaws.com".into()],
-                expiration_seconds: Some(600),
-                ..Default::default()
-            },
-            ..Default::default()
-        };
-        let token = accounts
-            .create_token_request("workload", &PostParams::default(), &request)
-            .await?
-            .status
-            .context("no token")?
-            .token;
+        let token = ns
+            .service_account_token("workload", "sts.amazonaws.com")
+            .await?;
 
         let role = format!("payments-{}", ns.name);
         let role_arn = ns.env.create_irsa_role(&role, &ns.name, "workload").await?;

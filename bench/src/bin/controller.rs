@@ -1,4 +1,4 @@
-//! `controller-bench`: the controller part of `make bench`. Runs the release `rolemesh-controller`
+//! `bench-controller`: the controller part of `make bench`. Runs the release `rolemesh-controller`
 //! binary against the local control plane and the local AWS endpoint and prints figures and
 //! ratios next to their targets; it fails only when a scenario could not run, never because a
 //! target was missed (the machine is shared and noisy, so figures are reported, not asserted).
@@ -10,7 +10,6 @@
 //! - sts:    issuance rate with STS verification of IRSA tokens (informational).
 //! - memory: controller RSS with many covered ServiceAccounts, then again with many unrelated
 //!   large Secrets in the watched namespace.
-#![forbid(unsafe_code)]
 
 use std::{
     collections::{BTreeMap, HashSet},
@@ -33,8 +32,12 @@ use kube::{
     core::PartialObjectMeta,
     runtime::{WatchStreamExt, watcher},
 };
+use rolemesh_bench::stats::{median, rss_kib};
 use rolemesh_crds::{MTLSAuthority, MTLSPolicy};
-use rolemesh_tests::{ClusterEnv, cluster, install_crds, repo_root};
+use rolemesh_testkit::{
+    ClusterEnv, cluster, http_get, install_crds, metric_sum, repo_root, try_free_port as free_port,
+    unique,
+};
 use serde_json::json;
 
 const MANAGED_SELECTOR: &str = "app.kubernetes.io/managed-by=rolemesh";
@@ -42,7 +45,7 @@ const ROLE_ANNOTATION: &str = "eks.amazonaws.com/role-arn";
 
 /// Benchmarks of the rolemesh controller on the local control plane (`make cluster`).
 #[derive(Debug, Parser)]
-#[command(name = "controller-bench")]
+#[command(name = "bench-controller")]
 struct Args {
     /// The controller binary to run (build it with `cargo build --release -p rolemesh-controller`).
     #[arg(long, env = "ROLEMESH_BENCH_CONTROLLER")]
@@ -256,20 +259,6 @@ fn table(rows: &[Row]) -> String {
     out
 }
 
-fn median(values: &[f64]) -> f64 {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    match sorted.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => sorted[n / 2],
-        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
-    }
-}
-
-fn unique(prefix: &str) -> String {
-    format!("{prefix}-{:08x}", rand::random::<u32>())
-}
-
 /// A running controller; killed when dropped.
 struct ControllerProcess {
     child: Child,
@@ -286,41 +275,21 @@ impl Drop for ControllerProcess {
 
 impl ControllerProcess {
     async fn metrics(&self) -> Result<String> {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.metrics_port)).await?;
-        stream
-            .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-            .await?;
-        let mut body = String::new();
-        stream.read_to_string(&mut body).await?;
-        Ok(body)
+        http_get(self.metrics_port, "/metrics").await
     }
 
     /// The sum of every sample of metric `name` whose labels contain `labels` (e.g.
     /// `signer="kms"`; empty for all).
     async fn metric(&self, name: &str, labels: &str) -> Result<f64> {
-        let text = self.metrics().await?;
-        Ok(text
-            .lines()
-            .filter(|l| {
-                l.strip_prefix(name)
-                    .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
-            })
-            .filter(|l| labels.is_empty() || l.contains(labels))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .fold(0.0, |sum, v| sum + v))
+        Ok(metric_sum(&self.metrics().await?, name, labels))
     }
 
     /// VmRSS from /proc, in MiB.
     fn rss_mib(&self) -> Result<f64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
-        let kib: f64 = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .context("no VmRSS in /proc/PID/status")?;
-        Ok(kib / 1024.0)
+        match rss_kib(self.child.id()) {
+            0 => bail!("no VmRSS in /proc/{}/status", self.child.id()),
+            kib => Ok(kib as f64 / 1024.0),
+        }
     }
 
     fn exited(&mut self) -> Option<String> {
@@ -336,12 +305,6 @@ impl ControllerProcess {
             _ => None,
         }
     }
-}
-
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
 }
 
 /// A selector on the label `bench` (the ServiceAccounts of one policy).
@@ -708,8 +671,8 @@ impl Bench {
                 bare_rates.push(self.bare_round(round, &t, n, concurrency).await?);
             }
         }
-        let controller_rate = median(&controller_rates);
-        let bare_rate = median(&bare_rates);
+        let controller_rate = median(controller_rates.iter().copied());
+        let bare_rate = median(bare_rates.iter().copied());
         let ratio = controller_rate / bare_rate;
         let size = template.as_ref().map_or(0, secret_data_bytes);
         println!(
@@ -818,19 +781,10 @@ impl Bench {
     /// (b) KMS Sign calls per issued certificate.
     async fn kms(&mut self) -> Result<()> {
         let n = self.args.kms_count;
-        let kms = aws_sdk_kms::Client::new(&self.env.aws_config().await);
-        let key = kms
-            .create_key()
-            .key_spec(aws_sdk_kms::types::KeySpec::EccNistP256)
-            .key_usage(aws_sdk_kms::types::KeyUsageType::SignVerify)
-            .description("rolemesh controller benchmark CA")
-            .send()
-            .await
-            .map_err(|e| anyhow::anyhow!(aws_sdk_kms::error::DisplayErrorContext(e).to_string()))
-            .context("creating a KMS key")?;
-        let meta = key.key_metadata().context("KMS returned no key")?;
-        let key_arn = meta.arn().unwrap_or(meta.key_id()).to_string();
-        let key_id = meta.key_id().to_string();
+        let (key_arn, key_id) = self
+            .env
+            .create_kms_key("rolemesh controller benchmark CA")
+            .await?;
         let outcome = async {
             let namespace = self.namespace("bench-kms").await?;
             self.service_accounts(
@@ -891,6 +845,7 @@ impl Bench {
             Ok::<_, anyhow::Error>(())
         }
         .await;
+        let kms = aws_sdk_kms::Client::new(&self.env.aws_config().await);
         let _ = kms
             .schedule_key_deletion()
             .key_id(key_id)
@@ -1097,7 +1052,7 @@ impl Bench {
         }
         let listed: Vec<String> = samples.iter().map(|s| format!("{s:.1}")).collect();
         println!("  RSS samples (MiB): {}", listed.join(" "));
-        Ok(median(&samples))
+        Ok(median(samples))
     }
 
     async fn unrelated_secrets(&self, namespace: &str) -> Result<Duration> {

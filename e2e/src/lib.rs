@@ -1,6 +1,6 @@
-//! Running the real `rolemesh-controller` binary against the local control plane, and the
-//! objects the issuance tests need.
-#![allow(dead_code)]
+//! Support for the integration tests against the local control plane (`make cluster`): the real
+//! `rolemesh-controller` binary scoped to a test's namespace, the objects the tests write, and
+//! checks on what the controller wrote. Generic test support lives in `rolemesh_testkit`.
 
 use std::{
     collections::BTreeMap,
@@ -19,7 +19,11 @@ use kube::{
 };
 use rolemesh_crds::{MTLSAuthority, MTLSPolicy};
 use rolemesh_profile::{CertificateInfo, inspect::certificates_from_pem, inspect_certificate};
-use rolemesh_tests::{ClusterEnv, TestNamespace, cluster, eventually, in_namespace, install_crds};
+pub use rolemesh_testkit::unique;
+use rolemesh_testkit::{
+    ClusterEnv, TestNamespace, binary, cluster, eventually, free_port, http_get, in_namespace,
+    install_crds, log_dir, temp_dir,
+};
 use serde_json::json;
 
 pub const WAIT: Duration = Duration::from_secs(60);
@@ -29,13 +33,6 @@ pub struct ControllerProcess {
     pub child: Child,
     pub metrics_port: u16,
     pub log_path: std::path::PathBuf,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or(19090)
 }
 
 impl ControllerProcess {
@@ -57,11 +54,9 @@ impl ControllerProcess {
         vars: &[(&str, &str)],
     ) -> Result<Self> {
         let metrics_port = free_port();
-        let log_dir = rolemesh_tests::repo_root().join("target/test-logs");
-        std::fs::create_dir_all(&log_dir)?;
-        let log_path = log_dir.join(format!("controller-{}-{identity}.log", ns.name));
+        let log_path = log_dir()?.join(format!("controller-{}-{identity}.log", ns.name));
         let log = std::fs::File::create(&log_path)?;
-        let mut command = Command::new(env!("CARGO_BIN_EXE_rolemesh-controller"));
+        let mut command = Command::new(binary("rolemesh-controller")?);
         for (key, value) in ns.env.vars() {
             command.env(key, value);
         }
@@ -93,14 +88,7 @@ impl ControllerProcess {
 
     /// The Prometheus exposition of the running controller.
     pub async fn metrics(&self) -> Result<String> {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.metrics_port)).await?;
-        stream
-            .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-            .await?;
-        let mut body = String::new();
-        stream.read_to_string(&mut body).await?;
-        Ok(body)
+        http_get(self.metrics_port, "/metrics").await
     }
 
     /// The value of one sample (name with labels, as exposed), 0 when absent.
@@ -134,10 +122,6 @@ impl Drop for ControllerProcess {
             );
         }
     }
-}
-
-pub fn unique(prefix: &str) -> String {
-    format!("{prefix}-{:08x}", rand::random::<u32>())
 }
 
 /// Creates a cluster-scoped MTLSAuthority; returns its name. Delete it with `delete_authority`.
@@ -209,7 +193,6 @@ pub async fn apply_service_account(
     name: &str,
     role: Option<&str>,
 ) -> Result<()> {
-    let api: Api<ServiceAccount> = ns.api();
     let annotations = match role {
         Some(role) => json!({ "eks.amazonaws.com/role-arn": role }),
         None => json!({}),
@@ -218,27 +201,16 @@ pub async fn apply_service_account(
         "apiVersion": "v1", "kind": "ServiceAccount",
         "metadata": { "name": name, "annotations": annotations },
     });
-    api.patch(
-        name,
-        &PatchParams::apply("rolemesh-tests").force(),
-        &Patch::Apply(body),
-    )
-    .await?;
+    ns.apply::<ServiceAccount>(name, body).await?;
     Ok(())
 }
 
 pub async fn apply_policy(ns: &TestNamespace, name: &str, spec: serde_json::Value) -> Result<()> {
-    let api: Api<MTLSPolicy> = ns.api();
     let body = json!({
         "apiVersion": "rolemesh.dev/v1alpha1", "kind": "MTLSPolicy",
         "metadata": { "name": name }, "spec": spec,
     });
-    api.patch(
-        name,
-        &PatchParams::apply("rolemesh-tests").force(),
-        &Patch::Apply(body),
-    )
-    .await?;
+    ns.apply::<MTLSPolicy>(name, body).await?;
     Ok(())
 }
 
@@ -306,7 +278,7 @@ pub async fn trust_bundle(ns: &TestNamespace) -> Result<String> {
 
 /// `openssl verify -CAfile <bundle> -untrusted <rest of chain> -purpose <purpose> <leaf>`.
 pub fn openssl_verify(secret: &Secret, bundle: &str, purpose: &str) -> Result<()> {
-    let dir = tempdir()?;
+    let dir = temp_dir("verify");
     let chain = certificates_from_pem(&field(secret, "tls.crt"))?;
     let pem = |der: &[u8]| {
         use base64::Engine;
@@ -355,12 +327,6 @@ pub fn openssl_verify(secret: &Secret, bundle: &str, purpose: &str) -> Result<()
         );
     }
     Ok(())
-}
-
-fn tempdir() -> Result<std::path::PathBuf> {
-    let dir = std::env::temp_dir().join(unique("rolemesh-verify"));
-    std::fs::create_dir_all(&dir)?;
-    Ok(dir)
 }
 
 pub async fn policy_status(

@@ -5,12 +5,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use base64::Engine;
-use k8s_openapi::api::{
-    authentication::v1::{TokenRequest, TokenRequestSpec},
-    core::v1::{ConfigMap, Secret, ServiceAccount},
-};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::api::{DeleteParams, PostParams};
-use rolemesh_tests::{cluster, eventually, in_namespace, install_crds};
+use rolemesh_testkit::{cluster, eventually, in_namespace, install_crds};
 
 const VALID_POLICY: &str = r#"
 apiVersion: rolemesh.dev/v1alpha1
@@ -62,7 +59,7 @@ async fn kubectl_get_prints_policy_columns() -> Result<()> {
     install_crds(&env).await?;
     in_namespace("crd-columns", |ns| async move {
         let out = ns.env.kubectl_apply(&ns.name, VALID_POLICY)?;
-        rolemesh_tests::expect_success("kubectl", &["apply"], &out)?;
+        rolemesh_testkit::expect_success("kubectl", &["apply"], &out)?;
         let table = ns.env.kubectl(&["get", "mtlsp", "-n", &ns.name])?;
         let header = table.lines().next().unwrap_or_default();
         for column in ["NAME", "READY", "WORKLOADS", "SOONEST EXPIRY", "AGE"] {
@@ -182,7 +179,7 @@ async fn api_server_refuses_invalid_objects_naming_the_field() -> Result<()> {
         }
         // The valid policy is accepted, so the refusals above are about the fields named.
         let out = ns.env.kubectl_apply(&ns.name, VALID_POLICY)?;
-        rolemesh_tests::expect_success("kubectl", &["apply"], &out)?;
+        rolemesh_testkit::expect_success("kubectl", &["apply"], &out)?;
         Ok(())
     })
     .await
@@ -191,25 +188,9 @@ async fn api_server_refuses_invalid_objects_naming_the_field() -> Result<()> {
 #[tokio::test]
 async fn token_request_mints_sts_audience_tokens() -> Result<()> {
     in_namespace("tokenrequest", |ns| async move {
-        let accounts = ns.api::<ServiceAccount>();
-        let mut sa = ServiceAccount::default();
-        sa.metadata.name = Some("workload".into());
-        accounts.create(&PostParams::default(), &sa).await?;
-        let request = TokenRequest {
-            spec: TokenRequestSpec {
-                audiences: vec!["sts.amazonaws.com".into()],
-                expiration_seconds: Some(600),
-                ..Default::default()
-            },
-            ..Default::default()
-        };
-        let issued = accounts
-            .create_token_request("workload", &PostParams::default(), &request)
+        let token = ns
+            .service_account_token("workload", "sts.amazonaws.com")
             .await?;
-        let token = issued
-            .status
-            .context("TokenRequest returned no status")?
-            .token;
         let payload = token.split('.').nth(1).context("token is not a JWT")?;
         let claims: serde_json::Value = serde_json::from_slice(
             &base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload)?,

@@ -1,4 +1,4 @@
-//! Benchmark of the proxy (issue 5), driven by scripts/bench-proxy.sh. One run measures the same
+//! Benchmark of the proxy, driven by scripts/bench-proxy.sh. One run measures the same
 //! workload against a local echo server through: direct loopback; one rolemesh hop (this
 //! generator speaks mTLS to the server sidecar); two rolemesh hops (plain to a client sidecar,
 //! mTLS between sidecars, the real mesh path); and stunnel4 in the same two-hop shape with the
@@ -16,10 +16,8 @@ use std::{
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
-use rolemesh_profile::{
-    CertificateProfile, SpiffeId, WorkloadIdentity,
-    profile::{ca_params, generate_workload_key},
-};
+use rolemesh_bench::stats::{cpu_ms, machine_ticks, median, rss_kib};
+use rolemesh_testkit::{pki::Ca, try_free_port as free_port, try_temp_dir};
 use rustls::{ClientConfig, RootCertStore, client::Resumption};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject};
 use tokio::{
@@ -156,53 +154,6 @@ impl Guard {
     }
 }
 
-/// Resident set size of a process in KiB, from /proc (0 once it is gone).
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
-/// CPU time a process has used so far (user + system, every thread including exited ones), in
-/// milliseconds, from /proc (0 once it is gone). /proc counts in USER_HZ ticks, 100 per second
-/// on x86-64 and arm64.
-fn cpu_ms(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            // Fields after the command name, which is in parentheses and may contain spaces;
-            // utime and stime are fields 14 and 15 of the line.
-            let rest = &s[s.rfind(')')? + 2..];
-            let mut fields = rest.split_whitespace().skip(11);
-            let utime: u64 = fields.next()?.parse().ok()?;
-            let stime: u64 = fields.next()?.parse().ok()?;
-            Some((utime + stime) as f64 * 10.0)
-        })
-        .unwrap_or(0.0)
-}
-
-/// Busy and total CPU time of the whole machine so far, in USER_HZ ticks, from /proc/stat.
-fn machine_ticks() -> (u64, u64) {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let ticks: Vec<u64> = stat
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|t| t.parse().ok())
-        .collect();
-    let total: u64 = ticks.iter().sum();
-    // idle and iowait are the fourth and fifth numbers.
-    let idle = ticks.get(3).copied().unwrap_or(0) + ticks.get(4).copied().unwrap_or(0);
-    (total - idle, total)
-}
-
 /// One bulk run with the CPU it cost: the path's proxies (summed) and the machine.
 #[derive(Clone, Copy)]
 struct BulkRun {
@@ -282,33 +233,6 @@ fn aead_ms_per_mb() -> anyhow::Result<(String, f64)> {
     Ok((format!("{:?}", suite.common.suite), median(samples)))
 }
 
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    match values.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => values[n / 2],
-        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
-    }
-}
-
-/// A port nothing listens on now and not handed out before in this run (the kernel may give a
-/// just-released port to the next bind).
-fn free_port() -> anyhow::Result<u16> {
-    static HANDED_OUT: std::sync::Mutex<std::collections::BTreeSet<u16>> =
-        std::sync::Mutex::new(std::collections::BTreeSet::new());
-    loop {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let mut handed_out = HANDED_OUT
-            .lock()
-            .map_err(|_| anyhow::anyhow!("port list poisoned"))?;
-        if handed_out.insert(port) {
-            return Ok(port);
-        }
-    }
-}
-
 async fn wait_port(port: u16) -> anyhow::Result<()> {
     for _ in 0..200 {
         if TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
@@ -326,23 +250,13 @@ struct Pem {
 
 /// CA and two leaves from the project's issuance code, written as files for both proxies.
 fn issue(dir: &Path) -> anyhow::Result<(String, Pem, Pem)> {
-    let now = time::OffsetDateTime::now_utc();
-    let ca_key = generate_workload_key()?;
-    let ca = ca_params(TRUST_DOMAIN, Duration::from_secs(86400), now);
-    let ca_pem = ca.self_signed(&ca_key)?.pem();
-    let issuer = rcgen::Issuer::from_params(&ca, &ca_key);
+    let ca = Ca::new(TRUST_DOMAIN);
+    let ca_pem = ca.pem.clone();
     let leaf = |sa: &str, role: &str| -> anyhow::Result<Pem> {
-        let identity = WorkloadIdentity::new(SpiffeId::new(TRUST_DOMAIN, "bench", sa)?, role)?;
-        let params = CertificateProfile::default().leaf_params(
-            &identity,
-            &["localhost".to_string()],
-            now,
-        )?;
-        let key = generate_workload_key()?;
-        let cert = params.signed_by(&key, &issuer)?;
+        let leaf = ca.leaf_in(TRUST_DOMAIN, "bench", sa, role, |_| {});
         Ok(Pem {
-            chain: cert.pem(),
-            key: key.serialize_pem(),
+            chain: leaf.chain_pem,
+            key: leaf.key_pem,
         })
     };
     let client = leaf("client", CLIENT_ROLE)?;
@@ -576,9 +490,7 @@ async fn run(
     latency_seconds: u64,
     rounds: usize,
 ) -> anyhow::Result<()> {
-    let dir = std::env::temp_dir().join(format!("rolemesh-proxy-bench-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
+    let dir = try_temp_dir("proxy-bench")?;
     let (ca_pem, client_pem, _server_pem) = issue(&dir)?;
     let mtls = tls_client(&ca_pem, &client_pem)?;
 
@@ -776,21 +688,20 @@ async fn run(
         hs_rolemesh_runs.push(handshakes(&one_hop, 8, seconds).await?);
         hs_stunnel_runs.push(handshakes(&stunnel_server, 8, seconds).await?);
     }
-    let hs_rolemesh = median(hs_rolemesh_runs.clone());
-    let hs_stunnel = median(hs_stunnel_runs.clone());
+    let hs_rolemesh = median(hs_rolemesh_runs.iter().copied());
+    let hs_stunnel = median(hs_stunnel_runs.iter().copied());
     let hs_ratio = median(
         hs_rolemesh_runs
             .iter()
             .zip(&hs_stunnel_runs)
-            .map(|(r, s)| r / s)
-            .collect(),
+            .map(|(r, s)| r / s),
     );
 
     eprintln!("memory per open connection, {HELD_CONNECTIONS} connections through two hops...");
     let per_connection_kib = held_connection_cost(&two_hop, [&server, &client]).await?;
 
     let [bulk_direct, bulk_one, bulk_two, bulk_stunnel, bulk_relay] =
-        [0, 1, 2, 3, 4].map(|i| median(bulk_runs[i].clone()));
+        [0, 1, 2, 3, 4].map(|i| median(bulk_runs[i].iter().copied()));
     // Ratios and added latencies are taken within a round (against that round's direct run),
     // then the median over rounds.
     let bulk_ratio = |i: usize| {
@@ -798,21 +709,20 @@ async fn run(
             bulk_runs[i]
                 .iter()
                 .zip(&bulk_runs[0])
-                .map(|(path, direct)| path / direct)
-                .collect(),
+                .map(|(path, direct)| path / direct),
         )
     };
     let added = |i: usize| {
         let pairs = latency_runs[i].iter().zip(&latency_runs[0]);
         (
-            median(pairs.clone().map(|(l, d)| l.0 - d.0).collect()),
-            median(pairs.map(|(l, d)| l.1 - d.1).collect()),
+            median(pairs.clone().map(|(l, d)| l.0 - d.0)),
+            median(pairs.map(|(l, d)| l.1 - d.1)),
         )
     };
     let medians = |i: usize| {
         (
-            median(latency_runs[i].iter().map(|l| l.0).collect()),
-            median(latency_runs[i].iter().map(|l| l.1).collect()),
+            median(latency_runs[i].iter().map(|l| l.0)),
+            median(latency_runs[i].iter().map(|l| l.1)),
         )
     };
     let [lat_direct, lat_one, lat_two, lat_stunnel, lat_relay] = [0, 1, 2, 3, 4].map(medians);
@@ -824,8 +734,7 @@ async fn run(
         latency_runs[2]
             .iter()
             .zip(&latency_runs[4])
-            .map(|(two, relay)| two.0 - relay.0)
-            .collect(),
+            .map(|(two, relay)| two.0 - relay.0),
     );
     let mib = |kib: u64| kib as f64 / 1024.0;
 
@@ -967,8 +876,7 @@ async fn run(
         "{:<54} {:>12} {:>14}",
         "path", "ms/MB/proxy", "machine CPUs"
     );
-    let cpu_median =
-        |i: usize, f: fn(&BulkRun) -> f64| median(bulk_cpu_runs[i].iter().map(f).collect());
+    let cpu_median = |i: usize, f: fn(&BulkRun) -> f64| median(bulk_cpu_runs[i].iter().map(f));
     let per_proxy =
         |i: usize| cpu_median(i, |r| r.proxy_ms_per_mb) / path_proxies[i].len().max(1) as f64;
     for (i, name) in [
@@ -1011,32 +919,6 @@ async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn cpu_ms_counts_the_cpu_this_process_burns() {
-        let pid = std::process::id();
-        let before = cpu_ms(pid);
-        let start = Instant::now();
-        let mut x = 0u64;
-        while start.elapsed() < Duration::from_millis(300) {
-            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
-        }
-        let burned = cpu_ms(pid) - before;
-        // At least a few ticks of the spin, and no more than every CPU for the wall time it took
-        // (other tests run in this process at the same time).
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
-        let most = start.elapsed().as_secs_f64() * 1e3 * cpus + 30.0;
-        assert!(burned >= 20.0, "counted only {burned} ms of a 300 ms spin");
-        assert!(
-            burned <= most,
-            "counted {burned} ms, more than {most} ms possible"
-        );
-        assert_eq!(
-            cpu_ms(u32::MAX),
-            0.0,
-            "a process that does not exist used no CPU"
-        );
-    }
 
     #[test]
     fn aead_cost_is_measured_on_the_default_suite() {

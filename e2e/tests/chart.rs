@@ -15,7 +15,7 @@ use kube::{
     Api,
     api::{Patch, PatchParams, PostParams},
 };
-use rolemesh_tests::{ClusterEnv, cluster, in_namespace, install_crds, repo_root};
+use rolemesh_testkit::{ClusterEnv, cluster, in_namespace, install_crds, repo_root};
 
 fn chart() -> String {
     repo_root()
@@ -104,7 +104,7 @@ async fn helm_lint_is_clean_and_the_rendered_chart_passes_a_server_side_dry_run(
                 "crds.keep=true",
             ],
         )?;
-        let manifests = rolemesh_tests::expect_success("helm", &["template"], &rendered)?;
+        let manifests = rolemesh_testkit::expect_success("helm", &["template"], &rendered)?;
         ensure!(
             manifests.contains("helm.sh/resource-policy: keep"),
             "crds.keep keeps the CRDs on uninstall"
@@ -164,7 +164,7 @@ async fn install_upgrade_uninstall_and_least_privilege() -> Result<()> {
         let install = helm(&ns.env, &["install", &release, &chart(), "-n", &ns.name, "--set", "crds.enabled=false",
             "--set", "webhook.url=https://127.0.0.1:1/mutate-pod", "--set-json", &confine,
             "--set-string", r"controller.serviceAccount.annotations.eks\.amazonaws\.com/role-arn=arn:aws:iam::111122223333:role/rolemesh-controller"])?;
-        rolemesh_tests::expect_success("helm", &["install"], &install)?;
+        rolemesh_testkit::expect_success("helm", &["install"], &install)?;
         let deployments: Api<Deployment> = ns.api();
         let controller = format!("{release}-rolemesh-controller");
         ensure!(deployments.get(&controller).await?.spec.and_then(|s| s.replicas) == Some(2), "2 controller replicas");
@@ -244,7 +244,7 @@ async fn install_upgrade_uninstall_and_least_privilege() -> Result<()> {
 
         // Upgrade with a changed value.
         let upgrade = helm(&ns.env, &["upgrade", &release, &chart(), "-n", &ns.name, "--reuse-values", "--set", "controller.replicas=1"])?;
-        rolemesh_tests::expect_success("helm", &["upgrade"], &upgrade)?;
+        rolemesh_testkit::expect_success("helm", &["upgrade"], &upgrade)?;
         ensure!(deployments.get(&controller).await?.spec.and_then(|s| s.replicas) == Some(1), "upgrade applied");
         for hook in configs.get(&webhook_name).await?.webhooks.unwrap_or_default() {
             ensure!(
@@ -266,7 +266,7 @@ async fn install_upgrade_uninstall_and_least_privilege() -> Result<()> {
         ensure!(!bad.status.success() && stderr.contains("/authority/signer/kms/keyId"), "a KMS authority without a key is refused:\n{stderr}");
 
         // Uninstall removes everything it created.
-        rolemesh_tests::expect_success("helm", &["uninstall"], &helm(&ns.env, &["uninstall", &release, "-n", &ns.name, "--wait"])?)?;
+        rolemesh_testkit::expect_success("helm", &["uninstall"], &helm(&ns.env, &["uninstall", &release, "-n", &ns.name, "--wait"])?)?;
         ensure!(deployments.get_opt(&controller).await?.is_none(), "deployment removed");
         let roles: Api<ClusterRole> = Api::all(ns.client.clone());
         ensure!(roles.get_opt(&format!("{release}-rolemesh-controller")).await?.is_none(), "cluster role removed");
@@ -336,7 +336,7 @@ fn docs_reference_names_every_crd_field() -> Result<()> {
     ensure!(checked > 40, "only {checked} fields found in the CRDs");
     ensure!(
         missing.is_empty(),
-        "docs/reference.md lacks (run `python3 docs/gen_reference.py > docs/reference.md`):\n{}",
+        "docs/reference.md lacks (run `make docs`):\n{}",
         missing.join("\n")
     );
     Ok(())
