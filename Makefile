@@ -49,12 +49,17 @@ build:
 ## integration tests in e2e/ start the workspace's binaries from the target directory), checks
 ## that the generated CRDs and docs are current, then starts a fresh control plane, runs every
 ## test against it, and stops it whatever the outcome.
+## The user's first command, on a cluster that has never seen rolemesh: run before anything else
+## applies the CRDs (e2e/tests/install.rs).
+FIRST_ON_A_FRESH_CLUSTER := documented_helm_install_works_on_a_cluster_without_rolemesh_crds
 test: tools
 	$(CARGO) test --workspace --no-run
 	$(CARGO) build --workspace --bins
 	@$(MAKE) --no-print-directory check-crds check-docs
 	@dev/cluster/down.sh >/dev/null 2>&1; dev/cluster/up.sh
-	@status=0; $(CARGO) test --workspace --no-fail-fast -- --test-threads=4 || status=$$?; \
+	@status=0; \
+	  $(CARGO) test -p rolemesh-e2e --test install || status=$$?; \
+	  $(CARGO) test --workspace --no-fail-fast -- --test-threads=4 --skip $(FIRST_ON_A_FRESH_CLUSTER) || status=$$?; \
 	  dev/cluster/down.sh; exit $$status
 
 ## Tests that need no control plane: every crate's unit tests.

@@ -100,15 +100,10 @@ async fn helm_lint_is_clean_and_the_rendered_chart_passes_a_server_side_dry_run(
                 "authority.create=true",
                 "--set",
                 "serviceMonitor.enabled=false",
-                "--set",
-                "crds.keep=true",
+                "--include-crds",
             ],
         )?;
         let manifests = rolemesh_testkit::expect_success("helm", &["template"], &rendered)?;
-        ensure!(
-            manifests.contains("helm.sh/resource-policy: keep"),
-            "crds.keep keeps the CRDs on uninstall"
-        );
         for kind in [
             "Deployment",
             "Service",
@@ -160,8 +155,8 @@ async fn install_upgrade_uninstall_and_least_privilege() -> Result<()> {
     in_namespace("chart", |ns| async move {
         let release = format!("rm{}", &ns.name[ns.name.len() - 8..]);
         let confine = confined(&ns.name);
-        // The CRDs already exist (installed by the suite, not by helm), so this release leaves them out.
-        let install = helm(&ns.env, &["install", &release, &chart(), "-n", &ns.name, "--set", "crds.enabled=false",
+        // The CRDs already exist (applied by the suite, not by helm): helm skips the chart's crds/.
+        let install = helm(&ns.env, &["install", &release, &chart(), "-n", &ns.name,
             "--set", "webhook.url=https://127.0.0.1:1/mutate-pod", "--set-json", &confine,
             "--set-string", r"controller.serviceAccount.annotations.eks\.amazonaws\.com/role-arn=arn:aws:iam::111122223333:role/rolemesh-controller"])?;
         rolemesh_testkit::expect_success("helm", &["install"], &install)?;
