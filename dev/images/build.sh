@@ -97,12 +97,15 @@ build() {
   tar --sort=name --owner=0 --group=0 --numeric-owner --mtime=@0 -C "$stage" -cf "$stage.tar" .
   start_registry
   local scratch="127.0.0.1:$registry_port/$name:build"
-  "$crane" append --oci-empty-base -f "$stage.tar" -t "$scratch" >/dev/null
-  "$crane" mutate "$scratch" --set-platform linux/amd64 --entrypoint "$entrypoint" \
-    ${user:+--user "$user"} -t "$ref" -o "$out/$name.tar.new" >/dev/null
+  if ! { "$crane" append --oci-empty-base -f "$stage.tar" -t "$scratch" &&
+    "$crane" mutate "$scratch" --set-platform linux/amd64 --entrypoint "$entrypoint" \
+      ${user:+--user "$user"} -t "$ref" -o "$out/$name.tar.new"; } >"$stage.log" 2>&1; then
+    cat "$stage.log" >&2
+    exit 1
+  fi
   mv "$out/$name.tar.new" "$out/$name.tar"
   echo "$ref" > "$out/$name.ref"
-  rm -rf "$stage" "$stage.tar"
+  rm -rf "$stage" "$stage.tar" "$stage.log"
   echo "$hash" > "$tools/stamps/image-$name"
   log "built $ref in $((SECONDS - started))s"
 }

@@ -199,7 +199,7 @@ kubectl() { "$bin/kubectl" --kubeconfig "$dir/kubeconfig" "$@"; }
 start containerd "$logs/containerd.log" "$bin/containerd" --config "$node/containerd/config.toml"
 wait_for containerd 30 "$node/containerd.pid" ctr version || { tail -n 30 "$logs/containerd.log" >&2; exit 1; }
 for image in "$root"/target/images/*.tar; do
-  ctr images import "$image" >/dev/null
+  ctr images import "$image" >"$logs/ctr-import.log" 2>&1 || { cat "$logs/ctr-import.log" >&2; exit 1; }
 done
 
 start kubelet "$logs/kubelet.log" "$bin/localkube" kubelet \

@@ -50,6 +50,7 @@ fi
 
 # go_tools NAME MODULE_DIR OUT_DIR [ENV=VALUE...] -- PACKAGES...: builds upstream commands pinned by
 # a small module of their own under dev/, so their dependency graphs never meet the Kubernetes one.
+# $ldflags_extra (e.g. version variables) is added to the link.
 go_tools() {
   local name=$1 dir=$2 out=$3 envs=() pkgs=()
   shift 3
@@ -65,7 +66,7 @@ go_tools() {
     log "building $name"
     local started=$SECONDS
     mkdir -p "$out.new"
-    (cd "$dir" && env "${envs[@]}" go build -trimpath -ldflags "-s -w" -o "$out.new/" "${pkgs[@]}")
+    (cd "$dir" && env "${envs[@]}" go build -trimpath -ldflags "-s -w ${ldflags_extra:-}" -o "$out.new/" "${pkgs[@]}")
     mkdir -p "$out"
     for pkg in "${pkgs[@]}"; do mv "$out.new/$(basename "$pkg")" "$out/"; done
     rmdir "$out.new"
@@ -109,9 +110,13 @@ if ! up_to_date venv "$hash" || [ ! -x "$root/target/venv/bin/moto_server" ]; th
   echo "$hash" > "$root/target/tools/stamps/venv"
 fi
 
+# The version a small module pins for an upstream module: go_version DIR MODULE (under github.com).
+go_version() { awk -v m="github.com/$2" '$1 == m || $2 == m {print ($1 == m ? $2 : $3)}' "$root/dev/node/$1/go.mod" | head -n1; }
+
 # The node. containerd without the btrfs snapshotter (it needs cgo and btrfs headers; the node
 # uses overlayfs); CoreDNS static, as upstream releases it.
-go_tools containerd "$root/dev/node/containerd" "$bin" GOFLAGS="$GOFLAGS -tags=no_btrfs" -- \
+ldflags_extra="-X github.com/containerd/containerd/v2/version.Version=$(go_version containerd containerd/v2)" \
+  go_tools containerd "$root/dev/node/containerd" "$bin" GOFLAGS="$GOFLAGS -tags=no_btrfs" -- \
   github.com/containerd/containerd/v2/cmd/containerd \
   github.com/containerd/containerd/v2/cmd/ctr \
   github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2
