@@ -111,11 +111,16 @@ if ! up_to_date venv "$hash" || [ ! -x "$root/target/venv/bin/moto_server" ]; th
 fi
 
 # The version a small module pins for an upstream module: go_version DIR MODULE (under github.com).
-go_version() { awk -v m="github.com/$2" '$1 == m || $2 == m {print ($1 == m ? $2 : $3)}' "$root/dev/node/$1/go.mod" | head -n1; }
+go_version() {
+  local version
+  version=$(awk -v m="github.com/$2" '$1 == m || $2 == m {print ($1 == m ? $2 : $3)}' "$root/dev/node/$1/go.mod" | head -n1)
+  [ -n "$version" ] || { echo "github.com/$2 is not required by dev/node/$1/go.mod" >&2; exit 1; }
+  echo "$version"
+}
 
 # The node. containerd without the btrfs snapshotter (it needs cgo and btrfs headers; the node
 # uses overlayfs); CoreDNS static, as upstream releases it.
-ldflags_extra="-X github.com/containerd/containerd/v2/version.Version=$(go_version containerd containerd/v2)" \
+ldflags_extra="-X github.com/containerd/containerd/v2/version.Version=$(go_version containerd containerd/containerd/v2)" \
   go_tools containerd "$root/dev/node/containerd" "$bin" GOFLAGS="$GOFLAGS -tags=no_btrfs" -- \
   github.com/containerd/containerd/v2/cmd/containerd \
   github.com/containerd/containerd/v2/cmd/ctr \
