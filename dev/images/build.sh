@@ -5,6 +5,11 @@
 # platform set by go-containerregistry's crane. An image is rebuilt only when its description,
 # its files or this script change.
 #
+#   dev/images/build.sh              the images the node needs (those made of tools, not of @release@)
+#   dev/images/build.sh NAME...      the named images, e.g. `controller proxy` after
+#                                    `cargo build --release` (CARGO_TARGET_DIR's release/ must be
+#                                    target/release)
+#
 # A description has one directive per line ('#' starts a comment):
 #   ref REFERENCE                the image reference pods use (imagePullPolicy: IfNotPresent)
 #   file SOURCE PATH [MODE]      copy SOURCE to PATH in the image (MODE defaults to SOURCE's)
@@ -14,6 +19,7 @@
 #   dir PATH [MODE]              an empty directory
 #   entrypoint ARG...            the entrypoint
 #   user UID:GID                 the user it runs as
+#   env KEY=VALUE                an environment variable
 # SOURCE may start with @tools@ (target/tools) or @release@ (target/release, cargo --release).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
@@ -55,7 +61,7 @@ start_registry() {
   "$crane" registry serve --address "127.0.0.1:$registry_port" >/dev/null 2>&1 &
   registry_pid=$!
   for _ in $(seq 1 50); do
-    curl -fsS -o /dev/null "http://127.0.0.1:$registry_port/v2/" && return 0
+    curl -fsS -o /dev/null "http://127.0.0.1:$registry_port/v2/" 2>/dev/null && return 0
     sleep 0.1
   done
   echo "crane registry did not start" >&2
@@ -63,7 +69,7 @@ start_registry() {
 }
 
 build() {
-  local desc=$1 name ref="" entrypoint="" user="" stage
+  local desc=$1 name ref="" entrypoint="" user="" stage envs=()
   name=$(basename "$desc" .image)
   local hash
   hash=$(image_hash "$desc")
@@ -89,6 +95,7 @@ build() {
       dir) mkdir -p "$stage$a"; [ -z "$b" ] || chmod "$b" "$stage$a" ;;
       entrypoint) entrypoint=$(echo "$a $b $c" | xargs | tr ' ' ',') ;;
       user) user=$a ;;
+      env) envs+=(--env "$a") ;;
       *) echo "$desc: unknown directive $verb" >&2; exit 1 ;;
     esac
   done < <(sed 's/#.*//' "$desc")
@@ -99,7 +106,7 @@ build() {
   local scratch="127.0.0.1:$registry_port/$name:build"
   if ! { "$crane" append --oci-empty-base -f "$stage.tar" -t "$scratch" &&
     "$crane" mutate "$scratch" --set-platform linux/amd64 --entrypoint "$entrypoint" \
-      ${user:+--user "$user"} -t "$ref" -o "$out/$name.tar.new"; } >"$stage.log" 2>&1; then
+      ${user:+--user "$user"} "${envs[@]}" -t "$ref" -o "$out/$name.tar.new"; } >"$stage.log" 2>&1; then
     cat "$stage.log" >&2
     exit 1
   fi
@@ -110,6 +117,13 @@ build() {
   log "built $ref in $((SECONDS - started))s"
 }
 
-for desc in "$root"/dev/images/*.image; do
-  build "$desc"
-done
+if [ $# -gt 0 ]; then
+  for name in "$@"; do
+    [ -f "$root/dev/images/$name.image" ] || { echo "no image description dev/images/$name.image" >&2; exit 1; }
+    build "$root/dev/images/$name.image"
+  done
+else
+  for desc in "$root"/dev/images/*.image; do
+    grep -q '@release@' "$desc" || build "$desc"
+  done
+fi
