@@ -12,13 +12,14 @@ help:
 	@echo "make test          unit tests, CRD and docs drift checks, integration tests on the local control plane"
 	@echo "make test-e2e      the integration tests in e2e/ against a running control plane"
 	@echo "make bench         benchmarks (prints figures and ratios)"
-	@echo "make cluster       start the local control plane + local AWS endpoint (target/cluster/env)"
-	@echo "make cluster-down  stop them"
+	@echo "make cluster       start the local cluster (control plane, node, CoreDNS) + local AWS endpoint (target/cluster/env)"
+	@echo "make cluster-down  stop them and put the host back as it was"
 	@echo "make crds          regenerate the CRD YAML from crds/src/lib.rs"
 	@echo "make docs          regenerate docs/reference.md from the CRD YAML"
 	@echo "make lint          rustfmt and clippy"
 
-## Installs kubectl, helm, the control plane and moto into target/ (cached by input hash).
+## Installs kubectl, helm, the control plane, the node (containerd, CNI, CoreDNS), the images and moto
+## into target/ (cached by input hash).
 tools:
 	@dev/tools/install.sh
 

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Stops what dev/cluster/up.sh started.
+# Stops what dev/cluster/up.sh started: the node first (dev/node/down.sh puts the host back as it
+# was), then the control plane and the local AWS endpoint.
 set -uo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 dir="$root/target/cluster"
+"$root/dev/node/down.sh" "$dir"
 for name in localkube moto; do
   pidfile="$dir/$name.pid"
   [ -f "$pidfile" ] || continue
@@ -15,4 +17,4 @@ for name in localkube moto; do
   rm -f "$pidfile"
 done
 rm -f "$dir/env" "$dir/ready"
-echo "local control plane stopped"
+echo "local cluster stopped"

@@ -43,7 +43,9 @@ func up(args []string) error {
 	fs := flag.NewFlagSet("up", flag.ExitOnError)
 	dir := fs.String("dir", "target/cluster", "state directory: PKI, etcd data, kubeconfig, logs")
 	apiPort := fs.Int("port", 0, "kube-apiserver secure port on 127.0.0.1 (0 picks a free one)")
-	verbosity := fs.Int("v", 0, "klog verbosity for the apiserver and controller-manager")
+	verbosity := fs.Int("v", 0, "klog verbosity for the apiserver, controller-manager and scheduler")
+	advertise := fs.String("advertise-address", "", "the node's IP: the apiserver listens on all addresses and "+
+		"backs the kubernetes Service with this one so pods reach it (empty: loopback only, no node)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -57,7 +59,13 @@ func up(args []string) error {
 		}
 	}
 	p := pki{dir: filepath.Join(abs, "pki")}
-	token, err := writePKI(p)
+	advertiseIP := net.ParseIP("127.0.0.1")
+	if *advertise != "" {
+		if advertiseIP = net.ParseIP(*advertise); advertiseIP == nil {
+			return fmt.Errorf("--advertise-address %q is not an IP", *advertise)
+		}
+	}
+	token, err := writePKI(p, advertiseIP)
 	if err != nil {
 		return fmt.Errorf("writing PKI: %w", err)
 	}
@@ -86,8 +94,6 @@ func up(args []string) error {
 	apiArgs := []string{
 		"apiserver",
 		"--etcd-servers=" + fmt.Sprintf("http://127.0.0.1:%d", etcdClient),
-		"--bind-address=127.0.0.1",
-		"--advertise-address=127.0.0.1",
 		"--secure-port=" + strconv.Itoa(*apiPort),
 		"--tls-cert-file=" + p.path("apiserver.crt"),
 		"--tls-private-key-file=" + p.path("apiserver.key"),
@@ -98,12 +104,22 @@ func up(args []string) error {
 		"--service-account-key-file=" + p.path("sa.pub"),
 		"--service-account-signing-key-file=" + p.path("sa.key"),
 		"--service-cluster-ip-range=10.96.0.0/16",
-		// The kubernetes Service cannot have a loopback endpoint, and there are no nodes to reach.
-		"--endpoint-reconciler-type=none",
+		// kubectl logs/exec/port-forward: the apiserver dials the kubelet at the node's InternalIP
+		// as a cluster admin; the kubelet checks this certificate against the cluster CA.
+		"--kubelet-client-certificate=" + p.path("apiserver-kubelet-client.crt"),
+		"--kubelet-client-key=" + p.path("apiserver-kubelet-client.key"),
+		"--kubelet-preferred-address-types=InternalIP,Hostname",
 		"--enable-admission-plugins=NamespaceLifecycle,ServiceAccount,MutatingAdmissionWebhook,ValidatingAdmissionWebhook,ValidatingAdmissionPolicy,ResourceQuota",
 		"--allow-privileged=true",
 		"--cert-dir=" + filepath.Join(abs, "pki", "apiserver-generated"),
 		"--v=" + v,
+	}
+	if *advertise == "" {
+		// The kubernetes Service cannot have a loopback endpoint, and there is no node to reach it.
+		apiArgs = append(apiArgs, "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1", "--endpoint-reconciler-type=none")
+	} else {
+		// Pods reach the apiserver through the kubernetes Service, whose endpoint is the node's IP.
+		apiArgs = append(apiArgs, "--bind-address=0.0.0.0", "--advertise-address="+*advertise)
 	}
 	kcmArgs := []string{
 		"controller-manager",
@@ -113,9 +129,19 @@ func up(args []string) error {
 		"--leader-elect=false",
 		"--bind-address=127.0.0.1",
 		"--secure-port=0",
-		"--controllers=garbagecollector,namespace,serviceaccount,serviceaccount-token,clusterrole-aggregation,root-ca-cert-publisher,replicaset,deployment",
+		"--controllers=garbagecollector,namespace,serviceaccount,serviceaccount-token,clusterrole-aggregation,root-ca-cert-publisher,replicaset,deployment,statefulset,daemonset,nodelifecycle,job,disruption,podgc,endpoint,endpointslice,endpointslicemirroring,ttl-after-finished",
 		"--service-account-private-key-file=" + p.path("sa.key"),
 		"--root-ca-file=" + p.path("ca.crt"),
+		"--v=" + v,
+	}
+	schedulerArgs := []string{
+		"scheduler",
+		"--kubeconfig=" + kubeconfig,
+		"--authentication-kubeconfig=" + kubeconfig,
+		"--authorization-kubeconfig=" + kubeconfig,
+		"--leader-elect=false",
+		"--bind-address=127.0.0.1",
+		"--secure-port=0",
 		"--v=" + v,
 	}
 
@@ -135,15 +161,21 @@ func up(args []string) error {
 		return err
 	}
 	defer terminate(kcmProc)
+	schedulerProc, err := spawn(self, schedulerArgs, filepath.Join(abs, "logs", "kube-scheduler.log"))
+	if err != nil {
+		return err
+	}
+	defer terminate(schedulerProc)
 
 	fmt.Printf("localkube: apiserver %s ready, kubeconfig %s\n", server, kubeconfig)
 	if err := os.WriteFile(filepath.Join(abs, "ready"), []byte(server+"\n"), 0o600); err != nil {
 		return err
 	}
 
-	exited := make(chan string, 2)
+	exited := make(chan string, 3)
 	go func() { _ = apiserverProc.Wait(); exited <- "kube-apiserver" }()
 	go func() { _ = kcmProc.Wait(); exited <- "kube-controller-manager" }()
+	go func() { _ = schedulerProc.Wait(); exited <- "kube-scheduler" }()
 	select {
 	case <-ctx.Done():
 		_ = os.Remove(filepath.Join(abs, "ready"))
@@ -261,7 +293,7 @@ func waitReady(ctx context.Context, server, caFile, token string, timeout time.D
 
 // writePKI makes the cluster CA, the apiserver's serving certificate, the service-account signing
 // key and the admin token, reusing what an earlier run left so a restarted cluster keeps its trust.
-func writePKI(p pki) (string, error) {
+func writePKI(p pki, advertiseIP net.IP) (string, error) {
 	tokenPath := p.path("tokens.csv")
 	if _, err := os.Stat(tokenPath); err != nil {
 		caKey, caCert, err := newCA()
@@ -274,7 +306,7 @@ func writePKI(p pki) (string, error) {
 		if err := writeKey(p.path("ca.key"), caKey); err != nil {
 			return "", err
 		}
-		servingKey, servingDER, err := newServingCert(caKey, caCert)
+		servingKey, servingDER, err := newServingCert(caKey, caCert, advertiseIP)
 		if err != nil {
 			return "", err
 		}
@@ -282,6 +314,16 @@ func writePKI(p pki) (string, error) {
 			return "", err
 		}
 		if err := writeKey(p.path("apiserver.key"), servingKey); err != nil {
+			return "", err
+		}
+		kubeletClientKey, kubeletClientDER, err := newKubeletClientCert(caKey, caCert)
+		if err != nil {
+			return "", err
+		}
+		if err := writePEM(p.path("apiserver-kubelet-client.crt"), "CERTIFICATE", kubeletClientDER); err != nil {
+			return "", err
+		}
+		if err := writeKey(p.path("apiserver-kubelet-client.key"), kubeletClientKey); err != nil {
 			return "", err
 		}
 		saKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
@@ -341,7 +383,7 @@ func newCA() (*ecdsa.PrivateKey, *x509.Certificate, error) {
 	return key, cert, err
 }
 
-func newServingCert(caKey *ecdsa.PrivateKey, ca *x509.Certificate) (*ecdsa.PrivateKey, []byte, error) {
+func newServingCert(caKey *ecdsa.PrivateKey, ca *x509.Certificate, advertiseIP net.IP) (*ecdsa.PrivateKey, []byte, error) {
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		return nil, nil, err
@@ -354,7 +396,25 @@ func newServingCert(caKey *ecdsa.PrivateKey, ca *x509.Certificate) (*ecdsa.Priva
 		KeyUsage:     x509.KeyUsageDigitalSignature,
 		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
 		DNSNames:     []string{"localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc"},
-		IPAddresses:  []net.IP{net.ParseIP("127.0.0.1"), net.ParseIP("10.96.0.1")},
+		IPAddresses:  []net.IP{net.ParseIP("127.0.0.1"), net.ParseIP("10.96.0.1"), advertiseIP},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca, &key.PublicKey, caKey)
+	return key, der, err
+}
+
+// newKubeletClientCert is the apiserver's identity towards the kubelet (logs, exec, port-forward).
+func newKubeletClientCert(caKey *ecdsa.PrivateKey, ca *x509.Certificate) (*ecdsa.PrivateKey, []byte, error) {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return nil, nil, err
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(3),
+		Subject:      pkix.Name{CommonName: "kube-apiserver-kubelet-client", Organization: []string{"system:masters"}},
+		NotBefore:    time.Now().Add(-time.Hour),
+		NotAfter:     time.Now().Add(10 * 365 * 24 * time.Hour),
+		KeyUsage:     x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
 	}
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca, &key.PublicKey, caKey)
 	return key, der, err

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Starts the local control plane and the local AWS endpoint in the background and writes
-# target/cluster/env to source. Reuses a running one. `dev/cluster/down.sh` stops both.
+# Starts the local cluster -- the control plane, a node that runs pods (dev/node/up.sh) with CoreDNS --
+# and the local AWS endpoint in the background, and writes target/cluster/env to source. Reuses a
+# running one. `dev/cluster/down.sh` stops all of it.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 dir="$root/target/cluster"
@@ -8,18 +9,27 @@ bin="$root/target/tools/bin"
 
 alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
-if alive "$dir/localkube.pid" && alive "$dir/moto.pid" && [ -f "$dir/ready" ] && [ -f "$dir/env" ]; then
+if alive "$dir/localkube.pid" && alive "$dir/moto.pid" && alive "$dir/node/kubelet.pid" && [ -f "$dir/ready" ] && [ -f "$dir/env" ]; then
   echo "local control plane already running ($(cat "$dir/ready")); KUBECONFIG=$dir/kubeconfig"
   exit 0
 fi
 "$(dirname "$0")/down.sh" >/dev/null 2>&1 || true
+if awk -v d="$dir/" 'index($2, d) == 1 {found=1} END {exit !found}' /proc/self/mounts; then
+  echo "mounts under $dir survived dev/cluster/down.sh; not removing it:" >&2
+  awk -v d="$dir/" 'index($2, d) == 1 {print $2}' /proc/self/mounts >&2
+  exit 1
+fi
 rm -rf "$dir"
 mkdir -p "$dir/logs"
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
+# The node's IP: the apiserver backs the kubernetes Service with it and dials the kubelet there.
+node_ip=$(ip -4 route get 1.1.1.1 | awk '{for (i = 1; i < NF; i++) if ($i == "src") print $(i + 1)}')
+[ -n "$node_ip" ] || { echo "no IPv4 default route: the node needs an address the pods can reach the apiserver at" >&2; exit 1; }
+
 start=$(date +%s)
-setsid nohup "$bin/localkube" up --dir "$dir" >"$dir/logs/localkube.out" 2>&1 < /dev/null &
+setsid nohup "$bin/localkube" up --dir "$dir" --advertise-address "$node_ip" >"$dir/logs/localkube.out" 2>&1 < /dev/null &
 echo $! > "$dir/localkube.pid"
 
 moto_port=$(free_port)
@@ -49,6 +59,13 @@ if [ ! -f "$dir/ready" ]; then
   exit 1
 fi
 
+control_plane_ready=$(( $(date +%s) - start ))
+if ! "$root/dev/node/up.sh" "$dir" "$node_ip"; then
+  echo "the node did not start; logs in $dir/logs; stopping the cluster" >&2
+  "$(dirname "$0")/down.sh" >&2
+  exit 1
+fi
+
 cat > "$dir/env" <<ENV
 export KUBECONFIG='$dir/kubeconfig'
 export AWS_ENDPOINT_URL='http://127.0.0.1:$moto_port'
@@ -59,5 +76,5 @@ export AWS_SECRET_ACCESS_KEY='testing'
 export ROLEMESH_TOOLS_BIN='$bin'
 ENV
 version=$("$bin/kubectl" --kubeconfig "$dir/kubeconfig" version -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)["serverVersion"]["gitVersion"])')
-echo "local control plane: Kubernetes $version at $(cat "$dir/ready") ready in $(( $(date +%s) - start ))s; AWS endpoint http://127.0.0.1:$moto_port"
+echo "local cluster: Kubernetes $version at $(cat "$dir/ready"), control plane ready in ${control_plane_ready}s, node rolemesh-node ($node_ip) and CoreDNS ready in $(( $(date +%s) - start ))s; AWS endpoint http://127.0.0.1:$moto_port"
 echo "use it with: source target/cluster/env"
