@@ -26,9 +26,9 @@ use kube::{
     api::{DeleteParams, PostParams},
 };
 use rolemesh_bench::stats::{cpu_ms, percentile, rss_kib};
+use rolemesh_controller::webhook_tls::{WebhookTlsConfig, reconcile_webhook_tls};
 use rolemesh_crds::{MTLSAuthority, MTLSPolicy};
 use rolemesh_testkit::{ClusterEnv, try_free_port};
-use rolemesh_controller::webhook_tls::{WebhookTlsConfig, reconcile_webhook_tls};
 use rustls_pki_types::{CertificateDer, ServerName, pem::PemObject as _};
 use serde_json::json;
 use tokio::{net::TcpStream, task::JoinSet};

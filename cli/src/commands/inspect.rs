@@ -55,7 +55,12 @@ struct Inspection {
 /// what a peer proxy would decide.
 fn verify_chain(chain: &[Vec<u8>], bundle_pem: &str) -> Result<()> {
     let trust = TrustStore::from_pem(bundle_pem)?;
-    verify_chain_der(chain, &trust, Usage::ClientAuth, rustls_pki_types::UnixTime::now())?;
+    verify_chain_der(
+        chain,
+        &trust,
+        Usage::ClientAuth,
+        rustls_pki_types::UnixTime::now(),
+    )?;
     Ok(())
 }
 
