@@ -74,6 +74,7 @@ export AWS_DEFAULT_REGION='us-east-1'
 export AWS_ACCESS_KEY_ID='testing'
 export AWS_SECRET_ACCESS_KEY='testing'
 export ROLEMESH_TOOLS_BIN='$bin'
+export CRI_CONFIG_FILE='$dir/node/crictl.yaml'
 ENV
 version=$("$bin/kubectl" --kubeconfig "$dir/kubeconfig" version -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)["serverVersion"]["gitVersion"])')
 echo "local cluster: Kubernetes $version at $(cat "$dir/ready"), control plane ready in ${control_plane_ready}s, node rolemesh-node ($node_ip) and CoreDNS ready in $(( $(date +%s) - start ))s; AWS endpoint http://127.0.0.1:$moto_port"

@@ -169,6 +169,13 @@ conntrack:
   tcpCloseWaitTimeout: 0s
 YAML
 
+# crictl (CRI_CONFIG_FILE in target/cluster/env) looks at this node's containerd.
+cat > "$node/crictl.yaml" <<YAML
+runtime-endpoint: unix://$sock
+image-endpoint: unix://$sock
+timeout: 10
+YAML
+
 alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
 start() { # name logfile command...

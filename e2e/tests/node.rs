@@ -240,6 +240,7 @@ kind: Pod
 metadata:
   name: app
 spec:
+  terminationGracePeriodSeconds: 1
   containers:
   - name: app
     image: {BUSYBOX}
@@ -308,6 +309,8 @@ kind: Pod
 metadata:
   name: reader
 spec:
+  # sleep as PID 1 ignores SIGTERM; the namespace's deletion should not wait 30 s for it.
+  terminationGracePeriodSeconds: 1
   containers:
   - name: reader
     image: {BUSYBOX}
