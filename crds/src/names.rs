@@ -41,13 +41,9 @@ pub fn workload_secret_name(service_account: &str) -> String {
     format!("{service_account}{WORKLOAD_SECRET_SUFFIX}")
 }
 
-/// Key of the certificate chain (leaf first) in a `kubernetes.io/tls` Secret.
-pub const TLS_CERT_KEY: &str = "tls.crt";
-/// Key of the PKCS#8 private key in a `kubernetes.io/tls` Secret.
-pub const TLS_PRIVATE_KEY_KEY: &str = "tls.key";
-/// Key of the CA certificates to trust, in a workload Secret, the trust bundle ConfigMap and the
-/// webhook's Secrets.
-pub const CA_CERT_KEY: &str = "ca.crt";
+/// The keys of a workload Secret and of the trust bundle ConfigMap are the file names the proxy
+/// reads once kubelet mounts them, so they are defined once, next to the proxy configuration.
+pub use rolemesh_profile::proxy_config::{CA_CERT_KEY, TLS_CERT_KEY, TLS_PRIVATE_KEY_KEY};
 
 /// The trust bundle ConfigMap the controller keeps in every namespace a policy covers.
 pub const TRUST_BUNDLE_CONFIGMAP: &str = "rolemesh-trust-bundle";

@@ -87,11 +87,20 @@ impl Default for Limits {
     }
 }
 
+/// Key of the certificate chain (leaf first) in a `kubernetes.io/tls` Secret, and so the file the
+/// proxy reads it from in its identity directory.
+pub const TLS_CERT_KEY: &str = "tls.crt";
+/// Key of the PKCS#8 private key in a `kubernetes.io/tls` Secret (a file in the identity directory).
+pub const TLS_PRIVATE_KEY_KEY: &str = "tls.key";
+/// Key of the CA certificates to trust, in a workload Secret, the trust bundle ConfigMap and the
+/// webhook's Secrets (a file in the trust directory).
+pub const CA_CERT_KEY: &str = "ca.crt";
+
 fn default_identity_dir() -> PathBuf {
     PathBuf::from(DEFAULT_IDENTITY_DIR)
 }
 fn default_trust_bundle() -> PathBuf {
-    PathBuf::from(DEFAULT_TRUST_DIR).join("ca.crt")
+    PathBuf::from(DEFAULT_TRUST_DIR).join(CA_CERT_KEY)
 }
 fn default_admin_port() -> u16 {
     DEFAULT_ADMIN_PORT

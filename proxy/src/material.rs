@@ -11,7 +11,7 @@ use std::{
 use rolemesh_profile::{
     ChainError, TrustStore, Usage, WorkloadIdentity,
     inspect::{certificates_from_pem, inspect_certificate, trust_bundle_from_pem},
-    proxy_config::ProxyConfig,
+    proxy_config::{ProxyConfig, TLS_CERT_KEY, TLS_PRIVATE_KEY_KEY},
     verify_chain,
 };
 use rustls::{
@@ -57,8 +57,8 @@ pub struct MaterialPaths {
 impl MaterialPaths {
     pub fn from_config(config: &ProxyConfig) -> Self {
         Self {
-            cert_chain: config.identity_dir.join("tls.crt"),
-            key: config.identity_dir.join("tls.key"),
+            cert_chain: config.identity_dir.join(TLS_CERT_KEY),
+            key: config.identity_dir.join(TLS_PRIVATE_KEY_KEY),
             trust_bundle: config.trust_bundle.clone(),
         }
     }
@@ -125,7 +125,7 @@ impl Material {
         let chain_pem = std::str::from_utf8(&files.cert_chain)
             .map_err(|e| invalid("tls.crt is not text", &e))?;
         let chain: Vec<CertificateDer<'static>> = certificates_from_pem(chain_pem)
-            .map_err(|e| invalid("tls.crt", &e))?
+            .map_err(|e| invalid(TLS_CERT_KEY, &e))?
             .into_iter()
             .map(CertificateDer::from)
             .collect();
@@ -135,18 +135,19 @@ impl Material {
         let trust = TrustStore::from_bundle(&bundle)
             .map_err(|e| invalid("trust bundle", &e))?
             .with_algorithms(provider.signature_verification_algorithms.all);
-        let key = PrivateKeyDer::from_pem_slice(&files.key).map_err(|e| invalid("tls.key", &e))?;
+        let key = PrivateKeyDer::from_pem_slice(&files.key)
+            .map_err(|e| invalid(TLS_PRIVATE_KEY_KEY, &e))?;
         let signing_key = provider
             .key_provider
             .load_private_key(key)
-            .map_err(|e| invalid("tls.key", &e))?;
+            .map_err(|e| invalid(TLS_PRIVATE_KEY_KEY, &e))?;
         let certified_key = CertifiedKey::new(chain, signing_key);
         certified_key
             .keys_match()
             .map_err(|e| invalid("tls.key does not belong to tls.crt", &e))?;
         let leaf = certified_key
             .end_entity_cert()
-            .map_err(|e| invalid("tls.crt", &e))?;
+            .map_err(|e| invalid(TLS_CERT_KEY, &e))?;
         let intermediates = certified_key.cert.get(1..).unwrap_or_default();
         let now = UnixTime::now();
         verify_chain(
@@ -163,10 +164,10 @@ impl Material {
                 verify_chain(leaf, intermediates, &trust, Usage::ServerAuth, now),
                 Err(ChainError::Revoked)
             );
-        let info = inspect_certificate(leaf).map_err(|e| invalid("tls.crt", &e))?;
+        let info = inspect_certificate(leaf).map_err(|e| invalid(TLS_CERT_KEY, &e))?;
         let identity = info
             .workload_identity()
-            .map_err(|e| invalid("tls.crt", &e))?;
+            .map_err(|e| invalid(TLS_CERT_KEY, &e))?;
         if identity.spiffe_id.trust_domain() != trust_domain {
             return Err(ProxyError::ValidateMaterial(format!(
                 "tls.crt is for {}, not in trust domain {trust_domain}",
