@@ -78,6 +78,9 @@ build() {
   fi
   local started=$SECONDS
   stage=$(mktemp -d)
+  # The layer's "./" entry carries the stage's mode, and mktemp's 0700 would make the image's /
+  # closed to every user but root.
+  chmod 0755 "$stage"
   while read -r verb a b c; do
     case "$verb" in
       "") ;;
