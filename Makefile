@@ -59,7 +59,7 @@ test: tools
 	@$(MAKE) --no-print-directory check-crds check-docs
 	@dev/cluster/down.sh >/dev/null 2>&1; dev/cluster/up.sh
 	@status=0; \
-	  $(CARGO) test -p rolemesh-e2e --test install || status=$$?; \
+	  $(CARGO) test --workspace --test install || status=$$?; \
 	  $(CARGO) test --workspace --no-fail-fast -- --test-threads=4 --skip $(FIRST_ON_A_FRESH_CLUSTER) || status=$$?; \
 	  dev/cluster/down.sh; exit $$status
 
