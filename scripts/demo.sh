@@ -27,7 +27,7 @@ step "Building rolemesh (controller, webhook, proxy, kubectl plugin)"
 cargo build --quiet --bin rolemesh-controller --bin rolemesh-webhook --bin rolemesh-proxy --bin kubectl-rolemesh
 export PATH="$root/target/debug:$PATH"
 
-step "Starting the local control plane (kube-apiserver + etcd + kube-controller-manager) and the local AWS endpoint"
+step "Starting the local cluster (kube-apiserver + etcd + controller-manager + scheduler, a node: kubelet, containerd, kube-proxy, CoreDNS) and the local AWS endpoint"
 dev/cluster/up.sh
 # shellcheck disable=SC1091
 source target/cluster/env
@@ -205,5 +205,5 @@ echo "  rotation:       payments serial $old_serial -> $new_serial"
 echo "  A->B (frontend -> payments): $a_result"
 echo "  B->A (payments -> frontend): $b_result"
 echo "  took:           $(( $(date +%s) - start ))s"
-echo "  the control plane keeps running: 'source target/cluster/env' to use it, 'make cluster-down' to stop it"
+echo "  the cluster keeps running: 'source target/cluster/env' to use it, 'make cluster-down' to stop it and put the host back as it was"
 [ "$a_result" = allowed ] && [ "$b_result" = refused ]
