@@ -31,6 +31,10 @@ pub const INJECT_LABEL: &str = "rolemesh.dev/inject";
 pub const INJECTED_ANNOTATION: &str = "rolemesh.dev/injected";
 /// Annotation recording the proxy image injected.
 pub const PROXY_IMAGE_ANNOTATION: &str = "rolemesh.dev/proxy-image";
+/// On a pod, `"true"`: also point `SSL_CERT_FILE` of its containers at the trust bundle. Opt-in,
+/// because the bundle holds only rolemesh's CAs: OpenSSL-based stacks and rustls-native-certs then
+/// trust nothing else, and the app's other HTTPS calls (AWS APIs among them) fail.
+pub const SSL_CERT_FILE_ANNOTATION: &str = "rolemesh.dev/ssl-cert-file";
 
 /// Suffix of a workload certificate Secret's name; see [`workload_secret_name`].
 const WORKLOAD_SECRET_SUFFIX: &str = "-rolemesh-tls";

@@ -26,6 +26,14 @@ pub enum Error {
     NameConflict { kind: &'static str, name: String },
 
     #[error(
+        "rolemesh cannot inject this pod: it uses the node's network (spec.hostNetwork: true), \
+         where the proxy's listeners would bind the node's ports and its outbound listeners would \
+         be open to every process on the node; run it without hostNetwork, or label it \
+         rolemesh.dev/inject=\"false\" to keep it outside the mesh"
+    )]
+    HostNetwork,
+
+    #[error(
         "rolemesh cannot inject this pod: container {container:?} already mounts something at \
          {path}, where rolemesh mounts the trust bundle; move that mount"
     )]
@@ -90,6 +98,7 @@ impl Error {
             self,
             Self::NotCovered { .. }
                 | Self::NameConflict { .. }
+                | Self::HostNetwork
                 | Self::MountConflict { .. }
                 | Self::InvalidPolicy { .. }
                 | Self::NoTrustDomain { .. }

@@ -21,8 +21,8 @@ use k8s_openapi::{
 use rolemesh_crds::{
     MTLSPolicy,
     names::{
-        INJECTED_ANNOTATION, PROXY_IMAGE_ANNOTATION, TRUST_BUNDLE_CONFIGMAP, TRUST_BUNDLE_KEY,
-        workload_secret_name,
+        INJECTED_ANNOTATION, PROXY_IMAGE_ANNOTATION, SSL_CERT_FILE_ANNOTATION,
+        TRUST_BUNDLE_CONFIGMAP, TRUST_BUNDLE_KEY, workload_secret_name,
     },
 };
 use rolemesh_profile::proxy_config::{
@@ -39,11 +39,16 @@ pub const PROXY_CONTAINER: &str = "rolemesh-proxy";
 pub const IDENTITY_VOLUME: &str = "rolemesh-identity";
 /// Volume holding the trust bundle ConfigMap (mounted into every container).
 pub const TRUST_VOLUME: &str = "rolemesh-trust";
-/// Environment variable pointing TLS libraries (OpenSSL, Go, rustls-native-certs) at the bundle.
+/// Environment variable of every container with the trust bundle's path, for apps that verify
+/// meshed peers themselves. The app's system trust stays as it is.
+pub const TRUST_BUNDLE_ENV: &str = "ROLEMESH_TRUST_BUNDLE";
+/// Environment variable pointing TLS libraries (OpenSSL, Go, rustls-native-certs) at a bundle; set
+/// to the trust bundle only for pods annotated [`SSL_CERT_FILE_ANNOTATION`]`: "true"`.
 pub const SSL_CERT_FILE_ENV: &str = "SSL_CERT_FILE";
-/// Path the proxy answers its startup probe on (admin port).
+/// Path the proxy answers its liveness probe on (admin port).
 pub const PROXY_HEALTH_PATH: &str = "/live";
-/// Path the proxy answers its readiness probe on (admin port).
+/// Path the proxy answers its startup and readiness probes on (admin port): ready once its
+/// certificate and trust bundle are loaded.
 pub const PROXY_READY_PATH: &str = "/ready";
 /// User and group the proxy runs as (distroless `nonroot`).
 pub const PROXY_UID: i64 = 65532;
@@ -169,6 +174,9 @@ pub fn injection_patch(
         .spec
         .as_ref()
         .ok_or_else(|| Error::BadRequest("the pod has no spec".to_string()))?;
+    if spec.host_network == Some(true) {
+        return Err(Error::HostNetwork);
+    }
     let annotations = pod.metadata.annotations.as_ref();
     let already_injected = annotations.is_some_and(|a| a.contains_key(INJECTED_ANNOTATION));
     let volumes = spec.volumes.as_deref().unwrap_or_default();
@@ -212,8 +220,11 @@ pub fn injection_patch(
         new_volumes,
     )?;
 
-    // The trust bundle and SSL_CERT_FILE into every existing container. Indexes refer to the pod
-    // as received; the sidecar is inserted at the front of initContainers only afterwards.
+    // The trust bundle and its path into every existing container (and SSL_CERT_FILE where the pod
+    // asks for it). Indexes refer to the pod as received; the sidecar is inserted at the front of
+    // initContainers only afterwards.
+    let set_ssl_cert_file =
+        annotations.and_then(|a| a.get(SSL_CERT_FILE_ANNOTATION)).map(String::as_str) == Some("true");
     for (field, list) in [
         ("initContainers", init_containers),
         ("containers", containers),
@@ -222,7 +233,7 @@ pub fn injection_patch(
             if container.name == PROXY_CONTAINER {
                 continue;
             }
-            trust_ops(&mut ops, field, index, container)?;
+            trust_ops(&mut ops, field, index, container, set_ssl_cert_file)?;
         }
     }
 
@@ -267,6 +278,7 @@ fn trust_ops(
     field: &str,
     index: usize,
     container: &Container,
+    set_ssl_cert_file: bool,
 ) -> Result<()> {
     let index = index.to_string();
     let mounts = container.volume_mounts.as_deref().unwrap_or_default();
@@ -288,19 +300,26 @@ fn trust_ops(
         )?;
     }
     let env = container.env.as_deref().unwrap_or_default();
-    if !env.iter().any(|e| e.name == SSL_CERT_FILE_ENV) {
-        let var = EnvVar {
-            name: SSL_CERT_FILE_ENV.to_string(),
+    let mut wanted = vec![TRUST_BUNDLE_ENV];
+    if set_ssl_cert_file {
+        wanted.push(SSL_CERT_FILE_ENV);
+    }
+    // A variable the container sets itself is its own: never overwritten.
+    let vars: Vec<EnvVar> = wanted
+        .into_iter()
+        .filter(|name| !env.iter().any(|e| e.name == *name))
+        .map(|name| EnvVar {
+            name: name.to_string(),
             value: Some(trust_bundle_path()),
             value_from: None,
-        };
-        append_all(
-            ops,
-            &["spec", field, &index, "env"],
-            container.env.is_some(),
-            vec![var],
-        )?;
-    }
+        })
+        .collect();
+    append_all(
+        ops,
+        &["spec", field, &index, "env"],
+        container.env.is_some(),
+        vars,
+    )?;
     Ok(())
 }
 
@@ -417,8 +436,11 @@ pub fn proxy_container(
         }]),
         ports: Some(ports),
         resources: Some(config.resources.clone()),
-        startup_probe: Some(probe(PROXY_HEALTH_PATH, 1, 60)),
+        // kubelet starts the app containers only once a native sidecar's startup probe passes:
+        // probing readiness there means the app never runs before the proxy can serve mTLS.
+        startup_probe: Some(probe(PROXY_READY_PATH, 1, 120)),
         readiness_probe: Some(probe(PROXY_READY_PATH, 5, 3)),
+        liveness_probe: Some(probe(PROXY_HEALTH_PATH, 10, 3)),
         security_context: Some(SecurityContext {
             run_as_non_root: Some(true),
             run_as_user: Some(PROXY_UID),

@@ -27,6 +27,7 @@ use tracing::{debug, warn};
 use crate::{
     error::{Error, Result},
     metrics::Metrics,
+    selection::namespace_opted_in,
 };
 
 /// The webhook's view of the cluster.
@@ -107,20 +108,21 @@ impl Lookups {
         self.synced[which].load(Ordering::Acquire)
     }
 
-    /// Labels of a namespace; `None` when it does not exist.
-    pub async fn namespace_labels(
-        &self,
-        namespace: &str,
-    ) -> Result<Option<BTreeMap<String, String>>> {
-        if let Some(ns) = self.namespaces.get(&ObjectRef::new(namespace)) {
-            return Ok(Some(ns.metadata.labels.clone().unwrap_or_default()));
+    /// Whether namespace `namespace` opts its pods in. The cache answers yes at once; a no is
+    /// read again from the API server, because a namespace labelled a moment ago may not have
+    /// reached the cache yet, and an opted-in pod must never be admitted without its proxy.
+    pub async fn namespace_opted_in(&self, namespace: &str) -> Result<bool> {
+        if let Some(ns) = self.namespaces.get(&ObjectRef::new(namespace))
+            && namespace_opted_in(ns.metadata.labels.as_ref())
+        {
+            return Ok(true);
         }
         let api = Api::<Namespace>::all(self.client.clone());
         let found = api
             .get_metadata_opt(namespace)
             .await
             .map_err(Error::kube(format!("reading namespace {namespace}")))?;
-        Ok(found.map(|ns| ns.metadata.labels.unwrap_or_default()))
+        Ok(found.is_some_and(|ns| namespace_opted_in(ns.metadata.labels.as_ref())))
     }
 
     async fn service_account_labels(

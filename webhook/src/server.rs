@@ -29,7 +29,7 @@ use crate::{
     inject::{InjectorConfig, injection_patch},
     lookup::Lookups,
     metrics::Metrics,
-    selection::{PodSelection, namespace_opted_in, select_pod},
+    selection::{PodSelection, select_pod},
     serving::{ServingCertResolver, server_config},
 };
 
@@ -78,8 +78,7 @@ pub async fn decide(
         }
         PodSelection::Inject => {}
         PodSelection::AskNamespace => {
-            let labels = state.lookups.namespace_labels(&namespace).await?;
-            if !namespace_opted_in(labels.as_ref()) {
+            if !state.lookups.namespace_opted_in(&namespace).await? {
                 return Ok(None);
             }
         }

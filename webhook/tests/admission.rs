@@ -214,7 +214,9 @@ async fn the_api_server_calls_the_webhook_over_tls() -> Result<()> {
             let app = &spec.containers[0];
             ensure!(app.volume_mounts.clone().unwrap_or_default().iter().any(|m| m.mount_path == "/var/run/rolemesh/trust" && m.read_only == Some(true)));
             ensure!(!app.volume_mounts.clone().unwrap_or_default().iter().any(|m| m.name == "rolemesh-identity"), "the key is mounted into the proxy only");
-            ensure!(app.env.clone().unwrap_or_default().iter().any(|e| e.name == "SSL_CERT_FILE"));
+            let app_env = app.env.clone().unwrap_or_default();
+            ensure!(app_env.iter().any(|e| e.name == "ROLEMESH_TRUST_BUNDLE" && e.value.as_deref() == Some("/var/run/rolemesh/trust/ca.crt")), "{app_env:?}");
+            ensure!(!app_env.iter().any(|e| e.name == "SSL_CERT_FILE"), "the app's system trust is left alone: {app_env:?}");
             let annotations = stored.metadata.annotations.clone().unwrap_or_default();
             ensure!(annotations.get("rolemesh.dev/injected").is_some_and(|v| v.starts_with("web@")), "{annotations:?}");
 

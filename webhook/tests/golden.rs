@@ -100,6 +100,23 @@ fn pod_with_existing_volumes_and_env() {
 }
 
 #[test]
+fn ssl_cert_file_only_when_the_pod_asks() {
+    let mut asks = pod(json!({
+        "serviceAccountName": "payments",
+        "containers": [
+            { "name": "app", "image": "app:1" },
+            { "name": "own", "image": "own:1", "env": [{ "name": "SSL_CERT_FILE", "value": "/etc/own.pem" }] },
+        ],
+    }));
+    asks.metadata.annotations = Some(
+        [("rolemesh.dev/ssl-cert-file".to_string(), "true".to_string())]
+            .into_iter()
+            .collect(),
+    );
+    check("ssl_cert_file_opt_in", &asks);
+}
+
+#[test]
 fn multiple_containers() {
     check(
         "multiple_containers",
@@ -145,4 +162,22 @@ fn reserved_names_are_refused_not_clobbered() {
         injection_patch(&clash, &policy(), "mesh.test", &config()).expect_err("must refuse");
     assert!(matches!(error, Error::NameConflict { .. }), "{error}");
     assert!(error.to_string().contains("rolemesh-identity"), "{error}");
+}
+
+#[test]
+fn host_network_pods_are_refused_with_the_way_out() {
+    let host = pod(json!({
+        "serviceAccountName": "payments",
+        "hostNetwork": true,
+        "containers": [{ "name": "app", "image": "app:1" }],
+    }));
+    let error =
+        injection_patch(&host, &policy(), "mesh.test", &config()).expect_err("must refuse");
+    assert!(matches!(error, Error::HostNetwork), "{error}");
+    assert!(error.is_refusal(), "a verdict about the pod, not a webhook failure");
+    let message = error.to_string();
+    assert!(
+        message.contains("hostNetwork") && message.contains("rolemesh.dev/inject=\"false\""),
+        "{message}"
+    );
 }
