@@ -5,13 +5,14 @@ CARGO ?= cargo
 PYTHON ?= python3
 export GOFLAGS ?= -buildvcs=false
 
-.PHONY: help tools cluster cluster-down crds check-crds docs check-docs build test test-unit test-e2e lint demo bench clean
+.PHONY: help tools images cluster cluster-down crds check-crds check-images docs check-docs build test test-unit test-e2e lint demo bench clean
 
 help:
 	@echo "make demo          start the local control plane and walk through rolemesh"
 	@echo "make test          unit tests, CRD and docs drift checks, integration tests on the local control plane"
 	@echo "make test-e2e      the integration tests in e2e/ against a running control plane"
 	@echo "make bench         benchmarks (prints figures and ratios)"
+	@echo "make images        release builds of rolemesh's binaries -> images (no engine) -> the node's containerd"
 	@echo "make cluster       start the local cluster (control plane, node, CoreDNS) + local AWS endpoint (target/cluster/env)"
 	@echo "make cluster-down  stop them and put the host back as it was"
 	@echo "make crds          regenerate the CRD YAML from crds/src/lib.rs"
@@ -22,6 +23,16 @@ help:
 ## into target/ (cached by input hash).
 tools:
 	@dev/tools/install.sh
+
+## The images the chart runs (controller and webhook, the proxy it injects, the kubectl plugin) from
+## release builds, made without a container engine (dev/images/*.image) and imported into the node
+## if it runs (dev/node/up.sh imports them when it starts). Cargo and build.sh rebuild only what changed.
+RELEASE_PACKAGES := -p rolemesh-controller -p rolemesh-webhook -p rolemesh-proxy -p kubectl-rolemesh
+IMAGES := controller proxy plugin
+images: tools
+	$(CARGO) build --release --locked $(RELEASE_PACKAGES)
+	@dev/images/build.sh $(IMAGES)
+	@dev/node/import.sh $(IMAGES)
 
 cluster: tools
 	@dev/cluster/up.sh
@@ -34,6 +45,10 @@ crds:
 
 check-crds:
 	$(CARGO) run --quiet -p rolemesh-crds --bin crdgen -- --check
+
+## Fails when a Dockerfile in deploy/ and its description in dev/images/ describe different images.
+check-images:
+	@$(PYTHON) dev/images/check_dockerfiles.py
 
 docs:
 	$(PYTHON) dev/gen_reference.py > docs/reference.md
@@ -56,7 +71,8 @@ FIRST_ON_A_FRESH_CLUSTER := documented_helm_install_works_on_a_cluster_without_r
 test: tools
 	$(CARGO) test --workspace --no-run
 	$(CARGO) build --workspace --bins
-	@$(MAKE) --no-print-directory check-crds check-docs
+	@$(MAKE) --no-print-directory images
+	@$(MAKE) --no-print-directory check-crds check-docs check-images
 	@dev/cluster/down.sh >/dev/null 2>&1; dev/cluster/up.sh
 	@status=0; \
 	  $(CARGO) test --workspace --test install || status=$$?; \
@@ -76,7 +92,7 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-demo: tools
+demo: tools images
 	@scripts/demo.sh
 
 bench: tools

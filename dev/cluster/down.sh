@@ -16,5 +16,5 @@ for name in localkube moto; do
   fi
   rm -f "$pidfile"
 done
-rm -f "$dir/env" "$dir/ready"
+rm -f "$dir/env" "$dir/ready" "$dir/values.yaml"
 echo "local cluster stopped"

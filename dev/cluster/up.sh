@@ -33,13 +33,14 @@ setsid nohup "$bin/localkube" up --dir "$dir" --advertise-address "$node_ip" >"$
 echo $! > "$dir/localkube.pid"
 
 moto_port=$(free_port)
-# moto, with STS's AssumeRoleWithWebIdentity checking tokens and trust policies as AWS does.
+# moto, with STS's AssumeRoleWithWebIdentity checking tokens and trust policies as AWS does. On the
+# node's IP, so that the chart's controller pod reaches it as it reaches AWS's endpoints.
 ROLEMESH_IRSA_SIGNING_KEY="$dir/pki/sa.pub" setsid nohup "$root/target/venv/bin/python" \
-  "$root/dev/tools/aws_endpoint.py" -H 127.0.0.1 -p "$moto_port" >"$dir/logs/moto.log" 2>&1 < /dev/null &
+  "$root/dev/tools/aws_endpoint.py" -H "$node_ip" -p "$moto_port" >"$dir/logs/moto.log" 2>&1 < /dev/null &
 echo $! > "$dir/moto.pid"
 
 for _ in $(seq 1 360); do
-  if [ -f "$dir/ready" ] && curl -fsS -o /dev/null "http://127.0.0.1:$moto_port/moto-api/"; then
+  if [ -f "$dir/ready" ] && curl -fsS -o /dev/null "http://$node_ip:$moto_port/moto-api/"; then
     break
   fi
   if ! alive "$dir/localkube.pid"; then
@@ -68,7 +69,7 @@ fi
 
 cat > "$dir/env" <<ENV
 export KUBECONFIG='$dir/kubeconfig'
-export AWS_ENDPOINT_URL='http://127.0.0.1:$moto_port'
+export AWS_ENDPOINT_URL='http://$node_ip:$moto_port'
 export AWS_REGION='us-east-1'
 export AWS_DEFAULT_REGION='us-east-1'
 export AWS_ACCESS_KEY_ID='testing'
@@ -76,6 +77,22 @@ export AWS_SECRET_ACCESS_KEY='testing'
 export ROLEMESH_TOOLS_BIN='$bin'
 export CRI_CONFIG_FILE='$dir/node/crictl.yaml'
 ENV
+# The chart's values for this cluster (docs/development.md): the images dev/images describes, which
+# the node has imported, and the local AWS endpoint in place of AWS's for the controller.
+image_ref() { awk '$1 == "ref" {print $2}' "$root/dev/images/$1.image"; }
+controller_ref=$(image_ref controller) proxy_ref=$(image_ref proxy)
+cat > "$dir/values.yaml" <<YAML
+# Written by dev/cluster/up.sh for this local cluster; see docs/development.md.
+image: {repository: ${controller_ref%:*}, tag: ${controller_ref##*:}}
+proxyImage: {repository: ${proxy_ref%:*}, tag: ${proxy_ref##*:}}
+controller:
+  extraEnv:
+    - {name: AWS_ENDPOINT_URL, value: "http://$node_ip:$moto_port"}
+    - {name: AWS_REGION, value: us-east-1}
+    - {name: AWS_ACCESS_KEY_ID, value: testing}
+    - {name: AWS_SECRET_ACCESS_KEY, value: testing}
+YAML
+
 version=$("$bin/kubectl" --kubeconfig "$dir/kubeconfig" version -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)["serverVersion"]["gitVersion"])')
-echo "local cluster: Kubernetes $version at $(cat "$dir/ready"), control plane ready in ${control_plane_ready}s, node rolemesh-node ($node_ip) and CoreDNS ready in $(( $(date +%s) - start ))s; AWS endpoint http://127.0.0.1:$moto_port"
-echo "use it with: source target/cluster/env"
+echo "local cluster: Kubernetes $version at $(cat "$dir/ready"), control plane ready in ${control_plane_ready}s, node rolemesh-node ($node_ip) and CoreDNS ready in $(( $(date +%s) - start ))s; AWS endpoint http://$node_ip:$moto_port"
+echo "use it with: source target/cluster/env; the chart's values for it: target/cluster/values.yaml"

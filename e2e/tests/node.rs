@@ -4,32 +4,11 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail, ensure};
-use rolemesh_testkit::{ClusterEnv, TestNamespace, cluster, eventually, in_namespace};
+use anyhow::{Result, bail, ensure};
+use rolemesh_testkit::{NODE, TestNamespace, eventually, in_namespace, node_ready};
 
 /// The test app image dev/images/busybox.image describes, imported into the node by `make cluster`.
 const BUSYBOX: &str = "rolemesh.local/busybox:1.35.0";
-/// The node `make cluster` registers.
-const NODE: &str = "rolemesh-node";
-
-/// Fails (never skips) unless the cluster has its node, Ready.
-async fn node_ready() -> Result<ClusterEnv> {
-    let env = cluster().await?;
-    let ready = env
-        .kubectl(&[
-            "get",
-            "node",
-            NODE,
-            "-o",
-            r#"jsonpath={.status.conditions[?(@.type=="Ready")].status}"#,
-        ])
-        .context("the local cluster has no node: restart it with `make cluster`")?;
-    ensure!(
-        ready == "True",
-        "node {NODE} is not Ready (Ready={ready:?})"
-    );
-    Ok(env)
-}
 
 fn random_token() -> String {
     format!("{:016x}", rand::random::<u64>())

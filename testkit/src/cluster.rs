@@ -81,6 +81,19 @@ impl ClusterEnv {
         Path::new(&self.vars["ROLEMESH_TOOLS_BIN"]).join(name)
     }
 
+    /// The chart's values for this cluster that `make cluster` writes (docs/development.md):
+    /// rolemesh's images as built here and the local AWS endpoint for the controller.
+    pub fn chart_values(&self) -> Result<PathBuf> {
+        let path = self.kubeconfig().with_file_name("values.yaml");
+        if !path.is_file() {
+            bail!(
+                "{} is missing: restart the cluster with `make cluster`",
+                path.display()
+            );
+        }
+        Ok(path)
+    }
+
     /// Every variable, for passing to a child process.
     pub fn vars(&self) -> impl Iterator<Item = (&String, &String)> {
         self.vars.iter()
@@ -266,6 +279,27 @@ pub async fn cluster() -> Result<ClusterEnv> {
         })
         .await
         .cloned()
+}
+
+/// The node `make cluster` registers.
+pub const NODE: &str = "rolemesh-node";
+
+/// The running local cluster with its node Ready; fails (never skips) when either is missing.
+pub async fn node_ready() -> Result<ClusterEnv> {
+    let env = cluster().await?;
+    let ready = env
+        .kubectl(&[
+            "get",
+            "node",
+            NODE,
+            "-o",
+            r#"jsonpath={.status.conditions[?(@.type=="Ready")].status}"#,
+        ])
+        .context("the local cluster has no node: restart it with `make cluster`")?;
+    if ready != "True" {
+        bail!("node {NODE} is not Ready (Ready={ready:?})");
+    }
+    Ok(env)
 }
 
 /// Applies rolemesh's CRDs (generated YAML under deploy/) with the real kubectl and waits until

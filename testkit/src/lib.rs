@@ -26,7 +26,9 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-pub use cluster::{ClusterEnv, TestNamespace, cluster, expect_success, in_namespace, install_crds};
+pub use cluster::{
+    ClusterEnv, NODE, TestNamespace, cluster, expect_success, in_namespace, install_crds, node_ready,
+};
 
 /// Root of the repository (the workspace).
 pub fn repo_root() -> PathBuf {
