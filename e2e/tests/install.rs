@@ -164,20 +164,25 @@ async fn documented_helm_install_works_on_a_cluster_without_rolemesh_crds() -> R
     ];
     expect_success("helm", &upgrade, &env.run("helm", &upgrade, None)?)?;
     rollout(&env, &["rolemesh-controller"]).context("the upgraded controller rolls out")?;
-    let concurrency = env.kubectl(&[
-        "get",
-        "pods",
-        "-n",
-        "rolemesh",
-        "-l",
-        "app.kubernetes.io/component=controller",
-        "-o",
-        r#"jsonpath={range .items[*]}{.spec.containers[0].env[?(@.name=="ROLEMESH_ISSUE_CONCURRENCY")].value}{" "}{end}"#,
-    ])?;
-    ensure!(
-        concurrency.split_whitespace().collect::<Vec<_>>() == ["4", "4"],
-        "both controller pods run the upgraded value: {concurrency:?}"
-    );
+    // The old pods take their grace period to go after the rollout completes.
+    eventually(
+        "only upgraded controller pods",
+        Duration::from_secs(90),
+        || async {
+            let concurrency = env.kubectl(&[
+                "get",
+                "pods",
+                "-n",
+                "rolemesh",
+                "-l",
+                "app.kubernetes.io/component=controller",
+                "-o",
+                r#"jsonpath={range .items[*]}{.spec.containers[0].env[?(@.name=="ROLEMESH_ISSUE_CONCURRENCY")].value}{" "}{end}"#,
+            ])?;
+            Ok((concurrency.split_whitespace().collect::<Vec<_>>() == ["4", "4"]).then_some(()))
+        },
+    )
+    .await?;
 
     let uninstall = ["uninstall", "rolemesh", "--namespace", "rolemesh", "--wait"];
     expect_success("helm", &uninstall, &env.run("helm", &uninstall, None)?)?;
