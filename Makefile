@@ -40,11 +40,14 @@ cluster: tools
 cluster-down:
 	@dev/cluster/down.sh
 
+# crdgen from the workspace build: `cargo run -p rolemesh-crds` would build the dependencies again
+# with that one crate's features.
+CRDGEN := $(CARGO) build --quiet --workspace --bins && target/debug/crdgen
 crds:
-	$(CARGO) run --quiet -p rolemesh-crds --bin crdgen
+	$(CRDGEN)
 
 check-crds:
-	$(CARGO) run --quiet -p rolemesh-crds --bin crdgen -- --check
+	$(CRDGEN) --check
 
 ## Fails when a Dockerfile in deploy/ and its description in dev/images/ describe different images.
 check-images:
