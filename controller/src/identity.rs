@@ -62,9 +62,9 @@ impl Refusal {
             Self::StsUnreachable(detail) => {
                 format!("could not reach STS to verify {role}: {detail}; will retry")
             }
-            Self::RoleMismatch { assumed } => {
-                format!("STS assumed {assumed}, which is not the annotated role {role}")
-            }
+            Self::RoleMismatch { assumed } => format!(
+                "STS assumed {assumed:?}, which is not a session of the annotated role {role} (same partition, account and role name); check the annotation for a typo"
+            ),
         }
     }
 }
@@ -83,34 +83,44 @@ pub fn claimed_role(service_account: &ServiceAccount) -> Result<String, Refusal>
 }
 
 /// Whether an assumed-role ARN (`arn:aws:sts::<acct>:assumed-role/<name>/<session>`) is a
-/// session of the role `arn:aws:iam::<acct>:role/<path/><name>`.
+/// session of the role `arn:aws:iam::<acct>:role/<path/><name>`: same partition, same account,
+/// same role. STS names the role without its path; IAM role names are unique within an account
+/// whatever their path, so the name is enough. Should an STS (or a stand-in for it) give the
+/// path too (`assumed-role/<path/><name>/<session>`), the path must be the annotated one.
+/// Anything else, including an ARN of another shape, is a mismatch.
 pub fn assumed_role_matches(role_arn: &str, assumed_arn: &str) -> bool {
-    let role = role_arn.split(':').collect::<Vec<_>>();
-    let assumed = assumed_arn.split(':').collect::<Vec<_>>();
-    let (Some(role_partition), Some(role_account), Some(role_resource)) =
-        (role.get(1), role.get(4), role.get(5))
+    let role: Vec<&str> = role_arn.split(':').collect();
+    let assumed: Vec<&str> = assumed_arn.split(':').collect();
+    let [
+        "arn",
+        role_partition,
+        "iam",
+        "",
+        role_account,
+        role_resource,
+    ] = role.as_slice()
     else {
         return false;
     };
-    let (Some(partition), Some(service), Some(account), Some(resource)) = (
-        assumed.get(1),
-        assumed.get(2),
-        assumed.get(4),
-        assumed.get(5),
-    ) else {
+    let ["arn", partition, "sts", "", account, resource] = assumed.as_slice() else {
         return false;
     };
-    let Some(role_name) = role_resource
-        .strip_prefix("role/")
-        .and_then(|p| p.rsplit('/').next())
+    let Some(path_and_name) = role_resource.strip_prefix("role/") else {
+        return false;
+    };
+    let name = path_and_name.rsplit('/').next().unwrap_or_default();
+    // The session name STS echoes cannot hold '/', so it is the last segment.
+    let Some((who, session)) = resource
+        .strip_prefix("assumed-role/")
+        .and_then(|r| r.rsplit_once('/'))
     else {
         return false;
     };
-    let mut parts = resource.splitn(3, '/');
-    let (Some("assumed-role"), Some(name)) = (parts.next(), parts.next()) else {
-        return false;
-    };
-    partition == role_partition && *service == "sts" && account == role_account && name == role_name
+    partition == role_partition
+        && account == role_account
+        && !name.is_empty()
+        && !session.is_empty()
+        && (who == name || who == path_and_name)
 }
 
 /// Verifies that ServiceAccount `namespace/name` may assume `role_arn`.
@@ -208,6 +218,121 @@ mod tests {
             "arn:aws:iam::111122223333:role/payments"
         ));
         assert!(!assumed_role_matches(role, ""));
+    }
+
+    /// Issue 15, item 10: a role with a path. STS names the role without it; where an STS
+    /// gives the path, it must be the annotated one; any other shape is a RoleMismatch.
+    #[test]
+    fn assumed_role_of_a_role_with_a_path() {
+        let prod_app = "arn:aws:iam::111122223333:role/prod/app";
+        let deep_app = "arn:aws:iam::111122223333:role/prod/eu/app";
+        let plain_app = "arn:aws:iam::111122223333:role/app";
+        // (annotated role, assumed-role ARN STS returned, a session of that role)
+        let rows = [
+            // What STS returns: the name without the path.
+            (
+                prod_app,
+                "arn:aws:sts::111122223333:assumed-role/app/rolemesh-verify-web",
+                true,
+            ),
+            (
+                deep_app,
+                "arn:aws:sts::111122223333:assumed-role/app/s",
+                true,
+            ),
+            (
+                plain_app,
+                "arn:aws:sts::111122223333:assumed-role/app/s",
+                true,
+            ),
+            // A path given must be the annotated path, whole.
+            (
+                prod_app,
+                "arn:aws:sts::111122223333:assumed-role/prod/app/s",
+                true,
+            ),
+            (
+                deep_app,
+                "arn:aws:sts::111122223333:assumed-role/prod/eu/app/s",
+                true,
+            ),
+            (
+                prod_app,
+                "arn:aws:sts::111122223333:assumed-role/dev/app/s",
+                false,
+            ),
+            (
+                deep_app,
+                "arn:aws:sts::111122223333:assumed-role/eu/app/s",
+                false,
+            ),
+            (
+                plain_app,
+                "arn:aws:sts::111122223333:assumed-role/prod/app/s",
+                false,
+            ),
+            // The role name is the last path segment, compared whole.
+            (
+                prod_app,
+                "arn:aws:sts::111122223333:assumed-role/prod/s",
+                false,
+            ),
+            (
+                prod_app,
+                "arn:aws:sts::111122223333:assumed-role/ap/s",
+                false,
+            ),
+            // Same partition, same account.
+            (
+                prod_app,
+                "arn:aws:sts::999999999999:assumed-role/app/s",
+                false,
+            ),
+            (
+                prod_app,
+                "arn:aws-us-gov:sts::111122223333:assumed-role/app/s",
+                false,
+            ),
+            // Other shapes.
+            (
+                prod_app,
+                "arn:aws:sts::111122223333:assumed-role/app",
+                false,
+            ),
+            (
+                prod_app,
+                "arn:aws:sts::111122223333:assumed-role/app/",
+                false,
+            ),
+            (
+                prod_app,
+                "arn:aws:sts:us-east-1:111122223333:assumed-role/app/s",
+                false,
+            ),
+            (
+                prod_app,
+                "arn:aws:sts::111122223333:federated-user/app",
+                false,
+            ),
+            (
+                prod_app,
+                "arn:aws:sts::111122223333:assumed-role/app/s:x",
+                false,
+            ),
+            (
+                prod_app,
+                "xarn:aws:sts::111122223333:assumed-role/app/s",
+                false,
+            ),
+            (prod_app, "arn:aws:iam::111122223333:role/prod/app", false),
+        ];
+        for (role, assumed, expected) in rows {
+            assert_eq!(
+                assumed_role_matches(role, assumed),
+                expected,
+                "{role} assumed as {assumed}"
+            );
+        }
     }
 
     #[test]
