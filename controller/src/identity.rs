@@ -1,6 +1,8 @@
 //! Verifies a ServiceAccount's IRSA role the way AWS itself would: mint a token for the
 //! ServiceAccount and ask STS to assume the annotated role with it.
 
+use std::collections::BTreeSet;
+
 use k8s_openapi::api::{
     authentication::v1::{TokenRequest, TokenRequestSpec},
     core::v1::ServiceAccount,
@@ -20,10 +22,19 @@ pub const TOKEN_SECONDS: i64 = 600;
 pub enum Refusal {
     MissingRoleAnnotation,
     InvalidRoleArn(String),
+    /// The role's account is not in the MTLSAuthority's `allowedAccounts`.
+    AccountNotAllowed {
+        account: String,
+    },
     TokenRequestFailed(String),
-    StsRefused { code: String, message: String },
+    StsRefused {
+        code: String,
+        message: String,
+    },
     StsUnreachable(String),
-    RoleMismatch { assumed: String },
+    RoleMismatch {
+        assumed: String,
+    },
 }
 
 impl Refusal {
@@ -31,6 +42,7 @@ impl Refusal {
         match self {
             Self::MissingRoleAnnotation => Reason::MissingRoleAnnotation,
             Self::InvalidRoleArn(_) => Reason::InvalidRoleArn,
+            Self::AccountNotAllowed { .. } => Reason::AccountNotAllowed,
             Self::TokenRequestFailed(_) => Reason::TokenRequestFailed,
             Self::StsRefused { .. } => Reason::StsRefused,
             Self::StsUnreachable(_) => Reason::StsUnreachable,
@@ -52,6 +64,9 @@ impl Refusal {
             ),
             Self::InvalidRoleArn(detail) => format!(
                 "the {ROLE_ARN_ANNOTATION} annotation of ServiceAccount {namespace}/{service_account} is not an IAM role ARN: {detail}"
+            ),
+            Self::AccountNotAllowed { account } => format!(
+                "the role {role} of ServiceAccount {namespace}/{service_account} is in AWS account {account}, which the MTLSAuthority's spec.allowedAccounts does not list; annotate a role of an allowed account, or add {account} to allowedAccounts if that account is yours"
             ),
             Self::TokenRequestFailed(detail) => format!(
                 "could not request a token for ServiceAccount {namespace}/{service_account} to verify its role: {detail}"
@@ -80,6 +95,23 @@ pub fn claimed_role(service_account: &ServiceAccount) -> Result<String, Refusal>
         .ok_or(Refusal::MissingRoleAnnotation)?;
     validate_role_arn(&arn).map_err(|e| Refusal::InvalidRoleArn(e.to_string()))?;
     Ok(arn)
+}
+
+/// The AWS account of a role ARN that [`claimed_role`] accepted.
+pub fn role_account(role_arn: &str) -> &str {
+    role_arn.split(':').nth(4).unwrap_or_default()
+}
+
+/// Refuses a role whose account the MTLSAuthority does not allow. `None` (no `allowedAccounts`)
+/// allows every account, as before the field existed; the authority's status warns about it.
+pub fn check_account(role_arn: &str, allowed: Option<&BTreeSet<String>>) -> Result<(), Refusal> {
+    let account = role_account(role_arn);
+    match allowed {
+        Some(allowed) if !allowed.contains(account) => Err(Refusal::AccountNotAllowed {
+            account: account.to_string(),
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// Whether an assumed-role ARN (`arn:aws:sts::<acct>:assumed-role/<name>/<session>`) is a
@@ -333,6 +365,32 @@ mod tests {
                 "{role} assumed as {assumed}"
             );
         }
+    }
+
+    /// Issue 15, item 1: a role outside `allowedAccounts` is refused before anything else.
+    #[test]
+    fn roles_outside_the_allowed_accounts_are_refused() {
+        let ours = "arn:aws:iam::111122223333:role/frontend";
+        let stranger = "arn:aws:iam::999988887777:role/frontend";
+        let allowed: BTreeSet<String> = ["111122223333".to_string(), "444455556666".to_string()]
+            .into_iter()
+            .collect();
+        assert_eq!(check_account(ours, Some(&allowed)), Ok(()));
+        let refusal = check_account(stranger, Some(&allowed)).unwrap_err();
+        assert_eq!(
+            refusal,
+            Refusal::AccountNotAllowed {
+                account: "999988887777".into()
+            }
+        );
+        assert_eq!(refusal.reason(), Reason::AccountNotAllowed);
+        assert!(!refusal.is_transient());
+        let message = refusal.message("shop", "web", Some(stranger));
+        for words in ["999988887777", "allowedAccounts", "shop/web"] {
+            assert!(message.contains(words), "{message}");
+        }
+        // No allowedAccounts: every account, as before the field.
+        assert_eq!(check_account(stranger, None), Ok(()));
     }
 
     #[test]

@@ -65,6 +65,9 @@ reasons! {
     InvalidRoleArn,
     /// A token for the ServiceAccount could not be requested to verify its role.
     TokenRequestFailed,
+    /// The annotated role is in an AWS account that the MTLSAuthority's `allowedAccounts` does
+    /// not list: no certificate, the Secret is deleted, and neither STS nor the signer is called.
+    AccountNotAllowed,
     /// STS refused to assume the role with the ServiceAccount's token.
     StsRefused,
     /// STS could not be reached to verify the role.
@@ -75,6 +78,11 @@ reasons! {
     CaNotReady,
     /// The CA is established and signs.
     CaReady,
+    /// The MTLSAuthority lists the AWS accounts whose roles may be certified.
+    AccountsRestricted,
+    /// The MTLSAuthority has no `allowedAccounts`: roles of any AWS account are certified,
+    /// including a stranger's role that trusts this cluster's public OIDC issuer.
+    AnyAccountAllowed,
     /// The signer throttled a signing call.
     SignerThrottled,
     /// The signer refused a signing call (IAM).
@@ -123,6 +131,9 @@ impl std::fmt::Display for Reason {
 pub const READY: &str = "Ready";
 /// Condition type saying whether the policy selects ServiceAccounts an older policy covers.
 pub const CONFLICTED: &str = "Conflicted";
+/// Condition type of an MTLSAuthority saying whether `allowedAccounts` restricts the roles it
+/// certifies to named AWS accounts (False: any account).
+pub const ACCOUNTS_RESTRICTED: &str = "AccountsRestricted";
 
 /// The API's timestamp for `t`. The controller computes with `time` (the profile crate's
 /// certificates do); the API types want `jiff`, converted here only.

@@ -44,6 +44,7 @@ fn test_ca(trust_domain: &str) -> CaState {
         bundle_pem: pem,
         trust_domain: trust_domain.into(),
         verification: IdentityVerification::Sts,
+        allowed_accounts: None,
         generation: Some(1),
     }
 }

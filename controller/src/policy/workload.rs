@@ -24,7 +24,7 @@ use crate::{
         issue_certificate, verification_value, workload_secret,
     },
     context::Context,
-    identity::{claimed_role, verify_with_sts},
+    identity::{check_account, claimed_role, verify_with_sts},
     status::{Reason, to_time},
 };
 
@@ -309,6 +309,26 @@ pub async fn reconcile_service_account(
             );
         }
     };
+    // Before STS and the signer: a role of an account the authority does not allow gets
+    // nothing, however honestly STS would confirm it, and whatever the verification mode.
+    if let Err(refusal) = check_account(&role, run.ca.allowed_accounts.as_ref()) {
+        delete_workload_secret(ctx, &namespace, &secret_name, existing.as_ref()).await;
+        ctx.metrics.certificate_failed(refusal.reason());
+        let message = refusal.message(&namespace, &name, Some(&role));
+        warn!(namespace = %namespace, service_account = %name, role = %role, reason = %refusal.reason(), "the role's AWS account is not allowed; no certificate issued");
+        let event = PolicyEvent {
+            type_: EventType::Warning,
+            reason: refusal.reason().as_str(),
+            action: "VerifyIdentity",
+            note: &message,
+        };
+        publish(ctx, run.policy, event).await;
+        return Outcome::failed(
+            refusal.reason(),
+            refused(&name, refusal.reason(), message, Some(role)),
+            false,
+        );
+    }
     let identity = match SpiffeId::new(&run.ca.trust_domain, &namespace, &name)
         .and_then(|id| WorkloadIdentity::new(id, &role))
     {
