@@ -27,10 +27,17 @@ pub enum Refusal {
         account: String,
     },
     TokenRequestFailed(String),
+    /// STS said no ([`StsErrorClass::Refused`]).
     StsRefused {
         code: String,
         message: String,
     },
+    /// STS answered that it cannot decide now ([`StsErrorClass::Transient`]).
+    StsUnavailable {
+        code: String,
+        message: String,
+    },
+    /// No answer from STS at all (network, timeout, a response that is not an STS error).
     StsUnreachable(String),
     RoleMismatch {
         assumed: String,
@@ -45,15 +52,20 @@ impl Refusal {
             Self::AccountNotAllowed { .. } => Reason::AccountNotAllowed,
             Self::TokenRequestFailed(_) => Reason::TokenRequestFailed,
             Self::StsRefused { .. } => Reason::StsRefused,
+            Self::StsUnavailable { .. } => Reason::StsUnavailable,
             Self::StsUnreachable(_) => Reason::StsUnreachable,
             Self::RoleMismatch { .. } => Reason::RoleMismatch,
         }
     }
 
-    /// Transient refusals are retried soon; the others wait for the user to change something
-    /// (which triggers a reconcile by itself).
+    /// Transient refusals are retried with backoff and never cost a workload the certificate it
+    /// has; the others wait for the user to change something (which triggers a reconcile by
+    /// itself) and take the Secret away.
     pub fn is_transient(&self) -> bool {
-        matches!(self, Self::TokenRequestFailed(_) | Self::StsUnreachable(_))
+        matches!(
+            self,
+            Self::TokenRequestFailed(_) | Self::StsUnavailable { .. } | Self::StsUnreachable(_)
+        )
     }
 
     pub fn message(&self, namespace: &str, service_account: &str, role: Option<&str>) -> String {
@@ -74,9 +86,12 @@ impl Refusal {
             Self::StsRefused { code, message } => format!(
                 "STS refused AssumeRoleWithWebIdentity for {role} with a token of ServiceAccount {namespace}/{service_account} ({code}: {message}); make the role's trust policy trust system:serviceaccount:{namespace}:{service_account} with audience {STS_AUDIENCE}"
             ),
-            Self::StsUnreachable(detail) => {
-                format!("could not reach STS to verify {role}: {detail}; will retry")
-            }
+            Self::StsUnavailable { code, message } => format!(
+                "STS could not verify {role} for ServiceAccount {namespace}/{service_account} now ({code}: {message}); the current certificate, if any, is kept and verification is retried with backoff"
+            ),
+            Self::StsUnreachable(detail) => format!(
+                "could not reach STS to verify {role}: {detail}; the current certificate, if any, is kept and verification is retried with backoff"
+            ),
             Self::RoleMismatch { assumed } => format!(
                 "STS assumed {assumed:?}, which is not a session of the annotated role {role} (same partition, account and role name); check the annotation for a typo"
             ),
@@ -111,6 +126,106 @@ pub fn check_account(role_arn: &str, allowed: Option<&BTreeSet<String>>) -> Resu
             account: account.to_string(),
         }),
         _ => Ok(()),
+    }
+}
+
+/// What an STS error answer means for the workload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StsErrorClass {
+    /// STS decided that this ServiceAccount may not have this role (or that the request can
+    /// never succeed): the certificate goes.
+    Refused,
+    /// STS could not decide now: the certificate stays, verification is retried with backoff.
+    Transient,
+}
+
+/// Every error code AssumeRoleWithWebIdentity is known to answer, and what it means. From the
+/// STS API reference (the operation's errors, then the errors common to all actions), plus the
+/// throttling codes the AWS SDKs retry. The SDK has already retried the transient ones a few
+/// times when we see them. A code not listed is classed by its HTTP status ([`classify_sts_error`]).
+pub const STS_ERROR_CODES: &[(&str, StsErrorClass)] = {
+    use StsErrorClass::{Refused, Transient};
+    &[
+        // The operation's own errors.
+        // We mint the token seconds before the call, so "expired" is clock skew or a slow
+        // path, not a verdict on the role; the retry mints a fresh token.
+        ("ExpiredToken", Transient),
+        ("ExpiredTokenException", Transient),
+        // STS could not reach the OIDC issuer (the cluster's discovery document and keys).
+        ("IDPCommunicationError", Transient),
+        // The identity provider, the token or its claims are not accepted: trust is not there
+        // (wrong audience, issuer not registered in the account, OIDC provider deleted).
+        ("IDPRejectedClaim", Refused),
+        ("InvalidIdentityToken", Refused),
+        // rolemesh sends no session policy, so these cannot clear by retrying; fail closed.
+        ("MalformedPolicyDocument", Refused),
+        ("PackedPolicyTooLarge", Refused),
+        // An administrator disabled STS in the region for the account.
+        ("RegionDisabledException", Refused),
+        // Errors common to all actions.
+        // The role's trust policy does not trust this ServiceAccount: the canonical refusal.
+        ("AccessDenied", Refused),
+        ("AccessDeniedException", Refused),
+        ("NotAuthorized", Refused),
+        ("OptInRequired", Refused),
+        ("InvalidAction", Refused),
+        ("InvalidParameterCombination", Refused),
+        ("InvalidParameterValue", Refused),
+        ("InvalidQueryParameter", Refused),
+        ("MissingAction", Refused),
+        ("MissingParameter", Refused),
+        ("MalformedQueryString", Refused),
+        ("ValidationError", Refused),
+        ("InternalFailure", Transient),
+        ("InternalError", Transient),
+        ("ServiceUnavailable", Transient),
+        ("ServiceUnavailableException", Transient),
+        ("RequestTimeout", Transient),
+        ("RequestTimeoutException", Transient),
+        // Throttling, in every spelling STS and the SDKs use. STS answers these with HTTP 400,
+        // which is why the HTTP status alone cannot tell them from a refusal.
+        ("Throttling", Transient),
+        ("ThrottlingException", Transient),
+        ("ThrottledException", Transient),
+        ("RequestThrottled", Transient),
+        ("RequestThrottledException", Transient),
+        ("TooManyRequestsException", Transient),
+        ("RequestLimitExceeded", Transient),
+        ("LimitExceededException", Transient),
+    ]
+};
+
+/// Classes an STS error answer: by its code from [`STS_ERROR_CODES`]; an unknown code by its
+/// HTTP status (5xx and 429 transient, anything else refused, as before codes were read).
+pub fn classify_sts_error(code: Option<&str>, http_status: u16) -> StsErrorClass {
+    let known = code.and_then(|code| {
+        STS_ERROR_CODES
+            .iter()
+            .find(|(known, _)| *known == code)
+            .map(|(_, class)| *class)
+    });
+    match known {
+        Some(class) => class,
+        None if http_status >= 500 || http_status == 429 => StsErrorClass::Transient,
+        None => StsErrorClass::Refused,
+    }
+}
+
+/// The refusal for an STS error answer.
+pub fn sts_error_refusal(code: Option<&str>, message: Option<&str>, http_status: u16) -> Refusal {
+    let (code_text, message) = (
+        code.unwrap_or("Unknown").to_string(),
+        message.unwrap_or("no message").to_string(),
+    );
+    match classify_sts_error(code, http_status) {
+        StsErrorClass::Refused => Refusal::StsRefused {
+            code: code_text,
+            message,
+        },
+        StsErrorClass::Transient => Refusal::StsUnavailable {
+            code: code_text,
+            message,
+        },
     }
 }
 
@@ -204,17 +319,11 @@ pub async fn verify_with_sts(
         Err(aws_sdk_sts::error::SdkError::ServiceError(service)) => {
             use aws_sdk_sts::error::ProvideErrorMetadata;
             let err = service.err();
-            let code = err.code().unwrap_or("Unknown").to_string();
-            if service.raw().status().is_server_error() {
-                return Err(Refusal::StsUnreachable(format!(
-                    "{code}: {}",
-                    err.message().unwrap_or("")
-                )));
-            }
-            Err(Refusal::StsRefused {
-                code,
-                message: err.message().unwrap_or("no message").to_string(),
-            })
+            Err(sts_error_refusal(
+                err.code(),
+                err.message(),
+                service.raw().status().as_u16(),
+            ))
         }
         Err(other) => Err(Refusal::StsUnreachable(
             aws_sdk_sts::error::DisplayErrorContext(other).to_string(),
@@ -365,6 +474,72 @@ mod tests {
                 "{role} assumed as {assumed}"
             );
         }
+    }
+
+    /// Issue 15, item 8: every code of the table, and codes it does not know, by class.
+    #[test]
+    fn sts_error_codes_are_classified_by_code_not_http_status() {
+        use StsErrorClass::{Refused, Transient};
+        // (code, HTTP status STS answers it with, class)
+        let rows = [
+            ("ExpiredTokenException", 400, Transient),
+            ("ExpiredToken", 400, Transient),
+            ("IDPCommunicationError", 400, Transient),
+            ("IDPRejectedClaim", 403, Refused),
+            ("InvalidIdentityToken", 400, Refused),
+            ("MalformedPolicyDocument", 400, Refused),
+            ("PackedPolicyTooLarge", 400, Refused),
+            ("RegionDisabledException", 403, Refused),
+            ("AccessDenied", 403, Refused),
+            ("AccessDeniedException", 400, Refused),
+            ("NotAuthorized", 400, Refused),
+            ("OptInRequired", 403, Refused),
+            ("InvalidAction", 400, Refused),
+            ("InvalidParameterCombination", 400, Refused),
+            ("InvalidParameterValue", 400, Refused),
+            ("InvalidQueryParameter", 400, Refused),
+            ("MissingAction", 400, Refused),
+            ("MissingParameter", 400, Refused),
+            ("MalformedQueryString", 404, Refused),
+            ("ValidationError", 400, Refused),
+            ("InternalFailure", 500, Transient),
+            ("InternalError", 500, Transient),
+            ("ServiceUnavailable", 503, Transient),
+            ("ServiceUnavailableException", 503, Transient),
+            ("RequestTimeout", 408, Transient),
+            ("RequestTimeoutException", 408, Transient),
+            ("Throttling", 400, Transient),
+            ("ThrottlingException", 400, Transient),
+            ("ThrottledException", 400, Transient),
+            ("RequestThrottled", 400, Transient),
+            ("RequestThrottledException", 400, Transient),
+            ("TooManyRequestsException", 400, Transient),
+            ("RequestLimitExceeded", 400, Transient),
+            ("LimitExceededException", 400, Transient),
+        ];
+        for (code, status, class) in rows {
+            assert_eq!(classify_sts_error(Some(code), status), class, "{code}");
+            // The code decides, whatever the status.
+            assert_eq!(classify_sts_error(Some(code), 500), class, "{code} as 500");
+            assert_eq!(classify_sts_error(Some(code), 400), class, "{code} as 400");
+        }
+        // Every code of the table is in the rows above, so none is left untested.
+        for (code, _) in STS_ERROR_CODES {
+            assert!(rows.iter().any(|(c, _, _)| c == code), "{code} untested");
+        }
+        // Codes not in the table: by status, 5xx and 429 transient, else refused.
+        assert_eq!(classify_sts_error(Some("SomethingNew"), 503), Transient);
+        assert_eq!(classify_sts_error(Some("SomethingNew"), 429), Transient);
+        assert_eq!(classify_sts_error(Some("SomethingNew"), 400), Refused);
+        assert_eq!(classify_sts_error(None, 502), Transient);
+        assert_eq!(classify_sts_error(None, 403), Refused);
+        // What each class becomes.
+        let throttled = sts_error_refusal(Some("Throttling"), Some("Rate exceeded"), 400);
+        assert_eq!(throttled.reason(), Reason::StsUnavailable);
+        assert!(throttled.is_transient());
+        let denied = sts_error_refusal(Some("AccessDenied"), None, 403);
+        assert_eq!(denied.reason(), Reason::StsRefused);
+        assert!(!denied.is_transient());
     }
 
     /// Issue 15, item 1: a role outside `allowedAccounts` is refused before anything else.

@@ -68,9 +68,15 @@ reasons! {
     /// The annotated role is in an AWS account that the MTLSAuthority's `allowedAccounts` does
     /// not list: no certificate, the Secret is deleted, and neither STS nor the signer is called.
     AccountNotAllowed,
-    /// STS refused to assume the role with the ServiceAccount's token.
+    /// STS refused to assume the role with the ServiceAccount's token (an error code that says
+    /// no, e.g. AccessDenied, InvalidIdentityToken): the Secret is deleted.
     StsRefused,
-    /// STS could not be reached to verify the role.
+    /// STS answered but could not decide now (Throttling, IDPCommunicationError, InternalFailure,
+    /// a 5xx): transient, the existing certificate is kept and verification is retried with
+    /// backoff.
+    StsUnavailable,
+    /// STS could not be reached to verify the role (network, timeout): transient, the existing
+    /// certificate is kept and verification is retried with backoff.
     StsUnreachable,
     /// STS assumed a role other than the annotated one.
     RoleMismatch,
