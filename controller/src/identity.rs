@@ -294,10 +294,22 @@ pub async fn verify_with_sts(
         .status
         .map(|s| s.token)
         .ok_or_else(|| Refusal::TokenRequestFailed("the API server returned no token".into()))?;
+    let session = format!("rolemesh-verify-{}", &name[..name.len().min(40)]);
+    assume_role_with_token(sts, role_arn, &session, token).await
+}
+
+/// Asks STS to assume `role_arn` with the ServiceAccount's `token` and checks the session it
+/// returns is of that role; an error answer is classed by [`sts_error_refusal`].
+pub async fn assume_role_with_token(
+    sts: &aws_sdk_sts::Client,
+    role_arn: &str,
+    session: &str,
+    token: String,
+) -> Result<(), Refusal> {
     let result = sts
         .assume_role_with_web_identity()
         .role_arn(role_arn)
-        .role_session_name(format!("rolemesh-verify-{}", &name[..name.len().min(40)]))
+        .role_session_name(session)
         .web_identity_token(token)
         .duration_seconds(900)
         .send()
@@ -566,6 +578,135 @@ mod tests {
         }
         // No allowedAccounts: every account, as before the field.
         assert_eq!(check_account(stranger, None), Ok(()));
+    }
+
+    /// An STS stand-in on 127.0.0.1 that answers every request with `status` and `body`.
+    async fn fake_sts(status: &'static str, body: String) -> (aws_sdk_sts::Client, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("address"));
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let body = body.clone();
+                tokio::spawn(async move {
+                    // The request fits one read; it is not looked at.
+                    let mut request = vec![0u8; 65536];
+                    let _ = stream.read(&mut request).await;
+                    let response = format!(
+                        "HTTP/1.1 {status}\r\nContent-Type: text/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = stream.write_all(response.as_bytes()).await;
+                    let _ = stream.shutdown().await;
+                });
+            }
+        });
+        let config = aws_sdk_sts::Config::builder()
+            .behavior_version(aws_sdk_sts::config::BehaviorVersion::latest())
+            .region(aws_sdk_sts::config::Region::new("us-east-1"))
+            .endpoint_url(&url)
+            .retry_config(aws_sdk_sts::config::retry::RetryConfig::disabled())
+            .build();
+        (aws_sdk_sts::Client::from_conf(config), url)
+    }
+
+    fn sts_error(code: &str, message: &str) -> String {
+        format!(
+            "<ErrorResponse xmlns=\"https://sts.amazonaws.com/doc/2011-06-15/\"><Error><Type>Sender</Type><Code>{code}</Code><Message>{message}</Message></Error><RequestId>r</RequestId></ErrorResponse>"
+        )
+    }
+
+    /// Issue 15, items 8 and 10, through the real SDK: what STS answers becomes the refusal
+    /// (or not) that decides whether a certificate is kept.
+    #[tokio::test]
+    async fn sts_answers_become_refusals_by_their_code() {
+        let role = "arn:aws:iam::111122223333:role/prod/app";
+        let assumed = |arn: &str| {
+            format!(
+                "<AssumeRoleWithWebIdentityResponse xmlns=\"https://sts.amazonaws.com/doc/2011-06-15/\"><AssumeRoleWithWebIdentityResult><AssumedRoleUser><Arn>{arn}</Arn><AssumedRoleId>AROAEXAMPLE:rolemesh-verify-app</AssumedRoleId></AssumedRoleUser><Credentials><AccessKeyId>ASIAEXAMPLE</AccessKeyId><SecretAccessKey>secret</SecretAccessKey><SessionToken>token</SessionToken><Expiration>2030-01-01T00:00:00Z</Expiration></Credentials><SubjectFromWebIdentityToken>system:serviceaccount:shop:app</SubjectFromWebIdentityToken></AssumeRoleWithWebIdentityResult><ResponseMetadata><RequestId>r</RequestId></ResponseMetadata></AssumeRoleWithWebIdentityResponse>"
+            )
+        };
+        // (case, HTTP status line, body, expected reason or None for verified)
+        let rows = [
+            (
+                "throttled, as STS answers it: 400",
+                "400 Bad Request",
+                sts_error("Throttling", "Rate exceeded"),
+                Some(Reason::StsUnavailable),
+            ),
+            (
+                "identity provider unreachable: 400",
+                "400 Bad Request",
+                sts_error("IDPCommunicationError", "Couldn't connect"),
+                Some(Reason::StsUnavailable),
+            ),
+            (
+                "internal failure: 500",
+                "500 Internal Server Error",
+                sts_error("InternalFailure", "oops"),
+                Some(Reason::StsUnavailable),
+            ),
+            (
+                "trust policy does not trust the ServiceAccount",
+                "403 Forbidden",
+                sts_error(
+                    "AccessDenied",
+                    "Not authorized to perform sts:AssumeRoleWithWebIdentity",
+                ),
+                Some(Reason::StsRefused),
+            ),
+            (
+                "token not accepted",
+                "400 Bad Request",
+                sts_error("InvalidIdentityToken", "No OpenIDConnect provider found"),
+                Some(Reason::StsRefused),
+            ),
+            (
+                "the role, named without its path",
+                "200 OK",
+                assumed("arn:aws:sts::111122223333:assumed-role/app/rolemesh-verify-app"),
+                None,
+            ),
+            (
+                "another role of the same name elsewhere",
+                "200 OK",
+                assumed("arn:aws:sts::999988887777:assumed-role/app/rolemesh-verify-app"),
+                Some(Reason::RoleMismatch),
+            ),
+        ];
+        for (case, status, body, expected) in rows {
+            let (sts, _url) = fake_sts(status, body).await;
+            let result =
+                assume_role_with_token(&sts, role, "rolemesh-verify-app", "jwt".into()).await;
+            assert_eq!(
+                result.as_ref().err().map(Refusal::reason),
+                expected,
+                "{case}: {result:?}"
+            );
+        }
+        // Nothing listening: unreachable, transient.
+        let closed = {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            listener.local_addr().expect("address")
+        };
+        let config = aws_sdk_sts::Config::builder()
+            .behavior_version(aws_sdk_sts::config::BehaviorVersion::latest())
+            .region(aws_sdk_sts::config::Region::new("us-east-1"))
+            .endpoint_url(format!("http://{closed}"))
+            .retry_config(aws_sdk_sts::config::retry::RetryConfig::disabled())
+            .build();
+        let refusal = assume_role_with_token(
+            &aws_sdk_sts::Client::from_conf(config),
+            role,
+            "s",
+            "jwt".into(),
+        )
+        .await
+        .expect_err("nothing listens");
+        assert_eq!(refusal.reason(), Reason::StsUnreachable);
+        assert!(refusal.is_transient());
     }
 
     #[test]
