@@ -21,7 +21,7 @@ use crate::{
     context::Context,
     error::{Error, Result},
     policy::writes::FIELD_MANAGER,
-    status::{READY, Reason, condition, keep_transition_time, to_time},
+    status::{ACCOUNTS_RESTRICTED, READY, Reason, condition, keep_transition_time, to_time},
 };
 
 /// The first wait after a failure; it doubles up to [`MAX_RETRY`].
@@ -60,7 +60,13 @@ fn authority_status(
     };
     MTLSAuthorityStatus {
         observed_generation: generation,
-        conditions: vec![keep_transition_time(&existing.conditions, wanted)],
+        conditions: vec![
+            keep_transition_time(&existing.conditions, wanted),
+            keep_transition_time(
+                &existing.conditions,
+                accounts_condition(authority, generation, now),
+            ),
+        ],
         ca_fingerprint: match result {
             Ok(ca) => Some(ca.fingerprint.clone()),
             Err(_) => existing.ca_fingerprint,
@@ -69,6 +75,36 @@ fn authority_status(
             Ok(ca) => Some(to_time(ca.not_after)),
             Err(_) => existing.ca_not_after,
         },
+    }
+}
+
+/// Whether `allowedAccounts` restricts the roles certified to named AWS accounts. False is a
+/// warning, not a failure: it is how authorities created before the field keep working.
+fn accounts_condition(
+    authority: &MTLSAuthority,
+    generation: Option<i64>,
+    now: OffsetDateTime,
+) -> k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+    match &authority.spec.allowed_accounts {
+        Some(accounts) => condition(
+            ACCOUNTS_RESTRICTED,
+            true,
+            Reason::AccountsRestricted,
+            format!(
+                "only roles of AWS account(s) {} are certified",
+                accounts.join(", ")
+            ),
+            generation,
+            now,
+        ),
+        None => condition(
+            ACCOUNTS_RESTRICTED,
+            false,
+            Reason::AnyAccountAllowed,
+            "spec.allowedAccounts is not set, so roles of any AWS account are certified: anyone can create a role in their own account that trusts this cluster's public OIDC issuer and a ServiceAccount here, and allow/expect patterns naming only a role's name cannot tell it apart; set spec.allowedAccounts to your accounts".into(),
+            generation,
+            now,
+        ),
     }
 }
 
@@ -176,6 +212,15 @@ impl Pass<'_> {
         }
         if changed {
             info!(fingerprint = %ca.fingerprint, signer = %ca.signer.describe(), trust_domain = %ca.trust_domain, "CA in force");
+            match &ca.allowed_accounts {
+                Some(accounts) => {
+                    info!(allowed_accounts = ?accounts, "certifying roles of the allowed AWS accounts only")
+                }
+                None => warn!(
+                    reason = %Reason::AnyAccountAllowed,
+                    "the MTLSAuthority sets no allowedAccounts: roles of any AWS account are certified; set spec.allowedAccounts"
+                ),
+            }
             self.ctx.ca.store(Some(ca));
             let _ = self.trigger.try_send(());
         }
@@ -247,6 +292,56 @@ mod tests {
             ca_not_after: Some(to_time(OffsetDateTime::UNIX_EPOCH)),
         });
         authority
+    }
+
+    /// Issue 15, item 1: the authority says whether roles are restricted to named accounts,
+    /// and warns (False, AnyAccountAllowed) when they are not.
+    #[test]
+    fn the_status_says_whether_accounts_are_restricted() {
+        let at = OffsetDateTime::from_unix_timestamp(50).expect("timestamp");
+        let failed: Result<Arc<CaState>> = Err(Error::AuthorityMissing {
+            name: "default".into(),
+        });
+        let mut open = authority(vec![]);
+        open.spec.allowed_accounts = None;
+        let mut restricted = authority(vec![]);
+        restricted.spec.allowed_accounts = Some(vec!["111122223333".into(), "444455556666".into()]);
+        // (case, authority, expected status, reason, words of the message)
+        let rows = [
+            (
+                "absent",
+                &open,
+                "False",
+                "AnyAccountAllowed",
+                "set spec.allowedAccounts",
+            ),
+            (
+                "listed",
+                &restricted,
+                "True",
+                "AccountsRestricted",
+                "111122223333, 444455556666",
+            ),
+        ];
+        for (case, authority, status, reason, words) in rows {
+            let conditions = authority_status(authority, &failed, at).conditions;
+            let accounts = conditions
+                .iter()
+                .find(|c| c.type_ == ACCOUNTS_RESTRICTED)
+                .expect("AccountsRestricted condition");
+            assert_eq!(
+                (accounts.status.as_str(), accounts.reason.as_str()),
+                (status, reason),
+                "{case}"
+            );
+            assert!(
+                accounts.message.contains(words),
+                "{case}: {}",
+                accounts.message
+            );
+            // Ready still comes first, as kubectl's Ready column reads it.
+            assert_eq!(conditions[0].type_, READY, "{case}");
+        }
     }
 
     #[test]

@@ -1,7 +1,12 @@
 //! The CA in force: its signer, its certificate, the chain that goes into every `tls.crt`, and
 //! the trust bundle of every CA certificate still in force.
 
-use std::{collections::BTreeMap, fmt, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    sync::Arc,
+    time::Duration,
+};
 
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::{
@@ -42,6 +47,8 @@ pub struct CaState {
     pub bundle_pem: String,
     pub trust_domain: String,
     pub verification: IdentityVerification,
+    /// The AWS accounts whose roles may be certified (`spec.allowedAccounts`); `None`: any.
+    pub allowed_accounts: Option<BTreeSet<String>>,
     pub fingerprint: String,
     pub not_after: OffsetDateTime,
     /// The MTLSAuthority generation this state was built from.
@@ -57,6 +64,15 @@ impl fmt::Debug for CaState {
             .field("not_after", &self.not_after)
             .finish()
     }
+}
+
+/// The authority's `allowedAccounts` as a set; `None` when absent (any account).
+pub fn allowed_accounts(authority: &MTLSAuthority) -> Option<BTreeSet<String>> {
+    authority
+        .spec
+        .allowed_accounts
+        .as_ref()
+        .map(|accounts| accounts.iter().cloned().collect())
 }
 
 pub fn pem_of(der: &[u8]) -> String {
@@ -230,6 +246,7 @@ pub async fn establish_ca(
             signer,
             trust_domain,
             verification: authority.spec.identity_verification,
+            allowed_accounts: allowed_accounts(authority),
             generation: authority.metadata.generation,
         });
     }
@@ -269,6 +286,7 @@ pub async fn establish_ca(
             signer,
             trust_domain,
             verification: authority.spec.identity_verification,
+            allowed_accounts: allowed_accounts(authority),
             generation: authority.metadata.generation,
         });
     }
@@ -329,6 +347,7 @@ pub async fn establish_ca(
         signer,
         trust_domain,
         verification: authority.spec.identity_verification,
+        allowed_accounts: allowed_accounts(authority),
         generation: authority.metadata.generation,
     })
 }

@@ -29,6 +29,7 @@ use time::OffsetDateTime;
 use crate::{
     ca::{CaState, pem_of, sign_certificate},
     error::{Error, Result},
+    identity::Refusal,
 };
 
 /// Issues a workload certificate for `identity`: a new key, one Sign call.
@@ -229,6 +230,36 @@ pub fn assess(
         return Need::RefreshBundle(Box::new(info));
     }
     Need::Nothing(Box::new(info))
+}
+
+/// What a failed verification does to the Secret a workload already has.
+#[derive(Debug, PartialEq, Eq)]
+pub enum AfterRefusal {
+    /// STS did not decide (throttled, unavailable, unreachable) or no token could be had: the
+    /// Secret stays, untouched, and verification is retried with backoff. The certificate it
+    /// holds, when still valid for the workload's identity, keeps being reported.
+    Keep(Option<Box<CertificateInfo>>),
+    /// The role can no longer be proven (STS said no, the role is not the one assumed, its
+    /// account is not allowed): the old certificate claims what is not true, so the Secret goes.
+    Delete,
+}
+
+/// Decides [`AfterRefusal`]: a transient refusal never costs a workload its certificate.
+pub fn after_refusal(
+    refusal: &Refusal,
+    secret: Option<&Secret>,
+    ca: &CaState,
+    identity: &WorkloadIdentity,
+    now: OffsetDateTime,
+) -> AfterRefusal {
+    if !refusal.is_transient() {
+        return AfterRefusal::Delete;
+    }
+    AfterRefusal::Keep(
+        secret
+            .and_then(|s| check_certificate(s, ca, identity, now).ok())
+            .map(Box::new),
+    )
 }
 
 fn issue(reason: IssueReason, detail: impl Into<String>) -> Need {

@@ -49,6 +49,9 @@ pub struct Context {
     written: Mutex<HashMap<(String, String), (Secret, Instant)>>,
     /// The trust bundle last applied per namespace, to skip no-op writes.
     bundles: Mutex<HashMap<String, String>>,
+    /// Per policy (namespace, name): how many reconciles in a row ended with a transient
+    /// failure, for the backoff of the next one.
+    transient_streaks: Mutex<HashMap<(String, String), u32>>,
 }
 
 impl Context {
@@ -71,7 +74,24 @@ impl Context {
             issue_concurrency,
             written: Mutex::new(HashMap::new()),
             bundles: Mutex::new(HashMap::new()),
+            transient_streaks: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Records how a reconcile of policy `namespace/name` ended and returns how many in a row
+    /// have now ended with a transient failure (0 after one without).
+    pub fn transient_streak(&self, namespace: &str, name: &str, transient: bool) -> u32 {
+        let Ok(mut streaks) = self.transient_streaks.lock() else {
+            return u32::from(transient);
+        };
+        let key = (namespace.to_string(), name.to_string());
+        if !transient {
+            streaks.remove(&key);
+            return 0;
+        }
+        let streak = streaks.entry(key).or_insert(0);
+        *streak = streak.saturating_add(1);
+        *streak
     }
 
     /// The Secret as this process last knows it: the cache's copy, or our own write while the

@@ -65,9 +65,18 @@ reasons! {
     InvalidRoleArn,
     /// A token for the ServiceAccount could not be requested to verify its role.
     TokenRequestFailed,
-    /// STS refused to assume the role with the ServiceAccount's token.
+    /// The annotated role is in an AWS account that the MTLSAuthority's `allowedAccounts` does
+    /// not list: no certificate, the Secret is deleted, and neither STS nor the signer is called.
+    AccountNotAllowed,
+    /// STS refused to assume the role with the ServiceAccount's token (an error code that says
+    /// no, e.g. AccessDenied, InvalidIdentityToken): the Secret is deleted.
     StsRefused,
-    /// STS could not be reached to verify the role.
+    /// STS answered but could not decide now (Throttling, IDPCommunicationError, InternalFailure,
+    /// a 5xx): transient, the existing certificate is kept and verification is retried with
+    /// backoff.
+    StsUnavailable,
+    /// STS could not be reached to verify the role (network, timeout): transient, the existing
+    /// certificate is kept and verification is retried with backoff.
     StsUnreachable,
     /// STS assumed a role other than the annotated one.
     RoleMismatch,
@@ -75,6 +84,11 @@ reasons! {
     CaNotReady,
     /// The CA is established and signs.
     CaReady,
+    /// The MTLSAuthority lists the AWS accounts whose roles may be certified.
+    AccountsRestricted,
+    /// The MTLSAuthority has no `allowedAccounts`: roles of any AWS account are certified,
+    /// including a stranger's role that trusts this cluster's public OIDC issuer.
+    AnyAccountAllowed,
     /// The signer throttled a signing call.
     SignerThrottled,
     /// The signer refused a signing call (IAM).
@@ -123,6 +137,9 @@ impl std::fmt::Display for Reason {
 pub const READY: &str = "Ready";
 /// Condition type saying whether the policy selects ServiceAccounts an older policy covers.
 pub const CONFLICTED: &str = "Conflicted";
+/// Condition type of an MTLSAuthority saying whether `allowedAccounts` restricts the roles it
+/// certifies to named AWS accounts (False: any account).
+pub const ACCOUNTS_RESTRICTED: &str = "AccountsRestricted";
 
 /// The API's timestamp for `t`. The controller computes with `time` (the profile crate's
 /// certificates do); the API types want `jiff`, converted here only.

@@ -21,9 +21,21 @@ const DURATION_PATTERN: &str = r"^([0-9]+(\.[0-9]+)?(ns|us|ms|s|m|h))+$";
 /// An IAM role ARN in any AWS partition, with an optional path.
 pub const ROLE_ARN_PATTERN: &str =
     r"^arn:aws(-cn|-us-gov|-iso|-iso-b)?:iam::[0-9]{12}:role/[A-Za-z0-9+=,.@_/-]{1,512}$";
-/// A peer identity: an IAM role ARN or a SPIFFE ID, where `*` matches any run of characters
-/// (the account number may be `*` too).
-const PEER_PATTERN: &str = r"^(arn:aws(-cn|-us-gov|-iso|-iso-b)?:iam::([0-9]{12}|\*):role/[A-Za-z0-9+=,.@_/*-]{1,512}|spiffe://[a-z0-9.*-]+(/[A-Za-z0-9._*-]+)*)$";
+/// A peer identity: an IAM role ARN or a SPIFFE ID, where `*` matches any run of characters in
+/// a role's path and name or in a SPIFFE ID. A role's partition and account are written out.
+const PEER_PATTERN: &str = r"^(arn:aws(-cn|-us-gov|-iso|-iso-b)?:iam::[0-9]{12}:role/[A-Za-z0-9+=,.@_/*-]{1,512}|spiffe://[a-z0-9.*-]+(/[A-Za-z0-9._*-]+)*)$";
+/// CEL on each `allow`/`expect` item, so that the refusal of a wildcard partition or account
+/// (which [`PEER_PATTERN`] refuses too, with a message that only quotes the regex) says which
+/// field and what to write. In a valid pattern no `*` touches a `:` (roles and SPIFFE IDs hold
+/// none after the scheme), so `:*` or `*:` means a wildcard partition or account, e.g.
+/// `arn:aws:iam::*:role/x`. Two substring searches and no `matches()`: the API server refuses a
+/// CRD whose rules could cost too much on a policy of 64 mappings of 256 patterns each, and a
+/// third search or a regex per item already would.
+const PEER_ACCOUNT_RULE: &str = "!self.contains(':*') && !self.contains('*:')";
+const PEER_ACCOUNT_MESSAGE: &str = "the partition and account fields of an IAM role pattern must be written out, e.g. arn:aws:iam::111122223333:role/frontend: a wildcard there would admit a role of the same name in any AWS account, and anyone can create one that trusts this cluster's ServiceAccounts; list one pattern per account (* may stand in the role's path and name only)";
+/// A 12-digit AWS account ID.
+const ACCOUNT_RULE: &str = "self.matches('^[0-9]{12}$')";
+const ACCOUNT_MESSAGE: &str = "allowedAccounts: each entry must be a 12-digit AWS account ID such as '111122223333' (quote it in YAML so it stays a string; keep leading zeros)";
 /// A SPIFFE trust domain: lowercase DNS-like name.
 const TRUST_DOMAIN_PATTERN: &str = r"^[a-z0-9]([a-z0-9.-]{0,253}[a-z0-9])?$";
 /// `host:port` for an outbound upstream.
@@ -116,9 +128,11 @@ pub struct InboundMapping {
     /// Peer identities allowed to connect: IAM role ARNs
     /// (`arn:aws:iam::111122223333:role/frontend`) or SPIFFE IDs
     /// (`spiffe://rolemesh.local/ns/shop/sa/frontend`); `*` matches any run of characters.
-    /// An empty list admits no one.
+    /// An empty list admits no one. The partition and account of a role pattern are always
+    /// written out (`*` only in the role's path and name), and a role pattern matches the whole
+    /// role ARN, path included: `role/app` does not match `role/prod/app`; `role/prod/*` does.
     #[serde(default)]
-    #[schemars(length(max = 256), inner(regex(pattern = PEER_PATTERN), length(max = 600)))]
+    #[schemars(schema_with = "allow_schema")]
     pub allow: Vec<String>,
 }
 
@@ -141,8 +155,9 @@ pub struct OutboundMapping {
     #[schemars(regex(pattern = UPSTREAM_PATTERN), length(max = 260))]
     pub upstream: String,
 
-    /// Identities the upstream must present (IAM role ARNs or SPIFFE IDs, `*` patterns allowed).
-    #[schemars(length(min = 1, max = 256), inner(regex(pattern = PEER_PATTERN), length(max = 600)))]
+    /// Identities the upstream must present (IAM role ARNs or SPIFFE IDs, `*` patterns allowed
+    /// as in `inbound[].allow`: never in a role's partition or account).
+    #[schemars(schema_with = "expect_schema")]
     pub expect: Vec<String>,
 }
 
@@ -286,6 +301,18 @@ pub struct MTLSAuthoritySpec {
     #[serde(default)]
     pub identity_verification: IdentityVerification,
 
+    /// The AWS accounts whose IAM roles may be certified, as 12-digit account IDs (quote them in
+    /// YAML). The cluster's OIDC issuer is public: any AWS account can register it as an
+    /// identity provider and create a role, named like one of ours, that trusts one of this
+    /// cluster's ServiceAccounts, and STS then confirms that role honestly. A ServiceAccount
+    /// whose annotated role is in an account not listed gets no certificate and its Secret is
+    /// deleted (reason `AccountNotAllowed`); neither STS nor the signer is called for it. When
+    /// absent, roles of every account are certified, as before this field existed, and the
+    /// condition `AccountsRestricted` is False with reason `AnyAccountAllowed`: set it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "allowed_accounts_schema")]
+    pub allowed_accounts: Option<Vec<String>>,
+
     /// Lifetime of a CA certificate the controller self-signs, as a Go duration. Default 8760h.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = DURATION_PATTERN), length(max = 32))]
@@ -396,6 +423,72 @@ pub struct MTLSAuthorityStatus {
     pub ca_not_after: Option<Time>,
 }
 
+/// A list of strings, each checked by `pattern` and the CEL `rules` (rule, message).
+fn string_list_schema(
+    min_items: Option<u32>,
+    max_items: u32,
+    max_length: u32,
+    pattern: Option<&str>,
+    rules: &[(&str, &str)],
+) -> schemars::Schema {
+    let rules: Vec<serde_json::Value> = rules
+        .iter()
+        .map(|(rule, message)| serde_json::json!({ "rule": rule, "message": message }))
+        .collect();
+    let mut schema = serde_json::json!({
+        "type": "array",
+        "maxItems": max_items,
+        "items": {
+            "type": "string",
+            "maxLength": max_length,
+            "x-kubernetes-validations": rules,
+        },
+    });
+    if let Some(pattern) = pattern {
+        schema["items"]["pattern"] = pattern.into();
+    }
+    if let Some(min) = min_items {
+        schema["minItems"] = min.into();
+    }
+    // A JSON object is always a valid schema; the fallback is never taken.
+    schemars::Schema::try_from(schema).unwrap_or_default()
+}
+
+fn allow_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    string_list_schema(
+        None,
+        256,
+        600,
+        Some(PEER_PATTERN),
+        &[(PEER_ACCOUNT_RULE, PEER_ACCOUNT_MESSAGE)],
+    )
+}
+
+fn expect_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    string_list_schema(
+        Some(1),
+        256,
+        600,
+        Some(PEER_PATTERN),
+        &[(PEER_ACCOUNT_RULE, PEER_ACCOUNT_MESSAGE)],
+    )
+}
+
+fn allowed_accounts_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    let mut schema = string_list_schema(None, 1000, 12, None, &[(ACCOUNT_RULE, ACCOUNT_MESSAGE)]);
+    // Duplicates are refused; an empty list would certify nothing and is surely a mistake for
+    // "any account", which is written by leaving the field out.
+    schema.insert("x-kubernetes-list-type".into(), "set".into());
+    schema.insert(
+        "x-kubernetes-validations".into(),
+        serde_json::json!([{
+            "rule": "size(self) > 0",
+            "message": "allowedAccounts must list at least one 12-digit AWS account ID; leave the field out to certify roles of any account (not recommended)",
+        }]),
+    );
+    schema
+}
+
 /// All CRDs, in the order they are written.
 pub fn crds()
 -> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>
@@ -429,4 +522,134 @@ pub fn generated_files() -> Result<Vec<(&'static str, String)>, serde_yaml::Erro
         (PLAIN_CRDS_PATH, crds_yaml()?),
         (CHART_CRDS_PATH, crds_yaml()?),
     ])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The schema of `field` in the first CRD whose kind is `kind`, found by walking properties.
+    fn schema_at(kind: &str, path: &[&str]) -> serde_json::Value {
+        let crd = crds()
+            .into_iter()
+            .find(|c| c.spec.names.kind == kind)
+            .expect("CRD");
+        let mut node =
+            serde_json::to_value(&crd.spec.versions[0].schema).expect("schema")["openAPIV3Schema"]
+                .clone();
+        for step in path {
+            node = if *step == "[]" {
+                node["items"].clone()
+            } else {
+                node["properties"][*step].clone()
+            };
+        }
+        node
+    }
+
+    /// A mirror of [`PEER_ACCOUNT_RULE`] in Rust, for the table below; the rule's text is
+    /// checked to be exactly what this mirrors, and e2e/tests/security.rs checks the API server.
+    fn peer_account_rule(pattern: &str) -> bool {
+        !pattern.contains(":*") && !pattern.contains("*:")
+    }
+
+    /// Issue 15, item 1: no wildcard in a role pattern's partition or account at the API, with
+    /// a CEL message that names the fields and says what to write.
+    #[test]
+    fn peer_patterns_refuse_wildcard_partitions_and_accounts() {
+        assert_eq!(
+            PEER_ACCOUNT_RULE,
+            "!self.contains(':*') && !self.contains('*:')"
+        );
+        let regex = regex::Regex::new(PEER_PATTERN).expect("PEER_PATTERN compiles");
+        // (pattern, the regex admits it, the CEL rule admits it)
+        let rows = [
+            ("arn:aws:iam::111122223333:role/frontend", true, true),
+            ("arn:aws:iam::111122223333:role/prod/*", true, true),
+            ("arn:aws:iam::111122223333:role/*-web", true, true),
+            ("arn:aws-us-gov:iam::111122223333:role/a/b", true, true),
+            ("spiffe://rolemesh.local/ns/shop/sa/*", true, true),
+            ("spiffe://*.example/ns/a/sa/b", true, true),
+            ("arn:aws:iam::*:role/frontend", false, false),
+            ("arn:aws:iam::11112222333*:role/frontend", false, false),
+            ("arn:aws:iam::*11122223333:role/frontend", false, false),
+            ("arn:aws:iam::1111*2222333:role/frontend", false, true),
+            ("arn:*:iam::111122223333:role/frontend", false, false),
+            ("arn:aws*:iam::111122223333:role/frontend", false, false),
+            ("arn:aws:iam::12345:user/bob", false, true),
+        ];
+        for (pattern, by_regex, by_rule) in rows {
+            assert_eq!(regex.is_match(pattern), by_regex, "regex on {pattern}");
+            assert_eq!(peer_account_rule(pattern), by_rule, "rule on {pattern}");
+        }
+        for path in [
+            &["spec", "inbound", "[]", "allow", "[]"][..],
+            &["spec", "outbound", "[]", "expect", "[]"][..],
+        ] {
+            let items = schema_at("MTLSPolicy", path);
+            assert_eq!(items["pattern"], PEER_PATTERN, "{path:?}");
+            assert_eq!(items["maxLength"], 600, "{path:?}");
+            let rule = &items["x-kubernetes-validations"][0];
+            assert_eq!(rule["rule"], PEER_ACCOUNT_RULE, "{path:?}");
+            let message = rule["message"].as_str().expect("message");
+            for words in [
+                "partition and account fields",
+                "arn:aws:iam::111122223333:role/",
+            ] {
+                assert!(message.contains(words), "{message}");
+            }
+        }
+        // The lists keep their bounds (the rule's cost is estimated from them).
+        assert_eq!(
+            schema_at("MTLSPolicy", &["spec", "inbound", "[]", "allow"])["maxItems"],
+            256
+        );
+        let expect = schema_at("MTLSPolicy", &["spec", "outbound", "[]", "expect"]);
+        assert_eq!(
+            (expect["minItems"].clone(), expect["maxItems"].clone()),
+            (1.into(), 256.into())
+        );
+    }
+
+    /// Issue 15, item 1: `allowedAccounts` is optional, a set of 12-digit account IDs checked
+    /// by CEL, never empty.
+    #[test]
+    fn allowed_accounts_are_twelve_digit_ids() {
+        let field = schema_at("MTLSAuthority", &["spec", "allowedAccounts"]);
+        assert_eq!(field["type"], "array");
+        assert_eq!(field["x-kubernetes-list-type"], "set");
+        assert_eq!(
+            field["x-kubernetes-validations"][0]["rule"],
+            "size(self) > 0"
+        );
+        assert_eq!(field["items"]["maxLength"], 12);
+        assert_eq!(
+            field["items"]["x-kubernetes-validations"][0]["rule"],
+            ACCOUNT_RULE
+        );
+        let description = field["description"].as_str().expect("description");
+        let description = description.split_whitespace().collect::<Vec<_>>().join(" ");
+        for words in ["OIDC issuer is public", "AccountNotAllowed", "When absent"] {
+            assert!(description.contains(words), "{words}: {description}");
+        }
+        let spec = schema_at("MTLSAuthority", &["spec"]);
+        let required: Vec<&str> = spec["required"]
+            .as_array()
+            .expect("required")
+            .iter()
+            .filter_map(|v| v.as_str())
+            .collect();
+        assert!(!required.contains(&"allowedAccounts"), "{required:?}");
+        // The field round-trips, and absent stays absent (any account, with a warning).
+        let spec: MTLSAuthoritySpec = serde_json::from_value(serde_json::json!({
+            "trustDomain": "t", "signer": {"type": "local", "local": {"secretName": "k"}},
+        }))
+        .expect("spec");
+        assert_eq!(spec.allowed_accounts, None);
+        assert!(
+            !serde_json::to_string(&spec)
+                .expect("json")
+                .contains("allowedAccounts")
+        );
+    }
 }

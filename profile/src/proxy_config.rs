@@ -190,10 +190,21 @@ impl ProxyConfig {
 }
 
 /// A peer identity pattern: an IAM role ARN or a SPIFFE ID, where `*` matches any run of
-/// characters (including none).
+/// characters (including none, and including `/`).
+///
+/// A role pattern is matched against the whole role ARN the peer's certificate carries, exactly
+/// as it was annotated on the peer's ServiceAccount, path included: `role/app` matches only the
+/// role `app` without a path, `role/prod/app` only `app` under the path `/prod/`, `role/prod/*`
+/// every role under `/prod/` (and deeper), `role/*app` any role whose path and name end in `app`.
+/// The partition and account are always written out: the cluster's OIDC issuer is public, so a
+/// stranger's AWS account can hold a role named like ours that trusts a ServiceAccount, and only
+/// the account tells the two apart (docs/security-model.md).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct PeerPattern(pub String);
+
+/// The partitions a role pattern may name, as [`crate::validate_role_arn`] admits them.
+const PARTITIONS: &[&str] = &["aws", "aws-cn", "aws-us-gov", "aws-iso", "aws-iso-b"];
 
 impl PeerPattern {
     pub fn new(pattern: &str) -> Result<Self, ProfileError> {
@@ -202,18 +213,65 @@ impl PeerPattern {
         Ok(pattern)
     }
 
+    /// Refuses what cannot be a peer pattern, and role patterns whose partition or account is
+    /// not written out: a wildcard there would admit roles of AWS accounts nobody here controls.
     fn validate(&self) -> Result<(), ProfileError> {
-        if self.0.starts_with("arn:") || self.0.starts_with("spiffe://") {
-            Ok(())
-        } else {
+        let invalid = |why: String| {
             Err(ProfileError::InvalidProxyConfig(format!(
-                "peer pattern {:?} must be an IAM role ARN (arn:...) or a SPIFFE ID (spiffe://...)",
+                "peer pattern {:?}: {why}",
                 self.0
             )))
+        };
+        if self.0.starts_with("spiffe://") {
+            return Ok(());
         }
+        let Some(rest) = self.0.strip_prefix("arn:") else {
+            return invalid(
+                "must be an IAM role ARN (arn:...) or a SPIFFE ID (spiffe://...)".to_string(),
+            );
+        };
+        let fields: Vec<&str> = rest.splitn(5, ':').collect();
+        let [partition, service, region, account, resource] = fields.as_slice() else {
+            return invalid(
+                "must have the shape arn:<partition>:iam::<12-digit account>:role/<name>"
+                    .to_string(),
+            );
+        };
+        if !PARTITIONS.contains(partition) {
+            return invalid(format!(
+                "the partition field must be one of {} written out, not {partition:?}; wildcards are not allowed there",
+                PARTITIONS.join(", ")
+            ));
+        }
+        if *service != "iam" || !region.is_empty() {
+            return invalid(
+                "must have the shape arn:<partition>:iam::<12-digit account>:role/<name>"
+                    .to_string(),
+            );
+        }
+        if account.len() != 12 || !account.bytes().all(|b| b.is_ascii_digit()) {
+            return invalid(format!(
+                "the account field must be a 12-digit AWS account ID, not {account:?}; wildcards are not allowed there (a role of the same name in another AWS account can trust this cluster's ServiceAccounts): list one pattern per account"
+            ));
+        }
+        let name_ok = resource.strip_prefix("role/").is_some_and(|name| {
+            !name.is_empty()
+                && name.len() <= 512
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"+=,.@_/*-".contains(&b))
+        });
+        if !name_ok {
+            return invalid(
+                "after the account must come role/<path/><name> (letters, digits, +=,.@_/- and *)"
+                    .to_string(),
+            );
+        }
+        Ok(())
     }
 
-    /// Whether a peer with this SPIFFE ID and role matches.
+    /// Whether a peer with this SPIFFE ID and role matches: a role pattern against the whole
+    /// role ARN (path included), a SPIFFE pattern against the whole SPIFFE ID.
     pub fn matches(&self, spiffe_id: &str, role_arn: &str) -> bool {
         let subject = if self.0.starts_with("arn:") {
             role_arn
@@ -258,7 +316,6 @@ mod tests {
     fn patterns_match_roles_and_spiffe_ids() {
         let yes = [
             ROLE,
-            "arn:aws:iam::*:role/frontend",
             "arn:aws:iam::111122223333:role/*",
             ID,
             "spiffe://rolemesh.local/ns/shop/sa/*",
@@ -278,6 +335,111 @@ mod tests {
             assert!(!PeerPattern::new(p).unwrap().matches(ID, ROLE), "{p}");
         }
         assert!(PeerPattern::new("frontend").is_err());
+    }
+
+    /// Issue 15, item 1: a role of the same name in a stranger's AWS account must never match,
+    /// so neither the partition nor the account may be a wildcard, in a pattern the webhook
+    /// builds (`PeerPattern::new`) or one the proxy reads from its configuration.
+    #[test]
+    fn wildcards_in_partition_or_account_are_refused() {
+        // (pattern, words the refusal must contain)
+        let rows = [
+            ("arn:aws:iam::*:role/frontend", "account field"),
+            ("arn:aws:iam::1111*:role/frontend", "account field"),
+            ("arn:aws:iam::11112222333*:role/frontend", "account field"),
+            ("arn:aws:iam::*3333:role/frontend", "account field"),
+            ("arn:aws:iam:::role/frontend", "account field"),
+            ("arn:aws:iam::1111222233334:role/frontend", "account field"),
+            ("arn:*:iam::111122223333:role/frontend", "partition field"),
+            (
+                "arn:aws*:iam::111122223333:role/frontend",
+                "partition field",
+            ),
+            (
+                "arn:aws-*:iam::111122223333:role/frontend",
+                "partition field",
+            ),
+            ("arn:*", "shape"),
+            ("arn:aws:iam::*", "shape"),
+            ("arn:aws:*:111122223333:role/frontend", "shape"),
+            ("arn:aws:iam:*:111122223333:role/frontend", "shape"),
+            ("arn:aws:iam::111122223333:*", "role/"),
+            ("arn:aws:iam::111122223333:user/bob", "role/"),
+            ("arn:aws:iam::111122223333:role/", "role/"),
+            ("arn:aws:sts::111122223333:assumed-role/frontend/s", "shape"),
+            ("frontend", "IAM role ARN"),
+        ];
+        for (pattern, words) in rows {
+            let error = PeerPattern::new(pattern).expect_err(pattern).to_string();
+            assert!(error.contains(words), "{pattern}: {error}");
+        }
+        // The same refusal when the proxy reads its configuration.
+        let json = r#"{"trustDomain":"rolemesh.local","inbound":[{"name":"http","port":8443,"appPort":8080,"allow":["arn:aws:iam::*:role/frontend"]}]}"#;
+        let error = ProxyConfig::from_json(json).unwrap_err().to_string();
+        assert!(error.contains("account field"), "{error}");
+        let json = r#"{"trustDomain":"rolemesh.local","outbound":[{"name":"db","localPort":9000,"upstream":"db:5432","expect":["arn:aws*:iam::111122223333:role/db"]}]}"#;
+        let error = ProxyConfig::from_json(json).unwrap_err().to_string();
+        assert!(error.contains("partition field"), "{error}");
+        // Every partition written out, and wildcards in the role's path and name, stay valid.
+        for pattern in [
+            "arn:aws:iam::111122223333:role/*",
+            "arn:aws-cn:iam::111122223333:role/frontend",
+            "arn:aws-us-gov:iam::111122223333:role/prod/*",
+            "arn:aws-iso:iam::111122223333:role/*-frontend",
+            "arn:aws-iso-b:iam::111122223333:role/a/b/c",
+        ] {
+            PeerPattern::new(pattern).expect(pattern);
+        }
+    }
+
+    /// Issue 15, item 10: a role pattern is matched against the whole role ARN in the
+    /// certificate, path included; `*` crosses `/`.
+    #[test]
+    fn role_patterns_match_the_whole_arn_with_its_path() {
+        let plain = "arn:aws:iam::111122223333:role/app";
+        let prod = "arn:aws:iam::111122223333:role/prod/app";
+        let deep = "arn:aws:iam::111122223333:role/prod/eu/app";
+        let stranger = "arn:aws:iam::999999999999:role/prod/app";
+        // (pattern, matches plain, prod, deep, stranger)
+        let rows = [
+            (
+                "arn:aws:iam::111122223333:role/app",
+                [true, false, false, false],
+            ),
+            (
+                "arn:aws:iam::111122223333:role/prod/app",
+                [false, true, false, false],
+            ),
+            (
+                "arn:aws:iam::111122223333:role/prod/*",
+                [false, true, true, false],
+            ),
+            (
+                "arn:aws:iam::111122223333:role/*/app",
+                [false, true, true, false],
+            ),
+            (
+                "arn:aws:iam::111122223333:role/*app",
+                [true, true, true, false],
+            ),
+            (
+                "arn:aws:iam::111122223333:role/*",
+                [true, true, true, false],
+            ),
+            (
+                "arn:aws:iam::111122223333:role/prod/ap",
+                [false, false, false, false],
+            ),
+            (
+                "arn:aws:iam::999999999999:role/prod/app",
+                [false, false, false, true],
+            ),
+        ];
+        for (pattern, expected) in rows {
+            let pattern = PeerPattern::new(pattern).expect("valid pattern");
+            let got = [plain, prod, deep, stranger].map(|role| pattern.matches(ID, role));
+            assert_eq!(got, expected, "{}", pattern.0);
+        }
     }
 
     #[test]

@@ -44,6 +44,7 @@ fn test_ca(trust_domain: &str) -> CaState {
         bundle_pem: pem,
         trust_domain: trust_domain.into(),
         verification: IdentityVerification::Sts,
+        allowed_accounts: None,
         generation: Some(1),
     }
 }
@@ -298,4 +299,70 @@ fn issue_reasons_are_the_metric_labels() {
         labels,
         ["new", "identity-change", "repair", "rotation", "renewal"]
     );
+}
+
+/// Issue 15, item 8: a transient verification failure (STS throttled during a renewal, say)
+/// keeps the Secret and reports the certificate it holds while valid; a refusal deletes it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_transient_verification_failure_keeps_a_valid_certificate() {
+    use crate::identity::{Refusal, sts_error_refusal};
+
+    let ca = test_ca("mesh.test");
+    let web = identity("web", ROLE);
+    let profile = CertificateProfile::default();
+    let none = RotationRequests::default();
+    let good = secret(&ca, &web, &profile, &none).await;
+    let serial = check_certificate(&good, &ca, &web, OffsetDateTime::now_utc())
+        .expect("a valid certificate")
+        .serial_hex;
+    // Renewal is due: this is when verification runs and STS may throttle.
+    let due = OffsetDateTime::now_utc() + time::Duration::hours(20);
+    assert!(matches!(
+        assess(Some(&good), &ca, &web, &profile, &none, due),
+        Need::Issue {
+            reason: IssueReason::Renewal,
+            ..
+        }
+    ));
+    let expired = OffsetDateTime::now_utc() + time::Duration::hours(25);
+
+    let throttled = sts_error_refusal(Some("Throttling"), Some("Rate exceeded"), 400);
+    let idp_down = sts_error_refusal(Some("IDPCommunicationError"), None, 400);
+    let internal = sts_error_refusal(Some("InternalFailure"), None, 500);
+    let unreachable = Refusal::StsUnreachable("dispatch failure: timed out".into());
+    let no_token = Refusal::TokenRequestFailed("the API server is restarting".into());
+    let denied = sts_error_refusal(Some("AccessDenied"), Some("Not authorized"), 403);
+    let bad_token = sts_error_refusal(Some("InvalidIdentityToken"), None, 400);
+    let mismatch = Refusal::RoleMismatch {
+        assumed: "arn:aws:sts::111122223333:assumed-role/db/s".into(),
+    };
+    let stranger = Refusal::AccountNotAllowed {
+        account: "999988887777".into(),
+    };
+
+    for transient in [&throttled, &idp_down, &internal, &unreachable, &no_token] {
+        match after_refusal(transient, Some(&good), &ca, &web, due) {
+            AfterRefusal::Keep(Some(info)) => assert_eq!(info.serial_hex, serial, "{transient:?}"),
+            other => panic!("{transient:?}: {other:?}, expected the certificate kept"),
+        }
+        // Kept even once it is no longer valid: the Secret is never deleted for a transient
+        // failure, only no longer reported as a valid certificate.
+        assert_eq!(
+            after_refusal(transient, Some(&good), &ca, &web, expired),
+            AfterRefusal::Keep(None),
+            "{transient:?}"
+        );
+        assert_eq!(
+            after_refusal(transient, None, &ca, &web, due),
+            AfterRefusal::Keep(None),
+            "{transient:?}"
+        );
+    }
+    for refused in [&denied, &bad_token, &mismatch, &stranger] {
+        assert_eq!(
+            after_refusal(refused, Some(&good), &ca, &web, due),
+            AfterRefusal::Delete,
+            "{refused:?}"
+        );
+    }
 }

@@ -206,13 +206,14 @@ async fn reconcile_policy(policy: &MTLSPolicy, ctx: &Context) -> Result<Action> 
         ctx.metrics.set_soonest_expiry(soonest.0.as_second());
     }
     let renew_at = summary.renew_at;
-    let transient = summary.transient;
+    let streak = ctx.transient_streak(&namespace, &name, summary.transient);
     apply_status(ctx, policy, summary.status).await?;
     if let Some(record) = last_rotation {
         apply_last_rotation(ctx, policy, record).await?;
     }
     Ok(next_reconcile(
-        transient,
+        streak,
+        rand::random::<f64>(),
         renew_at,
         OffsetDateTime::now_utc(),
     ))
@@ -222,15 +223,35 @@ fn annotation(policy: &MTLSPolicy, key: &str) -> Option<String> {
     policy.annotations().get(key).cloned()
 }
 
-/// When to look at the policy again: soon after a transient failure, else when the first
-/// certificate is due, at the latest in an hour.
+/// The first wait after a transient failure (STS throttled or unreachable, the signer down); it
+/// doubles with each further reconcile that fails so, up to [`TRANSIENT_MAX_BACKOFF`].
+const TRANSIENT_FIRST_BACKOFF: Duration = Duration::from_secs(5);
+/// Short enough that a certificate kept through an outage is renewed soon after it ends (the
+/// shortest lifetime, 10m, leaves over 3 minutes to renew), long enough not to feed a throttle.
+const TRANSIENT_MAX_BACKOFF: Duration = Duration::from_secs(120);
+
+/// The wait after the `streak`-th reconcile in a row that ended with a transient failure:
+/// exponential, capped, and spread by ±20% with `jitter` (in [0, 1)) so that policies failing
+/// together (an STS outage) do not retry together.
+pub(crate) fn transient_backoff(streak: u32, jitter: f64) -> Duration {
+    let doublings = streak.saturating_sub(1).min(16);
+    let base = TRANSIENT_FIRST_BACKOFF
+        .saturating_mul(1 << doublings)
+        .min(TRANSIENT_MAX_BACKOFF);
+    base.mul_f64(0.8 + 0.4 * jitter.clamp(0.0, 1.0))
+}
+
+/// When to look at the policy again: after a transient failure with backoff (`streak` is how
+/// many reconciles in a row had one, 0 for none), else when the first certificate is due, at
+/// the latest in an hour.
 fn next_reconcile(
-    transient: bool,
+    streak: u32,
+    jitter: f64,
     renew_at: Option<OffsetDateTime>,
     now: OffsetDateTime,
 ) -> Action {
-    if transient {
-        return Action::requeue(Duration::from_secs(5));
+    if streak > 0 {
+        return Action::requeue(transient_backoff(streak, jitter));
     }
     match renew_at {
         Some(at) => {

@@ -20,6 +20,7 @@ use super::{
     next_reconcile,
     select::{Coverage, Overlap, policies_for_service_account, profile_of},
     summary::{conflicted_condition, readiness},
+    transient_backoff,
 };
 use crate::status::Reason;
 
@@ -401,35 +402,73 @@ fn conflicted_names_the_covering_policies() {
 fn next_reconcile_follows_the_first_renewal() {
     let now = OffsetDateTime::UNIX_EPOCH + time::Duration::days(1000);
     let secs = |s: u64| Action::requeue(Duration::from_secs(s));
-    // (case, transient failure, first renewal, expected)
+    // (case, reconciles in a row with a transient failure, first renewal, expected)
     let rows = vec![
         (
             "transient failure: soon",
-            true,
+            1,
             Some(now + time::Duration::hours(2)),
             secs(5),
         ),
         (
+            "third transient failure in a row: backed off",
+            3,
+            Some(now + time::Duration::hours(2)),
+            secs(20),
+        ),
+        (
             "renewal in ten minutes",
-            false,
+            0,
             Some(now + time::Duration::minutes(10)),
             secs(600),
         ),
         (
             "renewal overdue: a second",
-            false,
+            0,
             Some(now - time::Duration::minutes(10)),
             secs(1),
         ),
         (
             "renewal far off: an hour",
-            false,
+            0,
             Some(now + time::Duration::days(3)),
             secs(3600),
         ),
-        ("nothing issued: an hour", false, None, secs(3600)),
+        ("nothing issued: an hour", 0, None, secs(3600)),
     ];
-    for (case, transient, renew_at, expected) in rows {
-        assert_eq!(next_reconcile(transient, renew_at, now), expected, "{case}");
+    for (case, streak, renew_at, expected) in rows {
+        // Jitter 0.5 is the middle of the spread: no change.
+        assert_eq!(
+            next_reconcile(streak, 0.5, renew_at, now),
+            expected,
+            "{case}"
+        );
+    }
+}
+
+/// Issue 15, item 8: transient failures are retried with exponential backoff, capped, jittered.
+#[test]
+fn transient_failures_back_off() {
+    // (reconciles in a row with a transient failure, jitter, expected wait in milliseconds)
+    let rows = [
+        (1, 0.5, 5_000),
+        (2, 0.5, 10_000),
+        (3, 0.5, 20_000),
+        (4, 0.5, 40_000),
+        (5, 0.5, 80_000),
+        (6, 0.5, 120_000),
+        (50, 0.5, 120_000),
+        (u32::MAX, 0.5, 120_000),
+        (1, 0.0, 4_000),
+        (1, 0.999_999, 6_000),
+        (6, 0.0, 96_000),
+        (6, 7.0, 144_000),
+    ];
+    for (streak, jitter, millis) in rows {
+        let wait = transient_backoff(streak, jitter).as_millis();
+        assert!(
+            wait.abs_diff(millis) <= 1,
+            "streak {streak}, jitter {jitter}: {wait} ms, expected {millis}"
+        );
     }
 }

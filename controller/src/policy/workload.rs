@@ -20,11 +20,11 @@ use super::writes::{PolicyEvent, delete_workload_secret, publish, write_secret};
 use crate::{
     ca::CaState,
     certificate::{
-        IssueReason, Need, RotationRequests, SecretContext, assess, existing_pems,
-        issue_certificate, verification_value, workload_secret,
+        AfterRefusal, IssueReason, Need, RotationRequests, SecretContext, after_refusal, assess,
+        existing_pems, issue_certificate, verification_value, workload_secret,
     },
     context::Context,
-    identity::{claimed_role, verify_with_sts},
+    identity::{Refusal, check_account, claimed_role, verify_with_sts},
     status::{Reason, to_time},
 };
 
@@ -211,6 +211,55 @@ impl Claimant<'_> {
         self.issued(&info.into(), self.recorded_verification().as_deref())
     }
 
+    /// The outcome of a verification that did not succeed: a refusal deletes the Secret, a
+    /// transient failure keeps it (and keeps reporting its certificate while it is valid) and
+    /// is retried with backoff (see `next_reconcile`).
+    async fn verification_failed(&self, refusal: &Refusal) -> Outcome {
+        let ctx = self.run.ctx;
+        let (namespace, name, role) = (&self.namespace, &self.name, &self.role);
+        let reason = refusal.reason();
+        let message = refusal.message(namespace, name, Some(role));
+        ctx.metrics.certificate_failed(reason);
+        let decision = after_refusal(
+            refusal,
+            self.existing.as_ref(),
+            self.run.ca,
+            &self.identity,
+            self.run.now,
+        );
+        match decision {
+            AfterRefusal::Delete => {
+                warn!(namespace = %namespace, service_account = %name, %reason, "identity not verified; no certificate issued and the Secret is deleted");
+                // The old certificate claims a role the ServiceAccount can no longer prove.
+                delete_workload_secret(ctx, namespace, &self.secret_name, self.existing.as_ref())
+                    .await;
+                let event = PolicyEvent {
+                    type_: EventType::Warning,
+                    reason: reason.as_str(),
+                    action: "VerifyIdentity",
+                    note: &message,
+                };
+                publish(ctx, self.run.policy, event).await;
+                self.failed(reason, message, false)
+            }
+            AfterRefusal::Keep(valid) => {
+                // No Event per ServiceAccount: the reconcile publishes one for its first
+                // transient failure, so an STS outage does not flood the API server.
+                warn!(namespace = %namespace, service_account = %name, %reason, kept_valid_certificate = valid.is_some(), "identity not verified for now; the Secret is kept and verification retried");
+                let mut outcome = self.failed(reason, message, true);
+                outcome.status.secret_name =
+                    self.existing.as_ref().map(|_| self.secret_name.clone());
+                if let Some(info) = valid {
+                    outcome.status.spiffe_id = Some(self.identity.spiffe_id.to_string());
+                    outcome.status.serial = Some(info.serial_hex.clone());
+                    outcome.status.not_before = Some(to_time(info.not_before));
+                    outcome.status.not_after = Some(to_time(info.not_after));
+                }
+                outcome
+            }
+        }
+    }
+
     /// Verifies the role (when the authority says so) and issues a new certificate.
     async fn issue(&self, why: IssueReason, detail: &str) -> Outcome {
         let (ctx, ca) = (self.run.ctx, self.run.ca);
@@ -219,22 +268,7 @@ impl Claimant<'_> {
             && let Err(refusal) =
                 verify_with_sts(&ctx.client, &ctx.sts, namespace, name, role).await
         {
-            let message = refusal.message(namespace, name, Some(role));
-            warn!(namespace = %namespace, service_account = %name, reason = %refusal.reason(), "identity not verified; no certificate issued");
-            ctx.metrics.certificate_failed(refusal.reason());
-            if !refusal.is_transient() {
-                // The old certificate claims a role the ServiceAccount can no longer prove.
-                delete_workload_secret(ctx, namespace, &self.secret_name, self.existing.as_ref())
-                    .await;
-            }
-            let event = PolicyEvent {
-                type_: EventType::Warning,
-                reason: refusal.reason().as_str(),
-                action: "VerifyIdentity",
-                note: &message,
-            };
-            publish(ctx, self.run.policy, event).await;
-            return self.failed(refusal.reason(), message, refusal.is_transient());
+            return self.verification_failed(&refusal).await;
         }
         let issued = match issue_certificate(ca, &self.identity, self.run.profile).await {
             Ok(issued) => issued,
@@ -309,6 +343,26 @@ pub async fn reconcile_service_account(
             );
         }
     };
+    // Before STS and the signer: a role of an account the authority does not allow gets
+    // nothing, however honestly STS would confirm it, and whatever the verification mode.
+    if let Err(refusal) = check_account(&role, run.ca.allowed_accounts.as_ref()) {
+        delete_workload_secret(ctx, &namespace, &secret_name, existing.as_ref()).await;
+        ctx.metrics.certificate_failed(refusal.reason());
+        let message = refusal.message(&namespace, &name, Some(&role));
+        warn!(namespace = %namespace, service_account = %name, role = %role, reason = %refusal.reason(), "the role's AWS account is not allowed; no certificate issued");
+        let event = PolicyEvent {
+            type_: EventType::Warning,
+            reason: refusal.reason().as_str(),
+            action: "VerifyIdentity",
+            note: &message,
+        };
+        publish(ctx, run.policy, event).await;
+        return Outcome::failed(
+            refusal.reason(),
+            refused(&name, refusal.reason(), message, Some(role)),
+            false,
+        );
+    }
     let identity = match SpiffeId::new(&run.ca.trust_domain, &namespace, &name)
         .and_then(|id| WorkloadIdentity::new(id, &role))
     {
