@@ -33,7 +33,7 @@ spec:
 async fn kubectl_explain_shows_field_descriptions() -> Result<()> {
     let env = cluster().await?;
     install_crds(&env).await?;
-    let explained = env.kubectl(&["explain", "mtlspolicy.spec"])?;
+    let explained = env.explain("mtlspolicy.spec").await?;
     for text in [
         "Which ServiceAccounts in this namespace the policy covers",
         "inbound",
@@ -45,7 +45,7 @@ async fn kubectl_explain_shows_field_descriptions() -> Result<()> {
             "explain lacks {text:?}:\n{explained}"
         );
     }
-    let explained = env.kubectl(&["explain", "mtlsauthority.spec.signer.type"])?;
+    let explained = env.explain("mtlsauthority.spec.signer.type").await?;
     ensure!(
         explained.contains("AWS KMS"),
         "explain signer.type:\n{explained}"

@@ -12,11 +12,11 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::{
     api::{apps::v1::Deployment, core::v1::Namespace},
     apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
 };
-use k8s_openapi::api::coordination::v1::Lease;
 use kube::{Api, api::DeleteParams};
 use rolemesh_crds::MTLSAuthority;
 use rolemesh_testkit::{ClusterEnv, eventually, expect_success, node_ready, repo_root};
@@ -142,7 +142,9 @@ async fn documented_helm_install_works_on_a_cluster_without_rolemesh_crds() -> R
         Duration::from_secs(60),
         || async {
             let answer = dry_run_opted_in_pod(&env)?;
-            Ok(answer.contains("no MTLSPolicy in namespace").then_some(answer))
+            Ok(answer
+                .contains("no MTLSPolicy in namespace")
+                .then_some(answer))
         },
     )
     .await?;
@@ -199,14 +201,10 @@ async fn documented_helm_install_works_on_a_cluster_without_rolemesh_crds() -> R
             "helm never deletes CRDs from a chart's crds/ directory: {name} stays"
         );
     }
-    eventually(
-        "the chart's pods gone",
-        Duration::from_secs(60),
-        || async {
-            let left = env.kubectl(&["get", "pods", "-n", "rolemesh", "-o", "name"])?;
-            Ok(left.trim().is_empty().then_some(()))
-        },
-    )
+    eventually("the chart's pods gone", Duration::from_secs(60), || async {
+        let left = env.kubectl(&["get", "pods", "-n", "rolemesh", "-o", "name"])?;
+        Ok(left.trim().is_empty().then_some(()))
+    })
     .await?;
     Api::<Namespace>::all(client)
         .delete("rolemesh", &DeleteParams::default())

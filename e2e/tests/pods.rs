@@ -3,8 +3,8 @@
 //!
 //! One release for the whole file, installed with the command docs/development.md shows for the
 //! local cluster and uninstalled at the end whatever happens, so other test files never meet its
-//! controller. The phases run one after another because some take parts of the release away
-//! (the leader pod, the webhook):
+//! controller. The phases that take parts of the release away (the leader pod, the webhook) run
+//! while the rotation waits for kubelet, after the new certificates are written:
 //! 1. injection: the injected pod starts, its proxy is Ready before the app starts, and the app
 //!    reaches its upstream through the outbound mapping by Service DNS name;
 //! 2. rotation: both workloads rotated with `kubectl rolemesh rotate` while a client pod sends
@@ -18,7 +18,9 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use rolemesh_testkit::{ClusterEnv, TestNamespace, eventually, in_namespace, node_ready, repo_root};
+use rolemesh_testkit::{
+    ClusterEnv, TestNamespace, eventually, in_namespace, node_ready, repo_root,
+};
 
 const BUSYBOX: &str = "rolemesh.local/busybox:1.35.0";
 const RELEASE_NAMESPACE: &str = "rolemesh";
@@ -36,10 +38,14 @@ async fn the_chart_runs_as_pods_and_meshes_injected_pods() -> Result<()> {
     let outcome = in_namespace("pods", |ns| async move {
         let mesh = Mesh::deploy(&ns).await.context("deploying the mesh")?;
         timed("injection", mesh.injection()).await?;
-        timed("rotation under load", mesh.rotation_under_load()).await?;
-        timed("leader handover", mesh.leader_handover()).await?;
-        timed("webhook down", mesh.webhook_down()).await?;
-        Ok(())
+        // The rotation mostly waits for kubelet's pod sync; the phases that take parts of the
+        // release away run meanwhile: the new certificates are already written by then, and
+        // running pods need neither the controller nor the webhook.
+        let meanwhile = async {
+            timed("leader handover", mesh.leader_handover()).await?;
+            timed("webhook down", mesh.webhook_down()).await
+        };
+        timed("rotation under load", mesh.rotation_under_load(meanwhile)).await
     })
     .await;
     let uninstall = uninstall_release(&env);
@@ -50,7 +56,10 @@ async fn the_chart_runs_as_pods_and_meshes_injected_pods() -> Result<()> {
 async fn timed(phase: &str, work: impl Future<Output = Result<()>>) -> Result<()> {
     let started = Instant::now();
     work.await.with_context(|| format!("phase {phase}"))?;
-    println!("phase {phase}: passed in {:.1}s", started.elapsed().as_secs_f64());
+    println!(
+        "phase {phase}: passed in {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 
@@ -352,7 +361,9 @@ spec:
         Ok(normalize_serial(&serial))
     }
 
-    async fn rotation_under_load(&self) -> Result<()> {
+    /// Rotates both workloads and, once the controller has issued, runs `meanwhile` while
+    /// kubelet brings the new Secret into the running server proxy.
+    async fn rotation_under_load(&self, meanwhile: impl Future<Output = Result<()>>) -> Result<()> {
         let ns = &self.ns.name;
         let server_pod = self.kubectl(&[
             "get",
@@ -382,10 +393,7 @@ spec:
         let log_start = self.client_log()?.len();
         let rotated = Instant::now();
         for policy in ["server", "client"] {
-            let (code, out, err) = self
-                .ns
-                .env
-                .kubectl_plugin(&["rotate", policy, "-n", ns])?;
+            let (code, out, err) = self.ns.env.kubectl_plugin(&["rotate", policy, "-n", ns])?;
             ensure!(code == 0, "kubectl rolemesh rotate {policy}: {out}{err}");
         }
         let after = eventually(
@@ -399,19 +407,24 @@ spec:
         .await?;
         let issued = rotated.elapsed();
         // kubelet refreshes the mounted Secret on its pod sync (a minute, with jitter).
-        eventually(
-            "the running server proxy to serve the new serial",
-            Duration::from_secs(180),
-            || async {
-                let served = self.served_serial(&pod_ip)?;
-                if served != before && served != after {
-                    bail!("the proxy serves {served}, neither {before} nor {after}");
-                }
-                Ok((served == after).then_some(()))
-            },
-        )
-        .await?;
-        let reloaded = rotated.elapsed();
+        let served = async {
+            eventually(
+                "the running server proxy to serve the new serial",
+                Duration::from_secs(180),
+                || async {
+                    let served = self.served_serial(&pod_ip)?;
+                    if served != before && served != after {
+                        bail!("the proxy serves {served}, neither {before} nor {after}");
+                    }
+                    Ok((served == after).then_some(()))
+                },
+            )
+            .await?;
+            Ok::<_, anyhow::Error>(rotated.elapsed())
+        };
+        let (served, meanwhile) = tokio::join!(served, meanwhile);
+        meanwhile?;
+        let reloaded = served?;
         // Requests keep going through the new certificates for a while.
         tokio::time::sleep(Duration::from_secs(5)).await;
         let log = self.client_log()?;
@@ -567,7 +580,11 @@ spec:
             "admission once the webhook is back",
             Duration::from_secs(60),
             || async {
-                let out = env.run("kubectl", &["create", "--dry-run=server", "-o", "yaml", "-f", "-"], Some(&pod))?;
+                let out = env.run(
+                    "kubectl",
+                    &["create", "--dry-run=server", "-o", "yaml", "-f", "-"],
+                    Some(&pod),
+                )?;
                 Ok((out.status.success()
                     && String::from_utf8_lossy(&out.stdout).contains("rolemesh-proxy"))
                 .then_some(()))
@@ -579,23 +596,19 @@ spec:
 
     async fn refused_while_down(&self) -> Result<()> {
         let env = &self.ns.env;
-        eventually(
-            "no webhook pod left",
-            Duration::from_secs(60),
-            || async {
-                let pods = env.kubectl(&[
-                    "get",
-                    "pods",
-                    "-n",
-                    RELEASE_NAMESPACE,
-                    "-l",
-                    "app.kubernetes.io/component=webhook",
-                    "-o",
-                    "name",
-                ])?;
-                Ok(pods.trim().is_empty().then_some(()))
-            },
-        )
+        eventually("no webhook pod left", Duration::from_secs(60), || async {
+            let pods = env.kubectl(&[
+                "get",
+                "pods",
+                "-n",
+                RELEASE_NAMESPACE,
+                "-l",
+                "app.kubernetes.io/component=webhook",
+                "-o",
+                "name",
+            ])?;
+            Ok(pods.trim().is_empty().then_some(()))
+        })
         .await?;
         let opted_in = sleeper("refused", &self.ns.name, "client");
         let out = env.run("kubectl", &["create", "-f", "-"], Some(&opted_in))?;
@@ -612,14 +625,7 @@ spec:
             "a kube-system pod is created while the webhook is down: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        env.kubectl(&[
-            "delete",
-            "pod",
-            &name,
-            "-n",
-            "kube-system",
-            "--wait=false",
-        ])?;
+        env.kubectl(&["delete", "pod", &name, "-n", "kube-system", "--wait=false"])?;
         Ok(())
     }
 }

@@ -99,7 +99,7 @@ spec:
 #[tokio::test]
 async fn api_server_refuses_wildcard_accounts_naming_the_field() -> Result<()> {
     let env = control_plane().await?;
-    let explained = env.kubectl(&["explain", "mtlsauthority.spec.allowedAccounts"])?;
+    let explained = env.explain("mtlsauthority.spec.allowedAccounts").await?;
     ensure!(
         explained.contains("OIDC issuer is public") && explained.contains("AccountNotAllowed"),
         "explain allowedAccounts:\n{explained}"

@@ -195,6 +195,17 @@ impl ClusterEnv {
         expect_success("kubectl", args, &output)
     }
 
+    /// `kubectl explain FIELD`, retried for a while: the API server publishes a new CRD's schema
+    /// to OpenAPI some seconds after the CRD is Established.
+    pub async fn explain(&self, field: &str) -> Result<String> {
+        crate::eventually(
+            &format!("kubectl explain {field}"),
+            std::time::Duration::from_secs(60),
+            || async { self.kubectl(&["explain", field]).map(Some) },
+        )
+        .await
+    }
+
     /// `kubectl rolemesh ARGS`: the plugin as kubectl finds it on PATH (the workspace's built
     /// `kubectl-rolemesh`, see [`binary`]). Returns exit code, stdout and stderr.
     pub fn kubectl_plugin(&self, args: &[&str]) -> Result<(i32, String, String)> {

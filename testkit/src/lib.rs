@@ -27,7 +27,8 @@ use std::{
 use anyhow::{Context, Result, bail};
 
 pub use cluster::{
-    ClusterEnv, NODE, TestNamespace, cluster, expect_success, in_namespace, install_crds, node_ready,
+    ClusterEnv, NODE, TestNamespace, cluster, expect_success, in_namespace, install_crds,
+    node_ready,
 };
 
 /// Root of the repository (the workspace).

@@ -223,8 +223,10 @@ pub fn injection_patch(
     // The trust bundle and its path into every existing container (and SSL_CERT_FILE where the pod
     // asks for it). Indexes refer to the pod as received; the sidecar is inserted at the front of
     // initContainers only afterwards.
-    let set_ssl_cert_file =
-        annotations.and_then(|a| a.get(SSL_CERT_FILE_ANNOTATION)).map(String::as_str) == Some("true");
+    let set_ssl_cert_file = annotations
+        .and_then(|a| a.get(SSL_CERT_FILE_ANNOTATION))
+        .map(String::as_str)
+        == Some("true");
     for (field, list) in [
         ("initContainers", init_containers),
         ("containers", containers),

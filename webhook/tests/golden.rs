@@ -171,10 +171,12 @@ fn host_network_pods_are_refused_with_the_way_out() {
         "hostNetwork": true,
         "containers": [{ "name": "app", "image": "app:1" }],
     }));
-    let error =
-        injection_patch(&host, &policy(), "mesh.test", &config()).expect_err("must refuse");
+    let error = injection_patch(&host, &policy(), "mesh.test", &config()).expect_err("must refuse");
     assert!(matches!(error, Error::HostNetwork), "{error}");
-    assert!(error.is_refusal(), "a verdict about the pod, not a webhook failure");
+    assert!(
+        error.is_refusal(),
+        "a verdict about the pod, not a webhook failure"
+    );
     let message = error.to_string();
     assert!(
         message.contains("hostNetwork") && message.contains("rolemesh.dev/inject=\"false\""),
