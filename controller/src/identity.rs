@@ -373,7 +373,7 @@ mod tests {
         assert!(!assumed_role_matches(role, ""));
     }
 
-    /// Issue 15, item 10: a role with a path. STS names the role without it; where an STS
+    /// A role with a path. STS names the role without it; where an STS
     /// gives the path, it must be the annotated one; any other shape is a RoleMismatch.
     #[test]
     fn assumed_role_of_a_role_with_a_path() {
@@ -488,7 +488,7 @@ mod tests {
         }
     }
 
-    /// Issue 15, item 8: every code of the table, and codes it does not know, by class.
+    /// Every code of the table, and codes it does not know, by class.
     #[test]
     fn sts_error_codes_are_classified_by_code_not_http_status() {
         use StsErrorClass::{Refused, Transient};
@@ -554,7 +554,7 @@ mod tests {
         assert!(!denied.is_transient());
     }
 
-    /// Issue 15, item 1: a role outside `allowedAccounts` is refused before anything else.
+    /// A role outside `allowedAccounts` is refused before anything else.
     #[test]
     fn roles_outside_the_allowed_accounts_are_refused() {
         let ours = "arn:aws:iam::111122223333:role/frontend";
@@ -618,7 +618,7 @@ mod tests {
         )
     }
 
-    /// Issue 15, items 8 and 10, through the real SDK: what STS answers becomes the refusal
+    /// Through the real SDK: what STS answers becomes the refusal
     /// (or not) that decides whether a certificate is kept.
     #[tokio::test]
     async fn sts_answers_become_refusals_by_their_code() {

@@ -553,7 +553,7 @@ mod tests {
         !pattern.contains(":*") && !pattern.contains("*:")
     }
 
-    /// Issue 15, item 1: no wildcard in a role pattern's partition or account at the API, with
+    /// No wildcard in a role pattern's partition or account at the API, with
     /// a CEL message that names the fields and says what to write.
     #[test]
     fn peer_patterns_refuse_wildcard_partitions_and_accounts() {
@@ -611,7 +611,7 @@ mod tests {
         );
     }
 
-    /// Issue 15, item 1: `allowedAccounts` is optional, a set of 12-digit account IDs checked
+    /// `allowedAccounts` is optional, a set of 12-digit account IDs checked
     /// by CEL, never empty.
     #[test]
     fn allowed_accounts_are_twelve_digit_ids() {

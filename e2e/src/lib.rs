@@ -370,8 +370,38 @@ pub fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         .collect()
 }
 
+/// How a throttled AWS service answers, as its SDK client parses it.
+#[derive(Clone, Copy, Debug)]
+pub enum Throttled {
+    /// KMS (JSON protocol): `ThrottlingException`.
+    Kms,
+    /// STS (query protocol, XML): `Throttling`, with HTTP 400 like a refusal.
+    Sts,
+}
+
+impl Throttled {
+    fn response(self) -> String {
+        let (content_type, extra, body) = match self {
+            Self::Kms => (
+                "application/x-amz-json-1.1",
+                "x-amzn-ErrorType: ThrottlingException\r\n",
+                r#"{"__type":"ThrottlingException","message":"Rate exceeded"}"#,
+            ),
+            Self::Sts => (
+                "text/xml",
+                "",
+                "<ErrorResponse xmlns=\"https://sts.amazonaws.com/doc/2011-06-15/\"><Error><Type>Sender</Type><Code>Throttling</Code><Message>Rate exceeded</Message></Error><RequestId>rolemesh-e2e</RequestId></ErrorResponse>",
+            ),
+        };
+        format!(
+            "HTTP/1.1 400 Bad Request\r\nContent-Type: {content_type}\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+    }
+}
+
 /// A TCP forwarder in front of the local AWS endpoint that can be switched to answer every
-/// request with KMS throttling, as a KMS outage looks to the SDK.
+/// request as a throttled service does, as an outage of that service looks to the SDK.
 pub struct FaultyEndpoint {
     pub url: String,
     throttling: std::sync::Arc<std::sync::atomic::AtomicBool>,
@@ -379,7 +409,7 @@ pub struct FaultyEndpoint {
 }
 
 impl FaultyEndpoint {
-    pub async fn start(upstream: &str) -> Result<Self> {
+    pub async fn start(upstream: &str, fault: Throttled) -> Result<Self> {
         use std::sync::{
             Arc,
             atomic::{AtomicBool, Ordering},
@@ -390,21 +420,18 @@ impl FaultyEndpoint {
         let url = format!("http://{}", listener.local_addr()?);
         let throttling = Arc::new(AtomicBool::new(false));
         let flag = throttling.clone();
+        let response = Arc::new(fault.response());
         let task = tokio::spawn(async move {
             while let Ok((mut client, _)) = listener.accept().await {
                 let upstream = upstream.clone();
                 let flag = flag.clone();
+                let response = response.clone();
                 tokio::spawn(async move {
                     if flag.load(Ordering::SeqCst) {
                         let mut buf = vec![0u8; 65536];
                         let _ =
                             tokio::time::timeout(Duration::from_millis(200), client.read(&mut buf))
                                 .await;
-                        let body = r#"{"__type":"ThrottlingException","message":"Rate exceeded"}"#;
-                        let response = format!(
-                            "HTTP/1.1 400 Bad Request\r\nContent-Type: application/x-amz-json-1.1\r\nx-amzn-ErrorType: ThrottlingException\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                            body.len()
-                        );
                         let _ = client.write_all(response.as_bytes()).await;
                         let _ = client.shutdown().await;
                         return;

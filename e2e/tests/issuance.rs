@@ -348,7 +348,7 @@ async fn kms_signer_issues_and_recovers_from_an_outage_without_touching_secrets(
         )
         .await?;
         // KMS (only KMS: STS stays reachable) goes through a forwarder that can fail.
-        let kms_endpoint = FaultyEndpoint::start(ns.env.aws_endpoint()).await?;
+        let kms_endpoint = FaultyEndpoint::start(ns.env.aws_endpoint(), Throttled::Kms).await?;
         let controller = ControllerProcess::start_with_env(
             &ns,
             &authority,

@@ -14,12 +14,6 @@ fn random_token() -> String {
     format!("{:016x}", rand::random::<u64>())
 }
 
-fn apply(ns: &TestNamespace, manifest: &str) -> Result<()> {
-    let output = ns.env.kubectl_apply(&ns.name, manifest)?;
-    rolemesh_testkit::expect_success("kubectl", &["apply"], &output)?;
-    Ok(())
-}
-
 /// A pod's phase, or None while it has none.
 fn pod_phase(ns: &TestNamespace, pod: &str) -> Result<String> {
     ns.env.kubectl(&[
@@ -33,26 +27,6 @@ fn pod_phase(ns: &TestNamespace, pod: &str) -> Result<String> {
     ])
 }
 
-async fn wait_running(ns: &TestNamespace, pod: &str) -> Result<()> {
-    eventually(
-        &format!("pod {pod} Ready"),
-        Duration::from_secs(90),
-        || async {
-            let ready = ns.env.kubectl(&[
-                "get",
-                "pod",
-                pod,
-                "-n",
-                &ns.name,
-                "-o",
-                r#"jsonpath={.status.conditions[?(@.type=="Ready")].status}"#,
-            ])?;
-            Ok((ready == "True").then_some(()))
-        },
-    )
-    .await
-}
-
 #[tokio::test]
 async fn deployment_is_scheduled_and_reached_by_service_dns_name() -> Result<()> {
     node_ready().await?;
@@ -60,10 +34,8 @@ async fn deployment_is_scheduled_and_reached_by_service_dns_name() -> Result<()>
         // The page carries a token only this run knows, so the client can only print it by
         // reaching this Deployment's pod.
         let token = random_token();
-        apply(
-            &ns,
-            &format!(
-                r#"
+        ns.apply_manifest(&format!(
+            r#"
 apiVersion: apps/v1
 kind: Deployment
 metadata:
@@ -106,8 +78,7 @@ spec:
   ports:
   - {{port: 80, targetPort: 8080}}
 "#
-            ),
-        )?;
+        ))?;
         ns.env.kubectl(&[
             "rollout",
             "status",
@@ -144,10 +115,8 @@ spec:
         );
 
         let host = format!("web.{}.svc.cluster.local", ns.name);
-        apply(
-            &ns,
-            &format!(
-                r#"
+        ns.apply_manifest(&format!(
+            r#"
 apiVersion: v1
 kind: Pod
 metadata:
@@ -171,8 +140,7 @@ spec:
       done
       exit 1
 "#
-            ),
-        )?;
+        ))?;
         let phase = eventually("client pod finished", Duration::from_secs(90), || async {
             let phase = pod_phase(&ns, "client")?;
             Ok(matches!(phase.as_str(), "Succeeded" | "Failed").then_some(phase))
@@ -210,10 +178,8 @@ async fn kubectl_logs_and_exec_reach_the_container() -> Result<()> {
     node_ready().await?;
     in_namespace("node-exec", |ns| async move {
         let token = random_token();
-        apply(
-            &ns,
-            &format!(
-                r#"
+        ns.apply_manifest(&format!(
+            r#"
 apiVersion: v1
 kind: Pod
 metadata:
@@ -228,9 +194,8 @@ spec:
     env:
     - {{name: TOKEN, value: "{token}"}}
 "#
-            ),
-        )?;
-        wait_running(&ns, "app").await?;
+        ))?;
+        ns.wait_pod_ready("app", Duration::from_secs(90)).await?;
         let logs = eventually("the container's log", Duration::from_secs(30), || async {
             let logs = ns.env.kubectl(&["logs", "app", "-n", &ns.name])?;
             Ok(logs.contains(&token).then_some(logs))
@@ -278,11 +243,9 @@ stringData:
 "#
             )
         };
-        apply(&ns, &secret(&first))?;
-        apply(
-            &ns,
-            &format!(
-                r#"
+        ns.apply_manifest(&secret(&first))?;
+        ns.apply_manifest(&format!(
+            r#"
 apiVersion: v1
 kind: Pod
 metadata:
@@ -302,9 +265,8 @@ spec:
     secret:
       secretName: material
 "#
-            ),
-        )?;
-        wait_running(&ns, "reader").await?;
+        ))?;
+        ns.wait_pod_ready("reader", Duration::from_secs(90)).await?;
         let read = || {
             ns.env.kubectl(&[
                 "exec",
@@ -319,7 +281,7 @@ spec:
         let mounted = read()?;
         ensure!(mounted == first, "mounted {mounted:?}, not {first:?}");
 
-        apply(&ns, &secret(&second))?;
+        ns.apply_manifest(&secret(&second))?;
         let updated = Instant::now();
         // kubelet refreshes a Secret volume on its pod sync (every minute, with jitter) after
         // its watch has seen the change.

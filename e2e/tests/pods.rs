@@ -140,9 +140,7 @@ impl Mesh {
             .await?;
         let token = format!("{:016x}", rand::random::<u64>());
         let upstream = format!("server.{}.svc.cluster.local:{MTLS_PORT}", ns.name);
-        apply(
-            ns,
-            &format!(
+        ns.apply_manifest(&format!(
                 r#"
 apiVersion: v1
 kind: ServiceAccount
@@ -221,9 +219,7 @@ spec:
         // The client: first asks its own proxy whether it is ready (once: were the app started
         // before the proxy, this would fail), then requests the server through the outbound
         // listener every 100 ms, one connection each, printing one line per request.
-        apply(
-            ns,
-            &format!(
+        ns.apply_manifest(&format!(
                 r#"
 apiVersion: v1
 kind: Pod
@@ -247,7 +243,8 @@ spec:
 "#
             ),
         )?;
-        wait_ready(ns, "client").await?;
+        ns.wait_pod_ready("client", Duration::from_secs(120))
+            .await?;
         Ok(Self {
             ns: ns.clone(),
             token,
@@ -509,10 +506,8 @@ spec:
         let role = env
             .create_irsa_role(&format!("{}-late", ns.name), &ns.name, "late")
             .await?;
-        apply(
-            ns,
-            &format!(
-                r#"
+        ns.apply_manifest(&format!(
+            r#"
 apiVersion: v1
 kind: ServiceAccount
 metadata:
@@ -528,8 +523,7 @@ spec:
   inbound:
     - {{name: http, port: {MTLS_PORT}, appPort: {APP_PORT}, allow: []}}
 "#
-            ),
-        )?;
+        ))?;
         eventually(
             "a verified certificate for the late ServiceAccount",
             Duration::from_secs(60),
@@ -654,30 +648,4 @@ fn normalize_serial(serial: &str) -> String {
         .collect::<String>()
         .to_ascii_lowercase();
     hex.trim_start_matches('0').to_string()
-}
-
-fn apply(ns: &TestNamespace, manifest: &str) -> Result<()> {
-    let output = ns.env.kubectl_apply(&ns.name, manifest)?;
-    rolemesh_testkit::expect_success("kubectl", &["apply"], &output)?;
-    Ok(())
-}
-
-async fn wait_ready(ns: &TestNamespace, pod: &str) -> Result<()> {
-    eventually(
-        &format!("pod {pod} Ready"),
-        Duration::from_secs(120),
-        || async {
-            let ready = ns.env.kubectl(&[
-                "get",
-                "pod",
-                pod,
-                "-n",
-                &ns.name,
-                "-o",
-                r#"jsonpath={.status.conditions[?(@.type=="Ready")].status}"#,
-            ])?;
-            Ok((ready == "True").then_some(()))
-        },
-    )
-    .await
 }

@@ -1,14 +1,8 @@
-//! Issue 15 on the local control plane and the local AWS endpoint: wildcard accounts refused by
+//! Forged or borrowed identities, on the local control plane and the local AWS endpoint: wildcard accounts refused by
 //! the API server, roles of accounts outside `allowedAccounts` given nothing, and an STS throttle
 //! during a rotation that keeps the Secret (docs/security-model.md names these tests).
 
-use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-    time::Duration,
-};
+use std::time::Duration;
 
 use anyhow::{Result, ensure};
 use k8s_openapi::api::core::v1::Secret;
@@ -20,7 +14,6 @@ use rolemesh_crds::{MTLSAuthority, MTLSPolicy};
 use rolemesh_e2e::*;
 use rolemesh_testkit::in_namespace;
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Each refused object, the field its refusal must name, and words from the message.
 const REFUSED: &[(&str, &str, &str, &str)] = &[
@@ -202,64 +195,6 @@ async fn a_role_outside_allowed_accounts_gets_no_certificate() -> Result<()> {
     .await
 }
 
-/// A forwarder in front of the local AWS endpoint that can answer every request as STS answers
-/// when it throttles: HTTP 400 with the awsQuery error `Throttling`.
-struct ThrottlingSts {
-    url: String,
-    throttling: Arc<AtomicBool>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl ThrottlingSts {
-    async fn start(upstream: &str) -> Result<Self> {
-        let upstream = upstream.trim_start_matches("http://").to_string();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let url = format!("http://{}", listener.local_addr()?);
-        let throttling = Arc::new(AtomicBool::new(false));
-        let flag = throttling.clone();
-        let task = tokio::spawn(async move {
-            while let Ok((mut client, _)) = listener.accept().await {
-                let upstream = upstream.clone();
-                let flag = flag.clone();
-                tokio::spawn(async move {
-                    if flag.load(Ordering::SeqCst) {
-                        let mut buf = vec![0u8; 65536];
-                        let _ =
-                            tokio::time::timeout(Duration::from_millis(200), client.read(&mut buf))
-                                .await;
-                        let body = "<ErrorResponse xmlns=\"https://sts.amazonaws.com/doc/2011-06-15/\"><Error><Type>Sender</Type><Code>Throttling</Code><Message>Rate exceeded</Message></Error><RequestId>rolemesh-e2e</RequestId></ErrorResponse>";
-                        let response = format!(
-                            "HTTP/1.1 400 Bad Request\r\nContent-Type: text/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                            body.len()
-                        );
-                        let _ = client.write_all(response.as_bytes()).await;
-                        let _ = client.shutdown().await;
-                        return;
-                    }
-                    if let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await {
-                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
-                    }
-                });
-            }
-        });
-        Ok(Self {
-            url,
-            throttling,
-            task,
-        })
-    }
-
-    fn set_throttling(&self, on: bool) {
-        self.throttling.store(on, Ordering::SeqCst);
-    }
-}
-
-impl Drop for ThrottlingSts {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sts_throttling_during_a_rotation_keeps_the_secret() -> Result<()> {
     in_namespace_with_authority(
@@ -278,7 +213,7 @@ async fn sts_throttling_during_a_rotation_keeps_the_secret() -> Result<()> {
             )
             .await?;
             // STS (only STS) goes through a forwarder that can throttle.
-            let sts = ThrottlingSts::start(ns.env.aws_endpoint()).await?;
+            let sts = FaultyEndpoint::start(ns.env.aws_endpoint(), Throttled::Sts).await?;
             let _controller = ControllerProcess::start_with_env(
                 &ns,
                 &authority,

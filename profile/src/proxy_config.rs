@@ -337,7 +337,7 @@ mod tests {
         assert!(PeerPattern::new("frontend").is_err());
     }
 
-    /// Issue 15, item 1: a role of the same name in a stranger's AWS account must never match,
+    /// A role of the same name in a stranger's AWS account must never match,
     /// so neither the partition nor the account may be a wildcard, in a pattern the webhook
     /// builds (`PeerPattern::new`) or one the proxy reads from its configuration.
     #[test]
@@ -392,7 +392,7 @@ mod tests {
         }
     }
 
-    /// Issue 15, item 10: a role pattern is matched against the whole role ARN in the
+    /// A role pattern is matched against the whole role ARN in the
     /// certificate, path included; `*` crosses `/`.
     #[test]
     fn role_patterns_match_the_whole_arn_with_its_path() {

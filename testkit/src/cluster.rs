@@ -370,6 +370,31 @@ impl TestNamespace {
             .with_context(|| format!("applying {name}"))
     }
 
+    /// `kubectl apply -f -` of `manifest` (YAML, any number of objects) in this namespace;
+    /// fails with kubectl's message unless it succeeds.
+    pub fn apply_manifest(&self, manifest: &str) -> Result<()> {
+        let output = self.env.kubectl_apply(&self.name, manifest)?;
+        expect_success("kubectl", &["apply"], &output)?;
+        Ok(())
+    }
+
+    /// Waits until pod `pod` of this namespace is Ready.
+    pub async fn wait_pod_ready(&self, pod: &str, timeout: std::time::Duration) -> Result<()> {
+        crate::eventually(&format!("pod {pod} Ready"), timeout, || async {
+            let ready = self.env.kubectl(&[
+                "get",
+                "pod",
+                pod,
+                "-n",
+                &self.name,
+                "-o",
+                r#"jsonpath={.status.conditions[?(@.type=="Ready")].status}"#,
+            ])?;
+            Ok((ready == "True").then_some(()))
+        })
+        .await
+    }
+
     /// Creates ServiceAccount `name` and mints it a 10-minute token for `audience`, as kubelet
     /// projects one into an IRSA pod; returns the token (a JWT).
     pub async fn service_account_token(&self, name: &str, audience: &str) -> Result<String> {

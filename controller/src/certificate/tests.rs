@@ -301,7 +301,7 @@ fn issue_reasons_are_the_metric_labels() {
     );
 }
 
-/// Issue 15, item 8: a transient verification failure (STS throttled during a renewal, say)
+/// A transient verification failure (STS throttled during a renewal, say)
 /// keeps the Secret and reports the certificate it holds while valid; a refusal deletes it.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_transient_verification_failure_keeps_a_valid_certificate() {

@@ -446,7 +446,7 @@ fn next_reconcile_follows_the_first_renewal() {
     }
 }
 
-/// Issue 15, item 8: transient failures are retried with exponential backoff, capped, jittered.
+/// Transient failures are retried with exponential backoff, capped, jittered.
 #[test]
 fn transient_failures_back_off() {
     // (reconciles in a row with a transient failure, jitter, expected wait in milliseconds)
