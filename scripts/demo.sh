@@ -101,9 +101,18 @@ else
   b_result=refused
 fi
 
-# The serial the payments proxy serves, as a TLS peer sees it in the handshake (the node reaches
-# pod IPs directly).
+# The node reaches pod IPs directly, as any pod outside the mesh does.
 payments_ip=$(kubectl -n billing get pod "$payments_pod" -o jsonpath='{.status.podIP}')
+
+step "Around the mesh: payments' app listens on 0.0.0.0:8080, but the pod's rolemesh-init rules (nftables) let only its own proxy in"
+if plain=$(curl -sS -m 5 "http://$payments_ip:8080/" 2>&1); then
+  echo "  unexpectedly reached in plain text: $plain"; plain_result=open
+else
+  echo "  REFUSED: curl http://$payments_ip:8080/ -> $plain"; plain_result=closed
+fi
+echo "  kubelet's readiness probe of the app goes through the proxy's admin port: $(kubectl -n billing get pod "$payments_pod" -o jsonpath='{.spec.containers[0].readinessProbe.httpGet.port}{.spec.containers[0].readinessProbe.httpGet.path}, app ready {.status.containerStatuses[0].ready}')"
+
+# The serial the payments proxy serves, as a TLS peer sees it in the handshake.
 served_serial() {
   openssl s_client -connect "$payments_ip:8443" </dev/null 2>/dev/null | openssl x509 -noout -serial | cut -d= -f2 | tr 'A-F' 'a-f'
 }
@@ -143,9 +152,10 @@ echo "  signer:         $signer"
 echo "  identities:     $(( $(kubectl get secrets -n shop -l rolemesh.dev/policy --no-headers | wc -l) + $(kubectl get secrets -n billing -l rolemesh.dev/policy --no-headers | wc -l) )) certificate Secrets, roles verified with STS"
 echo "  A->B (frontend -> payments): $a_result"
 echo "  B->A (payments -> frontend): $b_result"
+echo "  plain app port: $plain_result (payments' 8080 from outside the pod)"
 echo "  rotation:       payments serial $old_serial -> $new_serial, $rotation_result"
 echo "  pods:           $(kubectl get pods -A --no-headers | wc -l) pods, ${not_running:-all Running}"
 echo "  memory:         $(dev/cluster/memory.sh | awk '$1 == "total" {print $2 " " $3 " " $4}') for control plane, node, pods and AWS endpoint"
 echo "  took:           $(( $(date +%s) - start ))s"
 echo "  the cluster keeps running: 'source target/cluster/env' to use it, 'make cluster-down' to stop it and put the host back as it was"
-[ "$a_result" = allowed ] && [ "$b_result" = refused ] && [ "$rotation_result" != "not served" ] && [ -z "$not_running" ]
+[ "$a_result" = allowed ] && [ "$b_result" = refused ] && [ "$plain_result" = closed ] && [ "$rotation_result" != "not served" ] && [ -z "$not_running" ]

@@ -28,7 +28,11 @@ use kube::{
         predicates, reflector, watcher,
     },
 };
-use rolemesh_crds::{MTLSPolicy, names::MANAGED_SELECTOR};
+use rolemesh_crds::{
+    MTLSPolicy,
+    names::{MANAGED_SELECTOR, ROTATE_ANNOTATION},
+};
+use rolemesh_profile::ROLE_ARN_ANNOTATION;
 use tokio::sync::{mpsc, watch};
 use tracing::info;
 
@@ -62,6 +66,36 @@ pub struct ControllerConfig {
     pub watch_namespace: Option<String>,
     /// The webhook's serving certificate and caBundle to keep current; `None` leaves them alone.
     pub webhook_tls: Option<WebhookTlsConfig>,
+}
+
+/// Objects per page of a cache's initial list: ServiceAccounts live in every namespace and any
+/// tenant may make them large (annotations up to 256 KiB), so a page is what is decoded at once.
+const CACHE_LIST_PAGE: u32 = 50;
+/// What `kubectl apply` keeps of an object in an annotation: a second copy of its spec.
+const LAST_APPLIED_ANNOTATION: &str = "kubectl.kubernetes.io/last-applied-configuration";
+/// The longest role annotation worth keeping: IAM ARNs are at most 2,048 characters, so anything
+/// longer is refused as invalid whatever follows (cut at a character boundary).
+const MAX_ROLE_ANNOTATION: usize = 4_096;
+
+/// Keeps of a ServiceAccount what the controller reads (labels for selectors, the IRSA role and
+/// rotate annotations), so the cache is bounded by the number of ServiceAccounts, not by what
+/// their owners write into them.
+fn trim_service_account(sa: &mut ServiceAccount) {
+    sa.managed_fields_mut().clear();
+    sa.secrets = None;
+    sa.image_pull_secrets = None;
+    if let Some(annotations) = sa.metadata.annotations.as_mut() {
+        annotations.retain(|key, _| key == ROLE_ARN_ANNOTATION || key == ROTATE_ANNOTATION);
+        for value in annotations.values_mut() {
+            if value.len() > MAX_ROLE_ANNOTATION {
+                let mut end = MAX_ROLE_ANNOTATION;
+                while !value.is_char_boundary(end) {
+                    end -= 1;
+                }
+                value.truncate(end);
+            }
+        }
+    }
 }
 
 fn scoped<K>(client: &Client, namespace: Option<&str>) -> Api<K>
@@ -107,21 +141,22 @@ pub async fn run(
     let (service_accounts, sa_writer) = reflector::store::<ServiceAccount>();
     let sa_stream = watcher(
         scoped::<ServiceAccount>(&client, config.watch_namespace.as_deref()),
-        watcher::Config::default(),
+        watcher::Config::default().page_size(CACHE_LIST_PAGE),
     )
     .default_backoff()
-    .modify(|sa| {
-        sa.managed_fields_mut().clear();
-        sa.secrets = None;
-    })
+    .modify(trim_service_account)
     .reflect(sa_writer)
     .touched_objects();
     let (policies, policy_writer) = reflector::store::<MTLSPolicy>();
     let policy_stream = watcher(
         scoped::<MTLSPolicy>(&client, config.watch_namespace.as_deref()),
-        watcher::Config::default(),
+        watcher::Config::default().page_size(CACHE_LIST_PAGE),
     )
     .default_backoff()
+    .modify(|policy| {
+        policy.managed_fields_mut().clear();
+        policy.annotations_mut().remove(LAST_APPLIED_ANNOTATION);
+    })
     .reflect(policy_writer)
     .applied_objects()
     // Status writes (our own) do not trigger; spec and annotation (rotate) changes do.
@@ -254,4 +289,51 @@ pub fn replica_identity() -> String {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
         format!("{}-{}", host.trim(), std::process::id())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn cached_service_accounts_keep_only_what_the_controller_reads() {
+        let mut sa: ServiceAccount = serde_json::from_value(serde_json::json!({
+            "metadata": {
+                "name": "app", "namespace": "shop",
+                "labels": {"team": "a"},
+                "annotations": {
+                    "eks.amazonaws.com/role-arn": "arn:aws:iam::111122223333:role/app",
+                    "rolemesh.dev/rotate": "2026-12-02T00:00:00Z",
+                    "kubectl.kubernetes.io/last-applied-configuration": "x".repeat(250 * 1024),
+                },
+                "managedFields": [{"manager": "kubectl", "operation": "Apply"}],
+            },
+            "secrets": [{"name": "app-token"}],
+        }))
+        .unwrap();
+        trim_service_account(&mut sa);
+        let annotations = sa.metadata.annotations.clone().unwrap();
+        assert_eq!(
+            annotations.keys().collect::<Vec<_>>(),
+            ["eks.amazonaws.com/role-arn", "rolemesh.dev/rotate"]
+        );
+        assert_eq!(sa.metadata.labels.unwrap()["team"], "a");
+        assert!(sa.metadata.managed_fields.unwrap_or_default().is_empty());
+        assert!(sa.secrets.is_none());
+
+        // A role annotation too long to be an ARN stays too long to be one, at a bounded size.
+        let mut huge: ServiceAccount = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "huge", "annotations": {"eks.amazonaws.com/role-arn": format!("arn:{}", "é".repeat(200_000))}},
+        }))
+        .unwrap();
+        trim_service_account(&mut huge);
+        let kept = &huge.metadata.annotations.unwrap()["eks.amazonaws.com/role-arn"];
+        assert!(
+            kept.len() <= MAX_ROLE_ANNOTATION && kept.len() > 2048,
+            "{}",
+            kept.len()
+        );
+    }
 }

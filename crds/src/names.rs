@@ -36,6 +36,11 @@ pub const PROXY_IMAGE_ANNOTATION: &str = "rolemesh.dev/proxy-image";
 /// trust nothing else, and the app's other HTTPS calls (AWS APIs among them) fail.
 pub const SSL_CERT_FILE_ANNOTATION: &str = "rolemesh.dev/ssl-cert-file";
 
+/// On a pod, `"false"`: leave the inbound mappings' app ports open to other pods (no netfilter
+/// init container, no probe rewrite). Plain-text traffic then reaches the app without mTLS or the
+/// allow list; for apps that must be reached directly (docs/security-model.md).
+pub const PROTECT_APP_PORTS_ANNOTATION: &str = "rolemesh.dev/protect-app-ports";
+
 /// Suffix of a workload certificate Secret's name; see [`workload_secret_name`].
 const WORKLOAD_SECRET_SUFFIX: &str = "-rolemesh-tls";
 

@@ -17,6 +17,15 @@ import sys
 root = pathlib.Path(__file__).resolve().parents[2]
 
 
+BINARY_DIRS = ("/usr/local/bin/", "/usr/bin/", "/usr/sbin/", "/bin/", "/sbin/")
+
+
+def is_binary(path):
+    """Binaries are compared wherever they come from; other files (CA certificates, which a
+    Dockerfile's base image brings) are not."""
+    return path.startswith(BINARY_DIRS)
+
+
 def description(path):
     image = {"files": set(), "user": None, "entrypoint": None, "env": {}, "dockerfile": None}
     for raw in path.read_text().splitlines():
@@ -27,7 +36,7 @@ def description(path):
         if not line:
             continue
         verb, *args = line.split()
-        if verb == "file" and args[0].startswith("@release@/"):
+        if verb == "file" and (args[0].startswith("@release@/") or is_binary(args[1])):
             image["files"].add(args[1])
         elif verb == "user":
             image["user"] = args[0]
@@ -63,6 +72,10 @@ def dockerfile(path):
             words = [w for w in shlex.split(rest) if not w.startswith("--")]
             *sources, destination = words
             for source in sources:
+                # A directory tree copied whole is a binary's shared libraries (the description's
+                # `libs` lines), which the host's ldd decides there.
+                if source.endswith("/"):
+                    continue
                 target = destination + pathlib.PurePosixPath(source).name if destination.endswith("/") else destination
                 image["files"].add(target)
         elif verb == "USER":

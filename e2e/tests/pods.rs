@@ -13,7 +13,16 @@
 //! 3. leader handover: deleting the leader controller pod hands the Lease to the other replica,
 //!    which goes on issuing;
 //! 4. webhook down: with the webhook scaled to 0, pods that opt in are refused and kube-system
-//!    pods are created as usual.
+//!    pods are created as usual;
+//! 5. the app port closed: a pod outside the mesh reaches the server pod's proxy ports but not its
+//!    app's plain port, the app's own HTTP readiness probe passes through the proxy's admin port,
+//!    and the proxy's image cannot be swapped on the running pod;
+//! 6. system trust kept: an injected app's own HTTPS call (OpenSSL) to a server on the node whose
+//!    CA is in the app's system store succeeds; the same app annotated
+//!    `rolemesh.dev/ssl-cert-file: "true"` trusts only rolemesh's bundle and fails;
+//! 7. large ServiceAccounts elsewhere: 500 ServiceAccounts with 250 KiB annotations in an
+//!    unrelated namespace leave the controller's and webhook's memory within a bound (they cache
+//!    only what they read), and admission and issuance keep working.
 
 use std::time::{Duration, Instant};
 
@@ -23,6 +32,8 @@ use rolemesh_testkit::{
 };
 
 const BUSYBOX: &str = "rolemesh.local/busybox:1.35.0";
+/// OpenSSL's client with Debian's trust store layout (dev/images/openssl.image).
+const OPENSSL: &str = "rolemesh.local/openssl:test";
 const RELEASE_NAMESPACE: &str = "rolemesh";
 const TRUST_DOMAIN: &str = "pods.rolemesh.test";
 /// The server's inbound mapping (proxy) and its app's plain port.
@@ -38,6 +49,13 @@ async fn the_chart_runs_as_pods_and_meshes_injected_pods() -> Result<()> {
     let outcome = in_namespace("pods", |ns| async move {
         let mesh = Mesh::deploy(&ns).await.context("deploying the mesh")?;
         timed("injection", mesh.injection()).await?;
+        timed("app port closed", mesh.app_port_closed()).await?;
+        timed("system trust kept", mesh.system_trust_kept()).await?;
+        timed(
+            "large ServiceAccounts elsewhere",
+            mesh.large_service_accounts_elsewhere(),
+        )
+        .await?;
         // The rotation mostly waits for kubelet's pod sync; the phases that take parts of the
         // release away run meanwhile: the new certificates are already written by then, and
         // running pods need neither the controller nor the webhook.
@@ -464,6 +482,362 @@ spec:
         Ok(())
     }
 
+    fn server_pod(&self) -> Result<(String, String)> {
+        let ns = &self.ns.name;
+        let name = self.kubectl(&[
+            "get",
+            "pods",
+            "-n",
+            ns,
+            "-l",
+            "app=server",
+            "-o",
+            "jsonpath={.items[0].metadata.name}",
+        ])?;
+        let ip = self.kubectl(&[
+            "get",
+            "pod",
+            &name,
+            "-n",
+            ns,
+            "-o",
+            "jsonpath={.status.podIP}",
+        ])?;
+        Ok((name, ip))
+    }
+
+    /// The server app binds 0.0.0.0:8080; only its proxy may reach it.
+    async fn app_port_closed(&self) -> Result<()> {
+        let ns = &self.ns.name;
+        let (server, ip) = self.server_pod()?;
+        let init = self.kubectl(&[
+            "get",
+            "pod",
+            &server,
+            "-n",
+            ns,
+            "-o",
+            r#"jsonpath={range .spec.initContainers[*]}{.name}={.restartPolicy}{" "}{end}"#,
+        ])?;
+        ensure!(
+            init.trim() == "rolemesh-init= rolemesh-proxy=Always",
+            "the netfilter init container runs before the proxy: {init:?}"
+        );
+        // The Deployment rolled out, so kubelet found the app Ready: through the admin port, as
+        // kubelet's own connection to 8080 is now refused.
+        let probe = self.kubectl(&[
+            "get",
+            "pod",
+            &server,
+            "-n",
+            ns,
+            "-o",
+            "jsonpath={.spec.containers[0].readinessProbe.httpGet.port} {.spec.containers[0].readinessProbe.httpGet.path} {.status.containerStatuses[0].ready}",
+        ])?;
+        ensure!(
+            probe.trim() == "15021 /app-health/app/readiness true",
+            "the app's readiness probe goes through the proxy and passes: {probe:?}"
+        );
+        let outsider = serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "outsider", "namespace": ns, "labels": {"rolemesh.dev/inject": "false"}},
+            "spec": {
+                "terminationGracePeriodSeconds": 1,
+                "containers": [{"name": "app", "image": BUSYBOX, "command": ["sleep", "3600"]}],
+            },
+        })
+        .to_string();
+        self.ns
+            .env
+            .run("kubectl", &["create", "-f", "-"], Some(&outsider))?;
+        self.ns
+            .wait_pod_ready("outsider", Duration::from_secs(120))
+            .await?;
+        let from_outside = |url: String| {
+            self.ns.env.run(
+                "kubectl",
+                &[
+                    "exec", "outsider", "-n", ns, "--", "wget", "-T", "5", "-qO-", &url,
+                ],
+                None,
+            )
+        };
+        // The same pod IP answers on the proxy's admin port: the network path is there.
+        let admin = from_outside(format!("http://{ip}:15021/ready"))?;
+        ensure!(
+            admin.status.success() && String::from_utf8_lossy(&admin.stdout).contains("ready"),
+            "the outsider reaches the server pod's admin port: {}",
+            String::from_utf8_lossy(&admin.stderr)
+        );
+        let plain = from_outside(format!("http://{ip}:{APP_PORT}/index.html"))?;
+        let stdout = String::from_utf8_lossy(&plain.stdout);
+        let stderr = String::from_utf8_lossy(&plain.stderr);
+        ensure!(
+            !plain.status.success() && !stdout.contains(&self.token),
+            "a pod outside the mesh must not reach {ip}:{APP_PORT} in plain text; it got {stdout:?}"
+        );
+        ensure!(
+            stderr.contains("refused") || stderr.contains("timed out"),
+            "refused or timed out, not another failure: {stderr}"
+        );
+        println!("outsider -> {ip}:{APP_PORT}: {}", stderr.trim());
+        // The mesh path still works: the client's requests through its proxy keep succeeding.
+        let expected = format!("ok {}", self.token);
+        let seen = self.client_log()?.len();
+        eventually(
+            "a request through the mesh after the outsider's attempt",
+            Duration::from_secs(30),
+            || async { Ok(self.client_log()?[seen..].contains(&expected).then_some(())) },
+        )
+        .await?;
+        // Pods may change images after creation; the chart's admission policy keeps rolemesh's.
+        let swap = self.ns.env.run(
+            "kubectl",
+            &[
+                "set",
+                "image",
+                &format!("pod/{server}"),
+                "-n",
+                ns,
+                &format!("rolemesh-proxy={BUSYBOX}"),
+            ],
+            None,
+        )?;
+        let refusal = String::from_utf8_lossy(&swap.stderr);
+        ensure!(
+            !swap.status.success() && refusal.contains("cannot change on a running pod"),
+            "swapping the proxy image of a running pod is refused: {refusal}"
+        );
+        self.kubectl(&["delete", "pod", "outsider", "-n", ns, "--wait=false"])?;
+        Ok(())
+    }
+
+    async fn system_trust_kept(&self) -> Result<()> {
+        let ns = &self.ns.name;
+        let node_ip = node_ip(&self.ns.env)?;
+        let server = SystemCaServer::start(&node_ip)?;
+        self.ns.apply_manifest(&format!(
+            r#"
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: system-store
+data:
+  ca-certificates.crt: |
+{ca}
+"#,
+            ca = indent(&server.ca_pem, 4)
+        ))?;
+        let caller = |name: &str, annotations: serde_json::Value| {
+            serde_json::json!({
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {"name": name, "namespace": ns, "annotations": annotations},
+                "spec": {
+                    "serviceAccountName": "client",
+                    "terminationGracePeriodSeconds": 1,
+                    "containers": [{
+                        "name": "app",
+                        "image": OPENSSL,
+                        "command": ["sh", "-c", format!(
+                            "if openssl s_client -connect {}:{} -verify_return_error -verify_ip {node_ip} -brief </dev/null; \
+                             then echo 'https: verified'; else echo 'https: refused'; fi; echo \"SSL_CERT_FILE=$SSL_CERT_FILE\"; exec sleep 3600",
+                            node_ip, server.port)],
+                        // The image's system store, holding the CA of the server on the node.
+                        "volumeMounts": [{"name": "store", "mountPath": "/etc/ssl/certs/ca-certificates.crt",
+                                          "subPath": "ca-certificates.crt", "readOnly": true}],
+                    }],
+                    "volumes": [{"name": "store", "configMap": {"name": "system-store"}}],
+                },
+            })
+            .to_string()
+        };
+        for (name, annotations) in [
+            ("system-trust", serde_json::json!({})),
+            (
+                "bundle-trust",
+                serde_json::json!({"rolemesh.dev/ssl-cert-file": "true"}),
+            ),
+        ] {
+            let out = self.ns.env.run(
+                "kubectl",
+                &["create", "-f", "-"],
+                Some(&caller(name, annotations)),
+            )?;
+            rolemesh_testkit::expect_success("kubectl", &["create", name], &out)?;
+        }
+        let verdict = |pod: &'static str| async move {
+            eventually(
+                &format!("{pod}'s HTTPS verdict"),
+                Duration::from_secs(120),
+                || async {
+                    let log =
+                        self.ns
+                            .env
+                            .run("kubectl", &["logs", pod, "-c", "app", "-n", ns], None)?;
+                    let log = String::from_utf8_lossy(&log.stdout).to_string();
+                    Ok(log.contains("SSL_CERT_FILE=").then_some(log))
+                },
+            )
+            .await
+        };
+        let system = verdict("system-trust").await?;
+        ensure!(
+            system.contains("https: verified") && system.contains("SSL_CERT_FILE=\n"),
+            "an injected app verifies a server under its system store, with no SSL_CERT_FILE set: {system}"
+        );
+        let bundle = verdict("bundle-trust").await?;
+        ensure!(
+            bundle.contains("https: refused")
+                && bundle.contains("SSL_CERT_FILE=/var/run/rolemesh/trust/ca.crt"),
+            "with the opt-in the app trusts only rolemesh's bundle (so the test can fail): {bundle}"
+        );
+        println!(
+            "system trust: {}",
+            system.lines().next().unwrap_or_default()
+        );
+        self.kubectl(&[
+            "delete",
+            "pod",
+            "system-trust",
+            "bundle-trust",
+            "-n",
+            ns,
+            "--wait=false",
+        ])?;
+        Ok(())
+    }
+
+    async fn large_service_accounts_elsewhere(&self) -> Result<()> {
+        let before = rolemesh_memory()?;
+        let elsewhere = rolemesh_testkit::unique("large-sas");
+        let namespaces: kube::Api<k8s_openapi::api::core::v1::Namespace> =
+            kube::Api::all(self.ns.client.clone());
+        namespaces
+            .create(
+                &Default::default(),
+                &serde_json::from_value(serde_json::json!({"metadata": {"name": elsewhere}}))?,
+            )
+            .await?;
+        let outcome = self.with_large_service_accounts(&elsewhere, &before).await;
+        let _ = namespaces.delete(&elsewhere, &Default::default()).await;
+        outcome
+    }
+
+    async fn with_large_service_accounts(
+        &self,
+        elsewhere: &str,
+        before: &[(String, u64)],
+    ) -> Result<()> {
+        use futures::{StreamExt, TryStreamExt};
+        let accounts: kube::Api<k8s_openapi::api::core::v1::ServiceAccount> =
+            kube::Api::namespaced(self.ns.client.clone(), elsewhere);
+        let filler = "x".repeat(LARGE_ANNOTATION);
+        let created = Instant::now();
+        futures::stream::iter(0..LARGE_SERVICE_ACCOUNTS)
+            .map(|i| {
+                let accounts = accounts.clone();
+                let sa = serde_json::json!({
+                    "metadata": {
+                        "name": format!("big-{i}"),
+                        "annotations": {"example.com/notes": filler,
+                                        "eks.amazonaws.com/role-arn": "arn:aws:iam::111122223333:role/big"},
+                    },
+                });
+                async move {
+                    accounts
+                        .create(&Default::default(), &serde_json::from_value(sa)?)
+                        .await?;
+                    Ok::<_, anyhow::Error>(())
+                }
+            })
+            .buffer_unordered(8)
+            .try_collect::<Vec<_>>()
+            .await?;
+        println!(
+            "{LARGE_SERVICE_ACCOUNTS} ServiceAccounts of {} KiB created in {:.1}s",
+            LARGE_ANNOTATION / 1024,
+            created.elapsed().as_secs_f64()
+        );
+        // Admission and issuance go on: a new covered ServiceAccount gets its certificate and an
+        // opted-in pod is injected.
+        let ns = &self.ns.name;
+        let role = self
+            .ns
+            .env
+            .create_irsa_role(&format!("{ns}-after-bloat"), ns, "after-bloat")
+            .await?;
+        self.ns.apply_manifest(&format!(
+            r#"
+apiVersion: v1
+kind: ServiceAccount
+metadata:
+  name: after-bloat
+  annotations: {{eks.amazonaws.com/role-arn: "{role}"}}
+---
+apiVersion: rolemesh.dev/v1alpha1
+kind: MTLSPolicy
+metadata:
+  name: after-bloat
+spec:
+  serviceAccounts: {{names: [after-bloat]}}
+  outbound:
+    - {{name: server, localPort: 9002, upstream: "server.{ns}.svc:{MTLS_PORT}", expect: ["spiffe://{TRUST_DOMAIN}/ns/{ns}/sa/server"]}}
+"#
+        ))?;
+        eventually(
+            "the certificate of a ServiceAccount covered after the bloat",
+            Duration::from_secs(90),
+            || async {
+                let out = self.ns.env.run(
+                    "kubectl",
+                    &[
+                        "get",
+                        "secret",
+                        "after-bloat-rolemesh-tls",
+                        "-n",
+                        ns,
+                        "-o",
+                        "name",
+                    ],
+                    None,
+                )?;
+                Ok(out.status.success().then_some(()))
+            },
+        )
+        .await?;
+        let pod = sleeper("after-bloat", ns, "after-bloat");
+        let out = self.ns.env.run(
+            "kubectl",
+            &["create", "--dry-run=server", "-o", "yaml", "-f", "-"],
+            Some(&pod),
+        )?;
+        ensure!(
+            out.status.success() && String::from_utf8_lossy(&out.stdout).contains("rolemesh-proxy"),
+            "an opted-in pod is injected after the bloat: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let after = rolemesh_memory()?;
+        println!("RSS MiB before: {before:?}; after: {after:?}");
+        for (process, mib) in &after {
+            let was = before
+                .iter()
+                .find(|(p, _)| p == process)
+                .map_or(0, |(_, m)| *m);
+            ensure!(
+                *mib <= was + MEMORY_GROWTH_BOUND_MIB,
+                "{process} grew from {was} to {mib} MiB with {} MiB of annotations elsewhere",
+                LARGE_SERVICE_ACCOUNTS * LARGE_ANNOTATION / (1024 * 1024)
+            );
+        }
+        ensure!(
+            after.len() == 4,
+            "two controller and two webhook processes: {after:?}"
+        );
+        Ok(())
+    }
+
     async fn leader_handover(&self) -> Result<()> {
         let env = &self.ns.env;
         let holder = || {
@@ -621,6 +995,134 @@ spec:
         );
         env.kubectl(&["delete", "pod", &name, "-n", "kube-system", "--wait=false"])?;
         Ok(())
+    }
+}
+
+const LARGE_SERVICE_ACCOUNTS: usize = 500;
+const LARGE_ANNOTATION: usize = 250 * 1024;
+/// What the controller and webhook may grow by while 122 MiB of ServiceAccount annotations exist
+/// elsewhere: their caches keep only labels and the role annotation.
+const MEMORY_GROWTH_BOUND_MIB: u64 = 24;
+
+/// Resident memory (MiB) of the chart's controller and webhook processes, found in the host's
+/// /proc (the node runs on this host), keyed by binary and pid.
+fn rolemesh_memory() -> Result<Vec<(String, u64)>> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc")? {
+        let entry = entry?;
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let argv0 = cmdline.split(|b| *b == 0).next().unwrap_or_default();
+        let argv0 = String::from_utf8_lossy(argv0);
+        // The images' path; the tests' own controllers run from target/.
+        if argv0 == "/usr/local/bin/rolemesh-controller"
+            || argv0 == "/usr/local/bin/rolemesh-webhook"
+        {
+            let kib = rolemesh_testkit::procfs::rss_kib(pid);
+            found.push((format!("{argv0}[{pid}]"), kib / 1024));
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
+/// The node's IP, where pods reach the host (the local AWS endpoint listens there too).
+fn node_ip(env: &ClusterEnv) -> Result<String> {
+    let endpoint = env.aws_endpoint();
+    let host = endpoint
+        .trim_start_matches("http://")
+        .rsplit_once(':')
+        .map(|(host, _)| host.to_string())
+        .with_context(|| format!("no host in {endpoint}"))?;
+    Ok(host)
+}
+
+fn indent(text: &str, spaces: usize) -> String {
+    let pad = " ".repeat(spaces);
+    text.lines()
+        .map(|line| format!("{pad}{line}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// `openssl s_server` on the node with a certificate for its IP from a CA made here, standing in
+/// for any HTTPS service an app calls (an AWS API, say) under a CA of the app's system store.
+struct SystemCaServer {
+    ca_pem: String,
+    port: u16,
+    child: std::process::Child,
+    dir: std::path::PathBuf,
+}
+
+impl SystemCaServer {
+    fn start(ip: &str) -> Result<Self> {
+        let ca_key = rcgen::KeyPair::generate()?;
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "system store test CA");
+        ca_params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
+        let ca = ca_params.self_signed(&ca_key)?;
+        let issuer = rcgen::Issuer::from_params(&ca_params, &ca_key);
+        let key = rcgen::KeyPair::generate()?;
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        params.subject_alt_names = vec![rcgen::SanType::IpAddress(ip.parse()?)];
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "https on the node");
+        let cert = params.signed_by(&key, &issuer)?;
+        let dir = std::env::temp_dir().join(rolemesh_testkit::unique("system-ca"));
+        std::fs::create_dir_all(&dir)?;
+        let cert_path = dir.join("server.pem");
+        let key_path = dir.join("server.key");
+        std::fs::write(&cert_path, cert.pem())?;
+        std::fs::write(&key_path, key.serialize_pem())?;
+        let port = {
+            let probe = std::net::TcpListener::bind((ip, 0))?;
+            probe.local_addr()?.port()
+        };
+        let child = std::process::Command::new("openssl")
+            .args(["s_server", "-quiet", "-www", "-accept"])
+            .arg(format!("{ip}:{port}"))
+            .arg("-cert")
+            .arg(&cert_path)
+            .arg("-key")
+            .arg(&key_path)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("starting openssl s_server")?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect((ip, port)).is_err() {
+            ensure!(
+                Instant::now() < deadline,
+                "openssl s_server did not listen on {ip}:{port}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(Self {
+            ca_pem: ca.pem(),
+            port,
+            child,
+            dir,
+        })
+    }
+}
+
+impl Drop for SystemCaServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

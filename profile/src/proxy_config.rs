@@ -15,6 +15,9 @@ pub const DEFAULT_IDENTITY_DIR: &str = "/var/run/rolemesh/identity";
 pub const DEFAULT_TRUST_DIR: &str = "/var/run/rolemesh/trust";
 /// The proxy's plain-HTTP admin port (health, readiness, metrics).
 pub const DEFAULT_ADMIN_PORT: u16 = 15021;
+/// Admin path prefix of the app probes kubelet sends through the proxy:
+/// `/app-health/<container>/<kind>` (see [`AppProbe`]).
+pub const APP_HEALTH_PREFIX: &str = "/app-health/";
 
 /// Everything the proxy needs to run.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -39,6 +42,43 @@ pub struct ProxyConfig {
     pub outbound: Vec<OutboundListener>,
     #[serde(default)]
     pub limits: Limits,
+    /// The app's own kubelet probes aimed at inbound app ports, which the pod's netfilter rules
+    /// close to everything but loopback: kubelet asks the admin port instead, and the proxy asks
+    /// the app on 127.0.0.1.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub app_probes: Vec<AppProbe>,
+}
+
+/// One rewritten kubelet probe: kubelet GETs `/app-health/<container>/<kind>` on the admin port and
+/// the proxy runs the original check against 127.0.0.1.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AppProbe {
+    pub container: String,
+    /// `liveness`, `readiness` or `startup`.
+    pub kind: String,
+    pub port: u16,
+    /// The HTTP request the original probe made; absent for a TCP probe (a connect is the check).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<AppHttpProbe>,
+    /// The original probe's timeout.
+    pub timeout_secs: u32,
+}
+
+/// What an `httpGet` probe sends: path and headers (kubelet's `Host` override included).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AppHttpProbe {
+    pub path: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<(String, String)>,
+}
+
+impl AppProbe {
+    /// The admin path kubelet is pointed at for this probe.
+    pub fn admin_path(&self) -> String {
+        format!("{APP_HEALTH_PREFIX}{}/{}", self.container, self.kind)
+    }
 }
 
 /// mTLS in, plain TCP to the app on 127.0.0.1.
@@ -185,7 +225,46 @@ impl ProxyConfig {
                 pattern.validate()?;
             }
         }
+        let app_ports: BTreeSet<u16> = self.inbound.iter().map(|l| l.app_port).collect();
+        let mut probes = BTreeSet::new();
+        for probe in &self.app_probes {
+            let what = format!("app probe {}/{}", probe.container, probe.kind);
+            if !matches!(probe.kind.as_str(), "liveness" | "readiness" | "startup") {
+                return bad(format!(
+                    "{what}: kind must be liveness, readiness or startup"
+                ));
+            }
+            // The container name is a path segment of the admin URL.
+            if probe.container.is_empty() || probe.container.contains('/') {
+                return bad(format!("{what}: container must be a container name"));
+            }
+            // Only ports the netfilter rules close are probed through the proxy: anything else
+            // would make the admin port a way to reach other loopback services.
+            if !app_ports.contains(&probe.port) {
+                return bad(format!(
+                    "{what}: port {} is not an inbound appPort",
+                    probe.port
+                ));
+            }
+            if let Some(http) = &probe.http
+                && !http.path.starts_with('/')
+            {
+                return bad(format!("{what}: path must start with /"));
+            }
+            if !probes.insert((probe.container.as_str(), probe.kind.as_str())) {
+                return bad(format!("{what} is listed twice"));
+            }
+        }
         Ok(())
+    }
+
+    /// The rewritten probe kubelet reaches at `path` on the admin port, if any.
+    pub fn app_probe(&self, path: &str) -> Option<&AppProbe> {
+        let rest = path.strip_prefix(APP_HEALTH_PREFIX)?;
+        let (container, kind) = rest.split_once('/')?;
+        self.app_probes
+            .iter()
+            .find(|p| p.container == container && p.kind == kind)
     }
 }
 
@@ -465,9 +544,43 @@ mod tests {
                 ],
             }],
             limits: Limits::default(),
+            app_probes: vec![AppProbe {
+                container: "app".into(),
+                kind: "readiness".into(),
+                port: 8080,
+                http: Some(AppHttpProbe {
+                    path: "/healthz".into(),
+                    headers: vec![("Host".into(), "app.local".into())],
+                }),
+                timeout_secs: 1,
+            }],
         };
         let parsed = ProxyConfig::from_json(&config.to_json()).unwrap();
         assert_eq!(parsed, config);
+        assert_eq!(
+            parsed.app_probe("/app-health/app/readiness"),
+            Some(&config.app_probes[0])
+        );
+        assert_eq!(parsed.app_probe("/app-health/app/liveness"), None);
+        assert_eq!(parsed.app_probe("/ready"), None);
+
+        // The admin port must not become a way to reach loopback ports the rules do not close.
+        let mut elsewhere = config.clone();
+        elsewhere.app_probes[0].port = 22;
+        let err = elsewhere.validate().unwrap_err().to_string();
+        assert!(err.contains("port 22 is not an inbound appPort"), "{err}");
+        let mut odd = config.clone();
+        odd.app_probes[0].kind = "whenever".into();
+        assert!(odd.validate().is_err());
+        let mut twice = config.clone();
+        twice.app_probes.push(twice.app_probes[0].clone());
+        assert!(
+            twice
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("listed twice")
+        );
 
         let mut clash = config.clone();
         clash.outbound[0].local_port = 8443;

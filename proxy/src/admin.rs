@@ -1,19 +1,40 @@
-//! The plain-HTTP admin port: `/live`, `/ready`, `/metrics`. It sees the proxy only through a
-//! readiness handle and the metrics registry.
+//! The plain-HTTP admin port: `/live`, `/ready`, `/metrics`, and the app's own kubelet probes
+//! (`/app-health/<container>/<kind>`), which the pod's netfilter rules keep from reaching the app
+//! directly. It sees the proxy only through a readiness handle, the metrics registry and the
+//! rewritten probes.
 
-use std::{convert::Infallible, sync::Arc, time::Duration};
+use std::{
+    convert::Infallible,
+    net::{Ipv4Addr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
 
-use http_body_util::Full;
+use http_body_util::{Empty, Full};
 use hyper::{Request, Response, StatusCode, body::Bytes, header, service::service_fn};
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
+use rolemesh_profile::proxy_config::{APP_HEALTH_PREFIX, AppHttpProbe, AppProbe};
+use tokio::net::{TcpListener, TcpStream};
 
 use crate::{metrics::Metrics, state::Readiness};
 
 /// Admin requests are tiny; a client that holds a connection longer is dropped.
-const ADMIN_CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
+const ADMIN_CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
+/// A request's headers must arrive within this; a silent or trickling client frees its slot.
+const ADMIN_HEADER_TIMEOUT: Duration = Duration::from_secs(2);
+/// Admin connections served at once (kubelet's probes and a Prometheus scrape need a handful).
+/// Past this, a new connection is closed as soon as it is accepted: the port is open to every
+/// pod, and each held connection would cost a file descriptor and buffers on the thread the data
+/// plane runs on.
+pub const ADMIN_MAX_CONNECTIONS: usize = 64;
 
-pub async fn serve(listener: TcpListener, readiness: Readiness, metrics: Arc<Metrics>) {
+pub async fn serve(
+    listener: TcpListener,
+    readiness: Readiness,
+    metrics: Arc<Metrics>,
+    app_probes: Arc<[AppProbe]>,
+) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(ADMIN_MAX_CONNECTIONS));
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
@@ -23,18 +44,123 @@ pub async fn serve(listener: TcpListener, readiness: Readiness, metrics: Arc<Met
                 continue;
             }
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            metrics.admin_connection_refused();
+            drop(stream);
+            // A flood of connects must not keep the thread from the data plane's tasks.
+            tokio::task::yield_now().await;
+            continue;
+        };
         let readiness = readiness.clone();
         let metrics = metrics.clone();
+        let app_probes = app_probes.clone();
         tokio::spawn(async move {
             let service = service_fn(move |request: Request<hyper::body::Incoming>| {
-                let response = respond(&readiness, &metrics, request.uri().path());
-                async move { Ok::<_, Infallible>(response) }
+                let path = request.uri().path().to_string();
+                let readiness = readiness.clone();
+                let metrics = metrics.clone();
+                let app_probes = app_probes.clone();
+                async move {
+                    let response = if path.starts_with(APP_HEALTH_PREFIX) {
+                        probe_app(&app_probes, &path).await
+                    } else {
+                        respond(&readiness, &metrics, &path)
+                    };
+                    Ok::<_, Infallible>(response)
+                }
             });
             let connection = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(ADMIN_HEADER_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), service);
             let _ = tokio::time::timeout(ADMIN_CONNECTION_TIMEOUT, connection).await;
+            drop(slot);
         });
     }
+}
+
+/// Runs the original check of the rewritten probe at `path` against the app on 127.0.0.1 and
+/// answers as kubelet would judge it: 200 when the app passed (a 2xx or 3xx answer, or an accepted
+/// TCP connection), 503 with the reason otherwise, 404 for a probe the pod does not have.
+async fn probe_app(app_probes: &[AppProbe], path: &str) -> Response<Full<Bytes>> {
+    let Some(probe) = app_probes.iter().find(|p| p.admin_path() == path) else {
+        return text(StatusCode::NOT_FOUND, "no such app probe\n".to_string());
+    };
+    let address = SocketAddr::from((Ipv4Addr::LOCALHOST, probe.port));
+    let timeout = Duration::from_secs(u64::from(probe.timeout_secs.max(1)));
+    let outcome = tokio::time::timeout(timeout, async {
+        let stream = TcpStream::connect(address)
+            .await
+            .map_err(|error| format!("connect to {address}: {error}"))?;
+        match &probe.http {
+            None => Ok(StatusCode::OK),
+            Some(http) => get(stream, address, http).await,
+        }
+    })
+    .await
+    .unwrap_or_else(|_| Err(format!("no answer within {}s", timeout.as_secs())));
+    match outcome {
+        Ok(status) if status.is_success() || status.is_redirection() => text(
+            StatusCode::OK,
+            format!("app answered {}\n", status.as_u16()),
+        ),
+        Ok(status) => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("app answered {}\n", status.as_u16()),
+        ),
+        Err(reason) => {
+            tracing::debug!(container = %probe.container, kind = %probe.kind, %reason, "app probe failed");
+            text(StatusCode::SERVICE_UNAVAILABLE, format!("{reason}\n"))
+        }
+    }
+}
+
+/// The HTTP GET kubelet would have sent, through hyper's client.
+async fn get(
+    stream: TcpStream,
+    address: SocketAddr,
+    http: &AppHttpProbe,
+) -> Result<StatusCode, String> {
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|error| format!("HTTP to {address}: {error}"))?;
+    let connection = tokio::spawn(connection);
+    let mut request = Request::get(http.path.as_str())
+        .header(header::HOST, address.to_string())
+        .header(header::USER_AGENT, "kube-probe (rolemesh-proxy)");
+    for (name, value) in &http.headers {
+        // kubelet lets a probe's headers replace its own, Host included.
+        if let Some(headers) = request.headers_mut() {
+            match (
+                header::HeaderName::try_from(name.as_str()),
+                header::HeaderValue::try_from(value.as_str()),
+            ) {
+                (Ok(name), Ok(value)) => {
+                    headers.insert(name, value);
+                }
+                _ => return Err(format!("header {name:?} of the probe is not valid HTTP")),
+            }
+        }
+    }
+    let request = request
+        .body(Empty::<Bytes>::new())
+        .map_err(|error| format!("probe request: {error}"))?;
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|error| format!("HTTP to {address}: {error}"));
+    connection.abort();
+    Ok(response?.status())
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain"),
+    );
+    response
 }
 
 fn respond(readiness: &Readiness, metrics: &Metrics, path: &str) -> Response<Full<Bytes>> {

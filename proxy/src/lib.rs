@@ -171,6 +171,7 @@ pub async fn run(
         admin_listener,
         shared.readiness.clone(),
         shared.metrics.clone(),
+        shared.config.app_probes.clone().into(),
     ));
     let reload = tokio::spawn({
         let shared = shared.clone();

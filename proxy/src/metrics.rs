@@ -43,6 +43,7 @@ pub struct Metrics {
     failures: Family<FailureLabels, Counter>,
     reloads: Family<ReloadLabels, Counter>,
     not_after: Gauge<i64, AtomicI64>,
+    admin_refused: Counter,
 }
 
 /// The handles one mapping's connections update.
@@ -92,6 +93,7 @@ impl Metrics {
         let failures = Family::<FailureLabels, Counter>::default();
         let reloads = Family::<ReloadLabels, Counter>::default();
         let not_after = Gauge::<i64, AtomicI64>::default();
+        let admin_refused = Counter::default();
         registry.register(
             "connections_open",
             "Connections currently spliced",
@@ -122,6 +124,11 @@ impl Metrics {
             "notAfter of the workload certificate in use, as a Unix timestamp",
             not_after.clone(),
         );
+        registry.register(
+            "admin_connections_refused",
+            "Admin-port connections closed on accept because the admin connection cap was reached",
+            admin_refused.clone(),
+        );
         Self {
             registry,
             open,
@@ -130,6 +137,7 @@ impl Metrics {
             failures,
             reloads,
             not_after,
+            admin_refused,
         }
     }
 
@@ -163,6 +171,10 @@ impl Metrics {
     pub fn reload(&self, accepted: bool) {
         let result = if accepted { "accepted" } else { "rejected" };
         self.reloads.get_or_create(&ReloadLabels { result }).inc();
+    }
+
+    pub fn admin_connection_refused(&self) {
+        self.admin_refused.inc();
     }
 
     pub fn set_not_after(&self, unix_seconds: i64) {

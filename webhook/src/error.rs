@@ -20,10 +20,29 @@ pub enum Error {
     },
 
     #[error(
-        "rolemesh cannot inject this pod: it already has {kind} {name:?}, a name rolemesh reserves \
-         for what it injects, but no rolemesh.dev/injected annotation; rename the {kind}"
+        "rolemesh cannot inject this pod: it defines {kind} {name:?} itself ({why}), and rolemesh \
+         reserves that name for what it injects; remove or rename the {kind} (a pod cannot bring \
+         its own rolemesh proxy, identity volume or trust volume, whatever its annotations say)"
     )]
-    NameConflict { kind: &'static str, name: String },
+    NameConflict {
+        kind: &'static str,
+        name: String,
+        why: String,
+    },
+
+    #[error(
+        "rolemesh cannot inject this pod: the {kind} probe of container {container:?} checks port \
+         {port}, which the pod's network rules close to everything but the pod itself, and a \
+         {probe} probe cannot be sent through the proxy's admin port; use an httpGet (HTTP) or \
+         tcpSocket probe, or exec, or annotate the pod rolemesh.dev/protect-app-ports: \"false\" \
+         (docs/security-model.md: the app port is then open to every pod)"
+    )]
+    ProbeNotRewritable {
+        container: String,
+        kind: &'static str,
+        port: u16,
+        probe: &'static str,
+    },
 
     #[error(
         "rolemesh cannot inject this pod: it uses the node's network (spec.hostNetwork: true), \
@@ -98,6 +117,7 @@ impl Error {
             self,
             Self::NotCovered { .. }
                 | Self::NameConflict { .. }
+                | Self::ProbeNotRewritable { .. }
                 | Self::HostNetwork
                 | Self::MountConflict { .. }
                 | Self::InvalidPolicy { .. }

@@ -3,12 +3,17 @@
 //!
 //! The patch only ever adds what is missing, so applying it and computing it again yields no
 //! operations: reinvocation (`reinvocationPolicy: IfNeeded`) is safe, and a container added by a
-//! later webhook still gets the trust bundle on reinvocation. A pod that carries names rolemesh
-//! reserves but not the `rolemesh.dev/injected` annotation is refused rather than clobbered.
+//! later webhook still gets the trust bundle on reinvocation. A pod that carries a name rolemesh
+//! reserves is admitted only when what it holds under that name is exactly what rolemesh injects
+//! (the reinvocation case): annotations prove nothing, since the pod's author writes them.
+//!
+//! Pods with inbound mappings also get an init container that closes the mappings' app ports to
+//! everything but the pod's own loopback (nftables, in the proxy image), and kubelet probes aimed
+//! at those ports are rewritten to the proxy's admin port, which runs them against 127.0.0.1.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
-use json_patch::{AddOperation, Patch, PatchOperation};
+use json_patch::{AddOperation, Patch, PatchOperation, ReplaceOperation};
 use jsonptr::PointerBuf;
 use k8s_openapi::{
     api::core::v1::{
@@ -21,13 +26,13 @@ use k8s_openapi::{
 use rolemesh_crds::{
     MTLSPolicy,
     names::{
-        INJECTED_ANNOTATION, PROXY_IMAGE_ANNOTATION, SSL_CERT_FILE_ANNOTATION,
-        TRUST_BUNDLE_CONFIGMAP, TRUST_BUNDLE_KEY, workload_secret_name,
+        INJECTED_ANNOTATION, PROTECT_APP_PORTS_ANNOTATION, PROXY_IMAGE_ANNOTATION,
+        SSL_CERT_FILE_ANNOTATION, TRUST_BUNDLE_CONFIGMAP, TRUST_BUNDLE_KEY, workload_secret_name,
     },
 };
 use rolemesh_profile::proxy_config::{
-    DEFAULT_ADMIN_PORT, DEFAULT_IDENTITY_DIR, DEFAULT_TRUST_DIR, InboundListener, Limits,
-    OutboundListener, PeerPattern, ProxyConfig,
+    AppHttpProbe, AppProbe, CONFIG_ENV, DEFAULT_ADMIN_PORT, DEFAULT_IDENTITY_DIR,
+    DEFAULT_TRUST_DIR, InboundListener, Limits, OutboundListener, PeerPattern, ProxyConfig,
 };
 use serde_json::Value;
 
@@ -35,6 +40,10 @@ use crate::error::{Error, Result};
 
 /// Name of the injected sidecar.
 pub const PROXY_CONTAINER: &str = "rolemesh-proxy";
+/// Name of the init container that closes the app ports (runs `nft` from the proxy image).
+pub const NETFILTER_CONTAINER: &str = "rolemesh-init";
+/// nftables' command-line tool in the proxy image.
+pub const NFT_PATH: &str = "/usr/sbin/nft";
 /// Volume holding the workload's certificate Secret (mounted into the proxy only).
 pub const IDENTITY_VOLUME: &str = "rolemesh-identity";
 /// Volume holding the trust bundle ConfigMap (mounted into every container).
@@ -112,6 +121,7 @@ pub fn proxy_config(
     policy: &MTLSPolicy,
     trust_domain: &str,
     config: &InjectorConfig,
+    app_probes: Vec<AppProbe>,
 ) -> Result<ProxyConfig> {
     let invalid = |reason: String| Error::InvalidPolicy {
         policy: policy.metadata.name.clone().unwrap_or_default(),
@@ -157,6 +167,7 @@ pub fn proxy_config(
         inbound,
         outbound,
         limits: config.limits.clone(),
+        app_probes,
     };
     proxy.validate().map_err(|e| invalid(e.to_string()))?;
     Ok(proxy)
@@ -178,34 +189,32 @@ pub fn injection_patch(
         return Err(Error::HostNetwork);
     }
     let annotations = pod.metadata.annotations.as_ref();
-    let already_injected = annotations.is_some_and(|a| a.contains_key(INJECTED_ANNOTATION));
     let volumes = spec.volumes.as_deref().unwrap_or_default();
     let init_containers = spec.init_containers.as_deref().unwrap_or_default();
     let containers = spec.containers.as_slice();
+    let service_account = spec.service_account_name.as_deref().unwrap_or("default");
+    let protect_app_ports = annotations
+        .and_then(|a| a.get(PROTECT_APP_PORTS_ANNOTATION))
+        .map(String::as_str)
+        != Some("false");
+    let app_ports: BTreeSet<u16> = if protect_app_ports {
+        policy.spec.inbound.iter().map(|m| m.app_port).collect()
+    } else {
+        BTreeSet::new()
+    };
 
-    if !already_injected {
-        for volume in volumes {
-            if volume.name == IDENTITY_VOLUME || volume.name == TRUST_VOLUME {
-                return Err(Error::NameConflict {
-                    kind: "volume",
-                    name: volume.name.clone(),
-                });
-            }
-        }
-        for container in init_containers.iter().chain(containers) {
-            if container.name == PROXY_CONTAINER {
-                return Err(Error::NameConflict {
-                    kind: "container",
-                    name: container.name.clone(),
-                });
-            }
-        }
-    }
+    check_reserved_names(
+        pod,
+        policy,
+        trust_domain,
+        config,
+        service_account,
+        &app_ports,
+    )?;
 
     let mut ops = Vec::new();
 
     // Volumes.
-    let service_account = spec.service_account_name.as_deref().unwrap_or("default");
     let mut new_volumes = Vec::new();
     if !volumes.iter().any(|v| v.name == IDENTITY_VOLUME) {
         new_volumes.push(identity_volume(service_account));
@@ -221,49 +230,79 @@ pub fn injection_patch(
     )?;
 
     // The trust bundle and its path into every existing container (and SSL_CERT_FILE where the pod
-    // asks for it). Indexes refer to the pod as received; the sidecar is inserted at the front of
-    // initContainers only afterwards.
+    // asks for it), and their probes on app ports through the admin port. Indexes refer to the pod
+    // as received; rolemesh's init containers are inserted at the front only afterwards.
     let set_ssl_cert_file = annotations
         .and_then(|a| a.get(SSL_CERT_FILE_ANNOTATION))
         .map(String::as_str)
         == Some("true");
+    let mut app_probes = Vec::new();
     for (field, list) in [
         ("initContainers", init_containers),
         ("containers", containers),
     ] {
         for (index, container) in list.iter().enumerate() {
-            if container.name == PROXY_CONTAINER {
+            if container.name == PROXY_CONTAINER || container.name == NETFILTER_CONTAINER {
                 continue;
             }
             trust_ops(&mut ops, field, index, container, set_ssl_cert_file)?;
+            probe_ops(
+                &mut ops,
+                field,
+                index,
+                container,
+                &app_ports,
+                config.admin_port,
+                &mut app_probes,
+            )?;
         }
     }
 
-    // The sidecar, first among the init containers so that later init containers can use it.
-    let has_proxy = init_containers
-        .iter()
-        .chain(containers)
-        .any(|c| c.name == PROXY_CONTAINER);
-    if !has_proxy {
-        let proxy = serde_json::to_value(proxy_container(policy, trust_domain, config)?)?;
-        if spec.init_containers.is_some() {
-            ops.push(add(&["spec", "initContainers", "0"], proxy));
-        } else {
-            ops.push(add(&["spec", "initContainers"], Value::Array(vec![proxy])));
+    // The sidecar first among the init containers, so that later init containers can use it,
+    // and the netfilter rules before it, so no container runs before the app ports are closed.
+    let has = |name: &str| init_containers.iter().any(|c| c.name == name);
+    let mut front = Vec::new();
+    if !app_ports.is_empty() && !has(NETFILTER_CONTAINER) {
+        front.push(serde_json::to_value(netfilter_container(
+            &app_ports, config,
+        ))?);
+    }
+    if !has(PROXY_CONTAINER) {
+        front.push(serde_json::to_value(proxy_container(
+            policy,
+            trust_domain,
+            config,
+            app_probes,
+        )?)?);
+    }
+    if spec.init_containers.is_some() {
+        for container in front.into_iter().rev() {
+            ops.push(add(&["spec", "initContainers", "0"], container));
         }
+    } else if !front.is_empty() {
+        ops.push(add(&["spec", "initContainers"], Value::Array(front)));
     }
 
-    // The record of what was injected, from which policy generation.
-    if !already_injected {
-        let marks = [
-            (INJECTED_ANNOTATION, injected_marker(policy)),
-            (PROXY_IMAGE_ANNOTATION, config.proxy_image.clone()),
-        ];
-        if annotations.is_some() {
+    // The record of what was injected, from which policy generation: always rolemesh's own
+    // values, whatever the pod arrived with.
+    let marks = [
+        (INJECTED_ANNOTATION, injected_marker(policy)),
+        (PROXY_IMAGE_ANNOTATION, config.proxy_image.clone()),
+    ];
+    match annotations {
+        Some(existing) => {
             for (key, value) in marks {
-                ops.push(add(&["metadata", "annotations", key], Value::String(value)));
+                match existing.get(key) {
+                    Some(current) if *current == value => {}
+                    Some(_) => ops.push(replace(
+                        &["metadata", "annotations", key],
+                        Value::String(value),
+                    )),
+                    None => ops.push(add(&["metadata", "annotations", key], Value::String(value))),
+                }
             }
-        } else {
+        }
+        None => {
             let map = marks
                 .into_iter()
                 .map(|(k, v)| (k.to_string(), Value::String(v)))
@@ -358,6 +397,321 @@ fn add(path: &[&str], value: Value) -> PatchOperation {
     })
 }
 
+fn replace(path: &[&str], value: Value) -> PatchOperation {
+    PatchOperation::Replace(ReplaceOperation {
+        path: PointerBuf::from_tokens(path.iter().copied()),
+        value,
+    })
+}
+
+/// Refuses a pod that defines one of rolemesh's reserved names with anything but what rolemesh
+/// itself injects there. Reinvocation shows the webhook its own earlier patch, so identical
+/// content is admitted; anything else (another Secret behind the identity volume, another proxy
+/// image or configuration, another netfilter command, the identity mounted into an app) would let
+/// the pod's author borrow an identity or turn the mesh off while looking injected.
+fn check_reserved_names(
+    pod: &Pod,
+    policy: &MTLSPolicy,
+    trust_domain: &str,
+    config: &InjectorConfig,
+    service_account: &str,
+    app_ports: &BTreeSet<u16>,
+) -> Result<()> {
+    let Some(spec) = pod.spec.as_ref() else {
+        return Ok(());
+    };
+    let conflict = |kind: &'static str, name: &str, why: &str| Error::NameConflict {
+        kind,
+        name: name.to_string(),
+        why: why.to_string(),
+    };
+    for volume in spec.volumes.as_deref().unwrap_or_default() {
+        if volume.name == IDENTITY_VOLUME && *volume != identity_volume(service_account) {
+            return Err(conflict(
+                "volume",
+                &volume.name,
+                "not the Secret of the pod's own ServiceAccount",
+            ));
+        }
+        if volume.name == TRUST_VOLUME && *volume != trust_volume() {
+            return Err(conflict(
+                "volume",
+                &volume.name,
+                "not rolemesh's trust bundle ConfigMap",
+            ));
+        }
+    }
+    for container in &spec.containers {
+        if container.name == PROXY_CONTAINER || container.name == NETFILTER_CONTAINER {
+            return Err(conflict(
+                "container",
+                &container.name,
+                "rolemesh runs it among the init containers",
+            ));
+        }
+    }
+    for container in spec
+        .init_containers
+        .iter()
+        .flatten()
+        .chain(&spec.containers)
+    {
+        let mounts_identity = container
+            .volume_mounts
+            .iter()
+            .flatten()
+            .any(|m| m.name == IDENTITY_VOLUME);
+        if mounts_identity && container.name != PROXY_CONTAINER {
+            return Err(conflict(
+                "volume",
+                IDENTITY_VOLUME,
+                &format!(
+                    "mounted into container {:?}; only the proxy holds the key",
+                    container.name
+                ),
+            ));
+        }
+    }
+    for container in spec.init_containers.iter().flatten() {
+        if container.name == PROXY_CONTAINER {
+            let expected = proxy_container(policy, trust_domain, config, Vec::new())?;
+            if let Some(why) = proxy_differs(container, &expected) {
+                return Err(conflict("container", &container.name, &why));
+            }
+        }
+        if container.name == NETFILTER_CONTAINER {
+            let expected = netfilter_container(app_ports, config);
+            if container.image != expected.image
+                || container.command != expected.command
+                || container.args.is_some()
+                || container.security_context != expected.security_context
+            {
+                return Err(conflict(
+                    "container",
+                    &container.name,
+                    "not rolemesh's netfilter rules for this pod's app ports",
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// What makes `found` another proxy than `expected` (rolemesh's for this pod), if anything. The
+/// fields compared are those that decide what runs and with which identity and rules; the API
+/// server's defaults (pull policy, termination message path) may differ. The rewritten app probes
+/// in the configuration are the pod's own and only ever reach its own app ports, so they may.
+fn proxy_differs(found: &Container, expected: &Container) -> Option<String> {
+    if found.image != expected.image {
+        return Some(format!(
+            "image {:?}, not {:?}",
+            found.image.as_deref().unwrap_or_default(),
+            expected.image.as_deref().unwrap_or_default()
+        ));
+    }
+    if found.command.is_some() || found.args.is_some() || found.env_from.is_some() {
+        return Some("its own command, args or envFrom".to_string());
+    }
+    if found.restart_policy != expected.restart_policy
+        || found.security_context != expected.security_context
+    {
+        return Some("another restart policy or security context".to_string());
+    }
+    let mounts = |c: &Container| {
+        c.volume_mounts
+            .iter()
+            .flatten()
+            .map(|m| {
+                (
+                    m.name.clone(),
+                    m.mount_path.clone(),
+                    m.read_only,
+                    m.sub_path.clone(),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    if mounts(found) != mounts(expected) {
+        return Some("other volume mounts".to_string());
+    }
+    let config_of = |c: &Container| -> Option<ProxyConfig> {
+        let [var] = c.env.as_deref()? else {
+            return None;
+        };
+        if var.name != CONFIG_ENV || var.value_from.is_some() {
+            return None;
+        }
+        let mut config = ProxyConfig::from_json(var.value.as_deref()?).ok()?;
+        config.app_probes.clear();
+        Some(config)
+    };
+    match (config_of(found), config_of(expected)) {
+        (Some(found), Some(expected)) if found == expected => None,
+        _ => Some("a configuration other than the policy's".to_string()),
+    }
+}
+
+/// The nft command that rejects TCP to the app ports arriving on any interface but loopback: the
+/// proxy reaches the app on 127.0.0.1, every other pod only through the proxy's mTLS port. One
+/// `inet` table covers IPv4 and IPv6; `add` + `flush` keeps a re-run idempotent.
+pub fn app_port_rules(app_ports: &BTreeSet<u16>) -> String {
+    let ports = app_ports
+        .iter()
+        .map(u16::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "add table inet rolemesh; flush table inet rolemesh; \
+         add chain inet rolemesh inbound {{ type filter hook input priority filter; policy accept; }}; \
+         add rule inet rolemesh inbound iifname != \"lo\" tcp dport {{ {ports} }} reject with tcp reset"
+    )
+}
+
+/// The init container that installs [`app_port_rules`] in the pod's network namespace. It needs
+/// root with `NET_ADMIN` (in the pod's namespace only) for the moment it runs, as Istio's and
+/// Linkerd's init containers do; nothing else of the pod runs with it.
+pub fn netfilter_container(app_ports: &BTreeSet<u16>, config: &InjectorConfig) -> Container {
+    Container {
+        name: NETFILTER_CONTAINER.to_string(),
+        image: Some(config.proxy_image.clone()),
+        image_pull_policy: config.image_pull_policy.clone(),
+        command: Some(vec![NFT_PATH.to_string(), app_port_rules(app_ports)]),
+        resources: Some(ResourceRequirements {
+            requests: Some(BTreeMap::from([
+                ("cpu".to_string(), Quantity("10m".to_string())),
+                ("memory".to_string(), Quantity("16Mi".to_string())),
+            ])),
+            limits: Some(BTreeMap::from([(
+                "memory".to_string(),
+                Quantity("64Mi".to_string()),
+            )])),
+            ..ResourceRequirements::default()
+        }),
+        security_context: Some(SecurityContext {
+            run_as_non_root: Some(false),
+            run_as_user: Some(0),
+            run_as_group: Some(0),
+            read_only_root_filesystem: Some(true),
+            allow_privilege_escalation: Some(false),
+            privileged: Some(false),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".to_string()]),
+                add: Some(vec!["NET_ADMIN".to_string()]),
+            }),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".to_string(),
+                localhost_profile: None,
+            }),
+            ..SecurityContext::default()
+        }),
+        ..Container::default()
+    }
+}
+
+/// Rewrites the container's probes that check an app port (closed to kubelet by the netfilter
+/// rules) to `httpGet` on the admin port, and records the original check for the proxy.
+fn probe_ops(
+    ops: &mut Vec<PatchOperation>,
+    field: &str,
+    index: usize,
+    container: &Container,
+    app_ports: &BTreeSet<u16>,
+    admin_port: u16,
+    app_probes: &mut Vec<AppProbe>,
+) -> Result<()> {
+    if app_ports.is_empty() {
+        return Ok(());
+    }
+    let port_of = |port: &IntOrString| -> Option<u16> {
+        match port {
+            IntOrString::Int(n) => u16::try_from(*n).ok(),
+            IntOrString::String(name) => container
+                .ports
+                .iter()
+                .flatten()
+                .find(|p| p.name.as_deref() == Some(name.as_str()))
+                .and_then(|p| u16::try_from(p.container_port).ok()),
+        }
+    };
+    let index = index.to_string();
+    for (kind, json_field, probe) in [
+        ("liveness", "livenessProbe", &container.liveness_probe),
+        ("readiness", "readinessProbe", &container.readiness_probe),
+        ("startup", "startupProbe", &container.startup_probe),
+    ] {
+        let Some(probe) = probe else { continue };
+        let refuse = |port: u16, what: &'static str| Error::ProbeNotRewritable {
+            container: container.name.clone(),
+            kind,
+            port,
+            probe: what,
+        };
+        // A probe with its own host checks another address, not this pod's closed port.
+        let check = if let Some(http) = &probe.http_get {
+            match port_of(&http.port) {
+                Some(port) if app_ports.contains(&port) && http.host.is_none() => {
+                    if http.scheme.as_deref().is_some_and(|s| s != "HTTP") {
+                        return Err(refuse(port, "HTTPS"));
+                    }
+                    Some((
+                        port,
+                        Some(AppHttpProbe {
+                            path: http.path.clone().unwrap_or_else(|| "/".to_string()),
+                            headers: http
+                                .http_headers
+                                .iter()
+                                .flatten()
+                                .map(|h| (h.name.clone(), h.value.clone()))
+                                .collect(),
+                        }),
+                    ))
+                }
+                _ => None,
+            }
+        } else if let Some(tcp) = &probe.tcp_socket {
+            match port_of(&tcp.port) {
+                Some(port) if app_ports.contains(&port) && tcp.host.is_none() => Some((port, None)),
+                _ => None,
+            }
+        } else if let Some(grpc) = &probe.grpc {
+            match u16::try_from(grpc.port) {
+                Ok(port) if app_ports.contains(&port) => return Err(refuse(port, "gRPC")),
+                _ => None,
+            }
+        } else {
+            None
+        };
+        let Some((port, http)) = check else { continue };
+        let app_probe = AppProbe {
+            container: container.name.clone(),
+            kind: kind.to_string(),
+            port,
+            http,
+            timeout_secs: probe
+                .timeout_seconds
+                .and_then(|t| u32::try_from(t).ok())
+                .unwrap_or(1),
+        };
+        let rewritten = Probe {
+            http_get: Some(HTTPGetAction {
+                path: Some(app_probe.admin_path()),
+                port: IntOrString::Int(i32::from(admin_port)),
+                scheme: Some("HTTP".to_string()),
+                ..HTTPGetAction::default()
+            }),
+            tcp_socket: None,
+            grpc: None,
+            ..probe.clone()
+        };
+        ops.push(replace(
+            &["spec", field, &index, json_field],
+            serde_json::to_value(rewritten)?,
+        ));
+        app_probes.push(app_probe);
+    }
+    Ok(())
+}
+
 fn identity_volume(service_account: &str) -> Volume {
     Volume {
         name: IDENTITY_VOLUME.to_string(),
@@ -403,8 +757,9 @@ pub fn proxy_container(
     policy: &MTLSPolicy,
     trust_domain: &str,
     config: &InjectorConfig,
+    app_probes: Vec<AppProbe>,
 ) -> Result<Container> {
-    let proxy = proxy_config(policy, trust_domain, config)?;
+    let proxy = proxy_config(policy, trust_domain, config, app_probes)?;
     let probe = |path: &str, period: i32, failures: i32| Probe {
         http_get: Some(HTTPGetAction {
             path: Some(path.to_string()),
@@ -432,7 +787,7 @@ pub fn proxy_container(
         image_pull_policy: config.image_pull_policy.clone(),
         restart_policy: Some("Always".to_string()),
         env: Some(vec![EnvVar {
-            name: rolemesh_profile::proxy_config::CONFIG_ENV.to_string(),
+            name: CONFIG_ENV.to_string(),
             value: Some(proxy.to_json()),
             value_from: None,
         }]),

@@ -44,6 +44,17 @@ pub struct Lookups {
     metrics: Arc<Metrics>,
 }
 
+/// Objects per page of a cache's initial list (what is decoded at once).
+const CACHE_LIST_PAGE: u32 = 50;
+
+/// What the webhook reads of ServiceAccounts and namespaces: their labels.
+fn labels_only<K>(object: &mut PartialObjectMeta<K>) {
+    object.metadata.annotations = None;
+    object.metadata.managed_fields = None;
+    object.metadata.owner_references = None;
+    object.metadata.finalizers = None;
+}
+
 const POLICIES: usize = 0;
 const SERVICE_ACCOUNTS: usize = 1;
 const NAMESPACES: usize = 2;
@@ -59,9 +70,14 @@ impl Lookups {
         metrics: Arc<Metrics>,
     ) -> Self {
         let synced: Arc<[AtomicBool; 4]> = Arc::new(Default::default());
-        let config = watcher::Config::default();
+        // ServiceAccounts and namespaces are everyone's and may carry large annotations: list them
+        // a page at a time and keep only their labels, which is all the selectors read.
+        let config = watcher::Config::default().page_size(CACHE_LIST_PAGE);
         let policies = spawn_reflector(
-            watcher(Api::<MTLSPolicy>::all(client.clone()), config.clone()),
+            watcher(Api::<MTLSPolicy>::all(client.clone()), config.clone()).modify(|policy| {
+                policy.metadata.managed_fields = None;
+                policy.metadata.annotations = None;
+            }),
             synced.clone(),
             POLICIES,
         );
@@ -69,7 +85,8 @@ impl Lookups {
             watcher(
                 Api::<PartialObjectMeta<ServiceAccount>>::all(client.clone()),
                 config.clone(),
-            ),
+            )
+            .modify(labels_only),
             synced.clone(),
             SERVICE_ACCOUNTS,
         );
@@ -77,7 +94,8 @@ impl Lookups {
             watcher(
                 Api::<PartialObjectMeta<Namespace>>::all(client.clone()),
                 config.clone(),
-            ),
+            )
+            .modify(labels_only),
             synced.clone(),
             NAMESPACES,
         );

@@ -183,3 +183,286 @@ fn host_network_pods_are_refused_with_the_way_out() {
         "{message}"
     );
 }
+
+/// The pod as the API server holds it after `patch`.
+fn patched(pod: &Pod, patch: &json_patch::Patch) -> Pod {
+    let mut doc = serde_json::to_value(pod).expect("pod encodes");
+    json_patch::patch(&mut doc, patch).expect("the patch applies");
+    serde_json::from_value(doc).expect("patched pod decodes")
+}
+
+fn injected_pod() -> Pod {
+    let original = pod(
+        json!({ "serviceAccountName": "payments", "containers": [{ "name": "app", "image": "app:1" }] }),
+    );
+    let patch = injection_patch(&original, &policy(), "mesh.test", &config()).expect("injects");
+    patched(&original, &patch)
+}
+
+fn proxy_config_of(pod: &Pod) -> rolemesh_profile::proxy_config::ProxyConfig {
+    let spec = pod.spec.as_ref().expect("spec");
+    let proxy = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .find(|c| c.name == "rolemesh-proxy")
+        .expect("proxy injected");
+    let value = proxy.env.as_ref().expect("env")[0]
+        .value
+        .clone()
+        .expect("config");
+    rolemesh_profile::proxy_config::ProxyConfig::from_json(&value).expect("valid config")
+}
+
+#[test]
+fn probes_on_app_ports_go_through_the_admin_port() {
+    let with_probes = pod(json!({
+        "serviceAccountName": "payments",
+        "containers": [{
+            "name": "app", "image": "app:1",
+            "ports": [{ "name": "http", "containerPort": 8080 }, { "name": "metrics", "containerPort": 9090 }],
+            "readinessProbe": { "httpGet": { "path": "/healthz", "port": 8080,
+                                "httpHeaders": [{ "name": "X-Probe", "value": "1" }] },
+                                "periodSeconds": 2, "timeoutSeconds": 3 },
+            "livenessProbe": { "tcpSocket": { "port": "http" } },
+            "startupProbe": { "httpGet": { "path": "/metrics", "port": "metrics" } },
+        }],
+    }));
+    check("app_probes", &with_probes);
+
+    let patch = injection_patch(&with_probes, &policy(), "mesh.test", &config()).expect("injects");
+    let injected = patched(&with_probes, &patch);
+    let spec = injected.spec.as_ref().expect("spec");
+    let names: Vec<_> = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .map(|c| c.name.as_str())
+        .collect();
+    assert_eq!(
+        names,
+        ["rolemesh-init", "rolemesh-proxy"],
+        "the ports are closed before the proxy or the app runs"
+    );
+    let init = &spec.init_containers.as_ref().expect("init")[0];
+    let rules = &init.command.as_ref().expect("command")[1];
+    assert!(
+        rules.contains("iifname != \"lo\" tcp dport { 8080 } reject with tcp reset"),
+        "{rules}"
+    );
+    let app = &spec.containers[0];
+    let readiness = app.readiness_probe.as_ref().expect("readiness");
+    let get = readiness.http_get.as_ref().expect("httpGet");
+    assert_eq!(get.path.as_deref(), Some("/app-health/app/readiness"));
+    assert_eq!(
+        get.port,
+        k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(15021)
+    );
+    assert_eq!(readiness.period_seconds, Some(2), "timing is the app's own");
+    let liveness = app.liveness_probe.as_ref().expect("liveness");
+    assert!(liveness.tcp_socket.is_none() && liveness.http_get.is_some());
+    let startup = app.startup_probe.as_ref().expect("startup");
+    assert_eq!(
+        startup.http_get.as_ref().and_then(|g| g.path.as_deref()),
+        Some("/metrics"),
+        "a probe on a port no mapping closes is left alone"
+    );
+
+    let config = proxy_config_of(&injected);
+    let probes: Vec<_> = config
+        .app_probes
+        .iter()
+        .map(|p| {
+            (
+                p.kind.as_str(),
+                p.port,
+                p.http.as_ref().map(|h| h.path.as_str()),
+            )
+        })
+        .collect();
+    assert_eq!(
+        probes,
+        [
+            ("liveness", 8080, None),
+            ("readiness", 8080, Some("/healthz"))
+        ]
+    );
+    assert_eq!(config.app_probes[1].timeout_secs, 3);
+    assert_eq!(
+        config.app_probes[1].http.as_ref().expect("http").headers,
+        [("X-Probe".to_string(), "1".to_string())]
+    );
+}
+
+#[test]
+fn opting_out_leaves_ports_and_probes_alone() {
+    let mut open = pod(json!({
+        "serviceAccountName": "payments",
+        "containers": [{ "name": "app", "image": "app:1",
+                         "readinessProbe": { "httpGet": { "path": "/", "port": 8080 } } }],
+    }));
+    open.metadata.annotations = Some(
+        [(
+            "rolemesh.dev/protect-app-ports".to_string(),
+            "false".to_string(),
+        )]
+        .into_iter()
+        .collect(),
+    );
+    let patch = injection_patch(&open, &policy(), "mesh.test", &config()).expect("injects");
+    let injected = patched(&open, &patch);
+    let spec = injected.spec.as_ref().expect("spec");
+    assert!(
+        spec.init_containers
+            .iter()
+            .flatten()
+            .all(|c| c.name != "rolemesh-init")
+    );
+    assert_eq!(
+        spec.containers[0]
+            .readiness_probe
+            .as_ref()
+            .and_then(|p| p.http_get.as_ref())
+            .map(|g| g.port.clone()),
+        Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(8080))
+    );
+    assert!(proxy_config_of(&injected).app_probes.is_empty());
+}
+
+#[test]
+fn probes_the_proxy_cannot_send_are_refused_with_the_way_out() {
+    for probe in [
+        json!({ "grpc": { "port": 8080 } }),
+        json!({ "httpGet": { "port": 8080, "scheme": "HTTPS" } }),
+    ] {
+        let grpc = pod(json!({
+            "serviceAccountName": "payments",
+            "containers": [{ "name": "app", "image": "app:1", "livenessProbe": probe }],
+        }));
+        let error =
+            injection_patch(&grpc, &policy(), "mesh.test", &config()).expect_err("must refuse");
+        assert!(
+            matches!(error, Error::ProbeNotRewritable { port: 8080, .. }),
+            "{error}"
+        );
+        assert!(error.is_refusal());
+        assert!(
+            error
+                .to_string()
+                .contains("rolemesh.dev/protect-app-ports: \"false\""),
+            "{error}"
+        );
+    }
+}
+
+/// Pods that arrive looking injected (annotations included) but carry their own content under a
+/// reserved name: each must be refused, naming the name.
+#[test]
+fn a_pod_cannot_bring_its_own_proxy_identity_or_rules() {
+    type Tamper = fn(&mut k8s_openapi::api::core::v1::PodSpec);
+    let cases: [(&str, &str, Tamper); 7] = [
+        (
+            "another Secret behind the identity volume",
+            "rolemesh-identity",
+            |spec| {
+                let volume = spec
+                    .volumes
+                    .as_mut()
+                    .expect("volumes")
+                    .iter_mut()
+                    .find(|v| v.name == "rolemesh-identity")
+                    .expect("identity volume");
+                volume.secret.as_mut().expect("secret").secret_name =
+                    Some("ledger-rolemesh-tls".into());
+            },
+        ),
+        ("another proxy image", "rolemesh-proxy", |spec| {
+            spec.init_containers.as_mut().expect("init")[1].image = Some("evil/proxy:1".into());
+        }),
+        ("a proxy that admits anyone", "rolemesh-proxy", |spec| {
+            let proxy = &mut spec.init_containers.as_mut().expect("init")[1];
+            let env = &mut proxy.env.as_mut().expect("env")[0];
+            let mut config: Value =
+                serde_json::from_str(env.value.as_deref().expect("value")).expect("json");
+            config["inbound"][0]["allow"] = json!(["spiffe://mesh.test/*"]);
+            env.value = Some(config.to_string());
+        }),
+        (
+            "a proxy run with another command",
+            "rolemesh-proxy",
+            |spec| {
+                spec.init_containers.as_mut().expect("init")[1].command =
+                    Some(vec!["/bin/sh".into()]);
+            },
+        ),
+        ("no netfilter rules", "rolemesh-init", |spec| {
+            spec.init_containers.as_mut().expect("init")[0].command =
+                Some(vec!["/usr/sbin/nft".into(), "list ruleset".into()]);
+        }),
+        (
+            "the key mounted into the app",
+            "rolemesh-identity",
+            |spec| {
+                spec.containers[0]
+                    .volume_mounts
+                    .get_or_insert_with(Vec::new)
+                    .push(k8s_openapi::api::core::v1::VolumeMount {
+                        name: "rolemesh-identity".into(),
+                        mount_path: "/stolen".into(),
+                        ..Default::default()
+                    });
+            },
+        ),
+        (
+            "a proxy among the app containers",
+            "rolemesh-proxy",
+            |spec| {
+                let proxy = spec.init_containers.as_mut().expect("init").remove(1);
+                spec.containers.push(proxy);
+            },
+        ),
+    ];
+    for (what, name, tamper) in cases {
+        let mut pod = injected_pod();
+        tamper(pod.spec.as_mut().expect("spec"));
+        let error = injection_patch(&pod, &policy(), "mesh.test", &config()).expect_err(what);
+        assert!(
+            matches!(error, Error::NameConflict { .. }),
+            "{what}: {error}"
+        );
+        assert!(error.to_string().contains(name), "{what}: {error}");
+    }
+}
+
+#[test]
+fn a_pre_annotated_pod_gets_rolemesh_own_marker() {
+    let mut forged = pod(
+        json!({ "serviceAccountName": "payments", "containers": [{ "name": "app", "image": "app:1" }] }),
+    );
+    forged.metadata.annotations = Some(
+        [
+            ("rolemesh.dev/injected".to_string(), "other@1".to_string()),
+            ("rolemesh.dev/proxy-image".to_string(), "evil:1".to_string()),
+        ]
+        .into_iter()
+        .collect(),
+    );
+    let patch = injection_patch(&forged, &policy(), "mesh.test", &config()).expect("injects");
+    let injected = patched(&forged, &patch);
+    let annotations = injected.metadata.annotations.expect("annotations");
+    assert_eq!(annotations["rolemesh.dev/injected"], "payments@3");
+    assert_eq!(
+        annotations["rolemesh.dev/proxy-image"],
+        "ghcr.io/rolemesh/rolemesh-proxy:0.1.0"
+    );
+    assert!(
+        injected
+            .spec
+            .expect("spec")
+            .init_containers
+            .expect("init")
+            .iter()
+            .any(|c| c.name == "rolemesh-proxy"),
+        "the marker does not stop injection"
+    );
+}
