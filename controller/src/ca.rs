@@ -377,7 +377,9 @@ mod tests {
         assert!(rbac.contains(&format!("resourceNames: [{TRUST_BUNDLE_CONFIGMAP}]")));
         assert!(rbac.contains(&format!("resourceNames: [{CA_CONFIGMAP}]")));
         let policy = chart_template("controller-admissionpolicy.yaml");
-        assert!(policy.contains(&format!("object.metadata.name == '{TRUST_BUNDLE_CONFIGMAP}'")));
+        assert!(policy.contains(&format!(
+            "object.metadata.name == '{TRUST_BUNDLE_CONFIGMAP}'"
+        )));
         assert!(policy.contains(&format!("object.metadata.name == '{CA_CONFIGMAP}'")));
     }
 }

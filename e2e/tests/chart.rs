@@ -109,6 +109,8 @@ async fn helm_lint_is_clean_and_the_rendered_chart_passes_a_server_side_dry_run(
             "Service",
             "PodDisruptionBudget",
             "MutatingWebhookConfiguration",
+            "ValidatingAdmissionPolicy",
+            "ValidatingAdmissionPolicyBinding",
             "ClusterRole",
             "Role",
             "ServiceAccount",

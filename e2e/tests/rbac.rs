@@ -43,7 +43,9 @@ impl Drop for Applied {
                 "could not delete the test's RBAC and admission policies:\n{}",
                 String::from_utf8_lossy(&out.stderr)
             ),
-            Err(error) => eprintln!("could not delete the test's RBAC and admission policies: {error:#}"),
+            Err(error) => {
+                eprintln!("could not delete the test's RBAC and admission policies: {error:#}")
+            }
         }
     }
 }
@@ -177,8 +179,19 @@ async fn checks(ns: &TestNamespace, release: &str) -> Result<()> {
         .create(&PostParams::default(), &app)
         .await?;
 
-    // Token requests. The admission policy takes a moment to be in force after it is created.
-    let other_audience = ["create", "token", "app", "-n", &ns.name, "--audience", "other", "--duration", "10m"];
+    // An admission policy takes a moment to be in force after it is created; the requests that
+    // show each one in force are a refusal of a kind RBAC would grant.
+    let other_audience = [
+        "create",
+        "token",
+        "app",
+        "-n",
+        &ns.name,
+        "--audience",
+        "other",
+        "--duration",
+        "10m",
+    ];
     let refusal = eventually(
         "the token policy refuses another audience",
         Duration::from_secs(60),
@@ -189,59 +202,226 @@ async fn checks(ns: &TestNamespace, release: &str) -> Result<()> {
     )
     .await?;
     ensure!(
-        refusal.contains("[other]") && refusal.contains(&format!("{release}-rolemesh-controller-tokens")),
+        refusal.contains("[other]")
+            && refusal.contains(&format!("{release}-rolemesh-controller-tokens")),
         "the refusal names the audience asked for and the policy:\n{refusal}"
     );
-    let (ok, text) = kubectl_as(env, &controller, &["create", "token", "app", "-n", &ns.name, "--duration", "10m"])?;
+    let not_rolemesh = [
+        "create",
+        "configmap",
+        "not-rolemesh",
+        "-n",
+        &ns.name,
+        "--dry-run=server",
+    ];
+    let refusal = eventually(
+        "the ConfigMap policy refuses not-rolemesh",
+        Duration::from_secs(60),
+        || async {
+            let (ok, text) = kubectl_as(env, &controller, &not_rolemesh)?;
+            Ok((!ok && text.contains("creates only the ConfigMaps")).then_some(text))
+        },
+    )
+    .await?;
+    ensure!(
+        refusal.contains(&format!("{}/not-rolemesh", ns.name))
+            && refusal.contains(&format!("{release}-rolemesh-controller-configmaps")),
+        "ConfigMap not-rolemesh in the controller's namespace (where RBAC lets it create): refused by the policy, naming it\n{refusal}"
+    );
+    let (ok, text) = kubectl_as(
+        env,
+        &controller,
+        &[
+            "create",
+            "token",
+            "app",
+            "-n",
+            &ns.name,
+            "--duration",
+            "10m",
+        ],
+    )?;
     ensure!(
         !ok && text.contains("sts.amazonaws.com"),
         "no audience means the API server's own: refused\n{text}"
     );
-    let (ok, text) = kubectl_as(env, &controller, &["create", "token", "app", "-n", &ns.name, "--audience", "sts.amazonaws.com", "--audience", "other", "--duration", "10m"])?;
-    ensure!(!ok && text.contains("only for the audience"), "sts plus another audience: refused\n{text}");
-    let (ok, text) = kubectl_as(env, &controller, &["create", "token", "app", "-n", &ns.name, "--audience", "sts.amazonaws.com", "--duration", "1h"])?;
-    ensure!(!ok && text.contains("at most 600 seconds") && text.contains("3600"), "an hour-long token: refused\n{text}");
-    let (ok, text) = kubectl_as(env, &controller, &["create", "token", "default", "-n", "kube-system", "--audience", "sts.amazonaws.com", "--duration", "10m"])?;
-    ensure!(!ok && text.contains("in kube-system"), "a token for a kube-system ServiceAccount: refused\n{text}");
+    let (ok, text) = kubectl_as(
+        env,
+        &controller,
+        &[
+            "create",
+            "token",
+            "app",
+            "-n",
+            &ns.name,
+            "--audience",
+            "sts.amazonaws.com",
+            "--audience",
+            "other",
+            "--duration",
+            "10m",
+        ],
+    )?;
+    ensure!(
+        !ok && text.contains("only for the audience"),
+        "sts plus another audience: refused\n{text}"
+    );
+    let (ok, text) = kubectl_as(
+        env,
+        &controller,
+        &[
+            "create",
+            "token",
+            "app",
+            "-n",
+            &ns.name,
+            "--audience",
+            "sts.amazonaws.com",
+            "--duration",
+            "1h",
+        ],
+    )?;
+    ensure!(
+        !ok && text.contains("at most 600 seconds") && text.contains("3600"),
+        "an hour-long token: refused\n{text}"
+    );
+    let (ok, text) = kubectl_as(
+        env,
+        &controller,
+        &[
+            "create",
+            "token",
+            "default",
+            "-n",
+            "kube-system",
+            "--audience",
+            "sts.amazonaws.com",
+            "--duration",
+            "10m",
+        ],
+    )?;
+    ensure!(
+        !ok && text.contains("in kube-system"),
+        "a token for a kube-system ServiceAccount: refused\n{text}"
+    );
 
-    let (ok, token) = kubectl_as(env, &controller, &["create", "token", "app", "-n", &ns.name, "--audience", "sts.amazonaws.com", "--duration", "10m"])?;
-    ensure!(ok, "the controller's own request (controller/src/identity.rs) is admitted:\n{token}");
+    let (ok, token) = kubectl_as(
+        env,
+        &controller,
+        &[
+            "create",
+            "token",
+            "app",
+            "-n",
+            &ns.name,
+            "--audience",
+            "sts.amazonaws.com",
+            "--duration",
+            "10m",
+        ],
+    )?;
+    ensure!(
+        ok,
+        "the controller's own request (controller/src/identity.rs) is admitted:\n{token}"
+    );
     let claims = claims(&token)?;
     ensure!(
         claims["aud"] == json!(["sts.amazonaws.com"])
             && claims["sub"] == json!(format!("system:serviceaccount:{}:app", ns.name))
-            && claims["exp"].as_i64().zip(claims["iat"].as_i64()).is_some_and(|(exp, iat)| exp - iat <= 600),
+            && claims["exp"]
+                .as_i64()
+                .zip(claims["iat"].as_i64())
+                .is_some_and(|(exp, iat)| exp - iat <= 600),
         "a 10-minute sts.amazonaws.com token of app: {claims}"
     );
     // Someone else (here the cluster admin running the test) is not affected.
-    let admin = env.run("kubectl", &["create", "token", "app", "-n", &ns.name, "--audience", "other", "--duration", "10m"], None)?;
+    let admin = env.run(
+        "kubectl",
+        &[
+            "create",
+            "token",
+            "app",
+            "-n",
+            &ns.name,
+            "--audience",
+            "other",
+            "--duration",
+            "10m",
+        ],
+        None,
+    )?;
     rolemesh_testkit::expect_success("kubectl", &["create", "token"], &admin)?;
 
     // ConfigMaps, as RBAC sees them.
     let client = &ns.client;
     let may = |verb: &'static str, namespace: &str, name: Option<&'static str>| {
-        let (client, controller, namespace) = (client.clone(), controller.clone(), namespace.to_string());
+        let (client, controller, namespace) =
+            (client.clone(), controller.clone(), namespace.to_string());
         async move { allowed(&client, &controller, verb, "configmaps", &namespace, name).await }
     };
     for namespace in ["default", ns.name.as_str()] {
-        ensure!(may("patch", namespace, Some(TRUST_BUNDLE)).await?, "patch {namespace}/{TRUST_BUNDLE}");
-        ensure!(may("create", namespace, Some(TRUST_BUNDLE)).await?, "create (by apply) {namespace}/{TRUST_BUNDLE}");
+        ensure!(
+            may("patch", namespace, Some(TRUST_BUNDLE)).await?,
+            "patch {namespace}/{TRUST_BUNDLE}"
+        );
+        ensure!(
+            may("create", namespace, Some(TRUST_BUNDLE)).await?,
+            "create (by apply) {namespace}/{TRUST_BUNDLE}"
+        );
     }
     for verb in ["get", "update", "patch", "delete"] {
-        ensure!(!may(verb, "kube-system", Some("aws-auth")).await?, "the controller must not {verb} kube-system/aws-auth");
+        ensure!(
+            !may(verb, "kube-system", Some("aws-auth")).await?,
+            "the controller must not {verb} kube-system/aws-auth"
+        );
     }
     for verb in ["get", "list", "watch", "create"] {
-        ensure!(!may(verb, "kube-system", None).await?, "the controller must not {verb} ConfigMaps in kube-system");
+        ensure!(
+            !may(verb, "kube-system", None).await?,
+            "the controller must not {verb} ConfigMaps in kube-system"
+        );
     }
-    ensure!(!may("update", "default", Some(TRUST_BUNDLE)).await?, "the trust bundle is written by apply only");
-    ensure!(!may("delete", "default", Some(TRUST_BUNDLE)).await?, "nor deleted");
-    ensure!(may("get", &ns.name, Some(CA_CONFIGMAP)).await?, "reads its CA ConfigMap");
-    ensure!(may("update", &ns.name, Some(CA_CONFIGMAP)).await?, "replaces its CA ConfigMap");
-    ensure!(may("create", &ns.name, None).await?, "creates ConfigMaps in its namespace (names limited by the policy)");
-    ensure!(!may("update", &ns.name, Some("someone-else")).await?, "no other ConfigMap in its namespace");
-    ensure!(!may("get", "default", Some(CA_CONFIGMAP)).await?, "the CA ConfigMap only in its namespace");
-    let token_ok = allowed(client, &controller, "create", "serviceaccounts/token", "default", Some("x")).await?;
-    ensure!(token_ok, "RBAC lets the controller request tokens for any ServiceAccount (the policy limits them)");
+    ensure!(
+        !may("update", "default", Some(TRUST_BUNDLE)).await?,
+        "the trust bundle is written by apply only"
+    );
+    ensure!(
+        !may("delete", "default", Some(TRUST_BUNDLE)).await?,
+        "nor deleted"
+    );
+    ensure!(
+        may("get", &ns.name, Some(CA_CONFIGMAP)).await?,
+        "reads its CA ConfigMap"
+    );
+    ensure!(
+        may("update", &ns.name, Some(CA_CONFIGMAP)).await?,
+        "replaces its CA ConfigMap"
+    );
+    ensure!(
+        may("create", &ns.name, None).await?,
+        "creates ConfigMaps in its namespace (names limited by the policy)"
+    );
+    ensure!(
+        !may("update", &ns.name, Some("someone-else")).await?,
+        "no other ConfigMap in its namespace"
+    );
+    ensure!(
+        !may("get", "default", Some(CA_CONFIGMAP)).await?,
+        "the CA ConfigMap only in its namespace"
+    );
+    let token_ok = allowed(
+        client,
+        &controller,
+        "create",
+        "serviceaccounts/token",
+        "default",
+        Some("x"),
+    )
+    .await?;
+    ensure!(
+        token_ok,
+        "RBAC lets the controller request tokens for any ServiceAccount (the policy limits them)"
+    );
 
     // ConfigMaps, as the controller writes them (the same calls as controller/src/ca.rs and
     // controller/src/policy/writes.rs).
@@ -250,8 +430,13 @@ async fn checks(ns: &TestNamespace, release: &str) -> Result<()> {
     let mut ca = ConfigMap::default();
     ca.metadata.name = Some(CA_CONFIGMAP.into());
     ca.data = Some([("ca.crt".to_string(), "x".to_string())].into());
-    let created = here.create(&PostParams::default(), &ca).await.context("the controller creates rolemesh-ca")?;
-    here.replace(CA_CONFIGMAP, &PostParams::default(), &created).await.context("and replaces it")?;
+    let created = here
+        .create(&PostParams::default(), &ca)
+        .await
+        .context("the controller creates rolemesh-ca")?;
+    here.replace(CA_CONFIGMAP, &PostParams::default(), &created)
+        .await
+        .context("and replaces it")?;
     here.get(CA_CONFIGMAP).await.context("and reads it")?;
     let bundle = |namespace: &str| {
         json!({"apiVersion": "v1", "kind": "ConfigMap",
@@ -270,15 +455,38 @@ async fn checks(ns: &TestNamespace, release: &str) -> Result<()> {
         .await
         .context("the controller applies the trust bundle in another namespace (dry run)")?;
 
-    let (ok, text) = kubectl_as(env, &controller, &["create", "configmap", "not-rolemesh", "-n", &ns.name])?;
+    let (ok, text) = kubectl_as(
+        env,
+        &controller,
+        &[
+            "create",
+            "configmap",
+            "not-rolemesh",
+            "-n",
+            "default",
+            "--dry-run=server",
+        ],
+    )?;
     ensure!(
-        !ok && text.contains("creates only the ConfigMaps") && text.contains(&format!("{}/not-rolemesh", ns.name)),
-        "ConfigMap not-rolemesh in the controller's namespace: refused by the policy, naming it\n{text}"
+        !ok && text.contains("forbidden"),
+        "ConfigMap not-rolemesh elsewhere: refused by RBAC\n{text}"
     );
-    let (ok, text) = kubectl_as(env, &controller, &["create", "configmap", "not-rolemesh", "-n", "default", "--dry-run=server"])?;
-    ensure!(!ok && text.contains("forbidden"), "ConfigMap not-rolemesh elsewhere: refused by RBAC\n{text}");
-    let (ok, text) = kubectl_as(env, &controller, &["create", "configmap", CA_CONFIGMAP, "-n", "default", "--dry-run=server"])?;
-    ensure!(!ok && text.contains("forbidden"), "rolemesh-ca outside its namespace: refused\n{text}");
+    let (ok, text) = kubectl_as(
+        env,
+        &controller,
+        &[
+            "create",
+            "configmap",
+            CA_CONFIGMAP,
+            "-n",
+            "default",
+            "--dry-run=server",
+        ],
+    )?;
+    ensure!(
+        !ok && text.contains("forbidden"),
+        "rolemesh-ca outside its namespace: refused\n{text}"
+    );
     let aws_auth: Api<ConfigMap> = Api::namespaced(as_controller, "kube-system");
     let written = aws_auth
         .patch(
