@@ -20,6 +20,7 @@ use kube::{
 use rolemesh_testkit::{ClusterEnv, TestNamespace, eventually, in_namespace, repo_root};
 use serde_json::json;
 
+const STS: &str = "sts.amazonaws.com";
 const TRUST_BUNDLE: &str = rolemesh_crds::names::TRUST_BUNDLE_CONFIGMAP;
 /// The controller's CA certificate ConfigMap in its namespace (controller/src/ca.rs).
 const CA_CONFIGMAP: &str = "rolemesh-ca";
@@ -118,19 +119,41 @@ async fn client_as(env: &ClusterEnv, user: &str) -> Result<Client> {
     Ok(Client::try_from(config)?)
 }
 
-/// `kubectl ARGS --as USER`: exit status and stdout + stderr.
+/// `kubectl ARGS --as USER`: whether it succeeded, and stdout when it did (stdout and stderr
+/// when it did not).
 fn kubectl_as(env: &ClusterEnv, user: &str, args: &[&str]) -> Result<(bool, String)> {
     let mut all = args.to_vec();
     all.extend(["--as", user]);
     let out = env.run("kubectl", &all, None)?;
-    Ok((
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    ))
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    if out.status.success() {
+        return Ok((true, stdout));
+    }
+    Ok((false, stdout + &String::from_utf8_lossy(&out.stderr)))
+}
+
+/// `kubectl create token SA -n NAMESPACE --audience A... --duration D --as USER`.
+fn token_as(
+    env: &ClusterEnv,
+    user: &str,
+    namespace: &str,
+    account: &str,
+    audiences: &[&str],
+    duration: &str,
+) -> Result<(bool, String)> {
+    let mut args = vec![
+        "create",
+        "token",
+        account,
+        "-n",
+        namespace,
+        "--duration",
+        duration,
+    ];
+    for audience in audiences {
+        args.extend(["--audience", audience]);
+    }
+    kubectl_as(env, user, &args)
 }
 
 /// The claims of a JWT, unverified: only to see what the API server minted.
@@ -181,22 +204,11 @@ async fn checks(ns: &TestNamespace, release: &str) -> Result<()> {
 
     // An admission policy takes a moment to be in force after it is created; the requests that
     // show each one in force are a refusal of a kind RBAC would grant.
-    let other_audience = [
-        "create",
-        "token",
-        "app",
-        "-n",
-        &ns.name,
-        "--audience",
-        "other",
-        "--duration",
-        "10m",
-    ];
     let refusal = eventually(
         "the token policy refuses another audience",
         Duration::from_secs(60),
         || async {
-            let (ok, text) = kubectl_as(env, &controller, &other_audience)?;
+            let (ok, text) = token_as(env, &controller, &ns.name, "app", &["other"], "10m")?;
             Ok((!ok && text.contains("only for the audience sts.amazonaws.com")).then_some(text))
         },
     )
@@ -228,98 +240,29 @@ async fn checks(ns: &TestNamespace, release: &str) -> Result<()> {
             && refusal.contains(&format!("{release}-rolemesh-controller-configmaps")),
         "ConfigMap not-rolemesh in the controller's namespace (where RBAC lets it create): refused by the policy, naming it\n{refusal}"
     );
-    let (ok, text) = kubectl_as(
-        env,
-        &controller,
-        &[
-            "create",
-            "token",
-            "app",
-            "-n",
-            &ns.name,
-            "--duration",
-            "10m",
-        ],
-    )?;
+    let (ok, text) = token_as(env, &controller, &ns.name, "app", &[], "10m")?;
     ensure!(
         !ok && text.contains("sts.amazonaws.com"),
         "no audience means the API server's own: refused\n{text}"
     );
-    let (ok, text) = kubectl_as(
-        env,
-        &controller,
-        &[
-            "create",
-            "token",
-            "app",
-            "-n",
-            &ns.name,
-            "--audience",
-            "sts.amazonaws.com",
-            "--audience",
-            "other",
-            "--duration",
-            "10m",
-        ],
-    )?;
+    let both = ["sts.amazonaws.com", "other"];
+    let (ok, text) = token_as(env, &controller, &ns.name, "app", &both, "10m")?;
     ensure!(
         !ok && text.contains("only for the audience"),
         "sts plus another audience: refused\n{text}"
     );
-    let (ok, text) = kubectl_as(
-        env,
-        &controller,
-        &[
-            "create",
-            "token",
-            "app",
-            "-n",
-            &ns.name,
-            "--audience",
-            "sts.amazonaws.com",
-            "--duration",
-            "1h",
-        ],
-    )?;
+    let (ok, text) = token_as(env, &controller, &ns.name, "app", &[STS], "1h")?;
     ensure!(
         !ok && text.contains("at most 600 seconds") && text.contains("3600"),
         "an hour-long token: refused\n{text}"
     );
-    let (ok, text) = kubectl_as(
-        env,
-        &controller,
-        &[
-            "create",
-            "token",
-            "default",
-            "-n",
-            "kube-system",
-            "--audience",
-            "sts.amazonaws.com",
-            "--duration",
-            "10m",
-        ],
-    )?;
+    let (ok, text) = token_as(env, &controller, "kube-system", "default", &[STS], "10m")?;
     ensure!(
         !ok && text.contains("in kube-system"),
         "a token for a kube-system ServiceAccount: refused\n{text}"
     );
 
-    let (ok, token) = kubectl_as(
-        env,
-        &controller,
-        &[
-            "create",
-            "token",
-            "app",
-            "-n",
-            &ns.name,
-            "--audience",
-            "sts.amazonaws.com",
-            "--duration",
-            "10m",
-        ],
-    )?;
+    let (ok, token) = token_as(env, &controller, &ns.name, "app", &[STS], "10m")?;
     ensure!(
         ok,
         "the controller's own request (controller/src/identity.rs) is admitted:\n{token}"
