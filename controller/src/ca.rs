@@ -354,3 +354,32 @@ pub async fn establish_ca(
 
 /// How often the CA is re-checked even when nothing changed (to roll it before it expires).
 pub const CA_RECHECK: Duration = Duration::from_secs(300);
+
+#[cfg(test)]
+mod tests {
+    use rolemesh_crds::names::TRUST_BUNDLE_CONFIGMAP;
+
+    use super::CA_CONFIGMAP;
+
+    fn chart_template(name: &str) -> String {
+        let path = format!(
+            "{}/../charts/rolemesh/templates/{name}",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {path}: {e}"))
+    }
+
+    /// The chart grants the controller its ConfigMaps by name: renaming one here without the
+    /// chart would leave the controller unable to write it.
+    #[test]
+    fn the_chart_lets_the_controller_write_exactly_its_configmaps() {
+        let rbac = chart_template("rbac.yaml");
+        assert!(rbac.contains(&format!("resourceNames: [{TRUST_BUNDLE_CONFIGMAP}]")));
+        assert!(rbac.contains(&format!("resourceNames: [{CA_CONFIGMAP}]")));
+        let policy = chart_template("controller-admissionpolicy.yaml");
+        assert!(policy.contains(&format!(
+            "object.metadata.name == '{TRUST_BUNDLE_CONFIGMAP}'"
+        )));
+        assert!(policy.contains(&format!("object.metadata.name == '{CA_CONFIGMAP}'")));
+    }
+}

@@ -347,6 +347,20 @@ pub async fn assume_role_with_token(
 mod tests {
     use super::*;
 
+    /// The chart's admission policy admits exactly the token this module requests: were they to
+    /// differ, every verification would fail with TokenRequestFailed.
+    #[test]
+    fn the_chart_admits_the_token_request_verification_makes() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../charts/rolemesh/templates/controller-admissionpolicy.yaml"
+        );
+        let policy =
+            std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {path}: {e}"));
+        assert!(policy.contains(&format!("object.spec.audiences == ['{STS_AUDIENCE}']")));
+        assert!(policy.contains(&format!("object.spec.expirationSeconds <= {TOKEN_SECONDS}")));
+    }
+
     #[test]
     fn assumed_role_must_name_the_same_role_in_the_same_account() {
         let role = "arn:aws:iam::111122223333:role/team/payments";
