@@ -481,34 +481,40 @@ mod tests {
     #[test]
     fn each_x509_svid_leaf_rule_is_checked_on_its_own() {
         type Tweak = Box<dyn FnOnce(&mut rcgen::CertificateParams)>;
+        fn tweak(f: impl FnOnce(&mut rcgen::CertificateParams) + 'static) -> Tweak {
+            Box::new(f)
+        }
         let cases: Vec<(SvidRule, Tweak)> = vec![
             (
                 SvidRule::OneUriSan,
-                Box::new(|p| {
+                tweak(|p| {
                     p.subject_alt_names.push(SanType::URI(
-                        "spiffe://rolemesh.test/ns/shop/sa/admin".try_into().unwrap(),
+                        "spiffe://rolemesh.test/ns/shop/sa/admin"
+                            .to_string()
+                            .try_into()
+                            .unwrap(),
                     ))
                 }),
             ),
             (
                 SvidRule::OneUriSan,
-                Box::new(|p| p.subject_alt_names.retain(|s| !matches!(s, SanType::URI(_)))),
+                tweak(|p| p.subject_alt_names.retain(|s| !matches!(s, SanType::URI(_)))),
             ),
             (
                 SvidRule::SpiffeId,
-                Box::new(|p| set_uri(p, "spiffe://rolemesh.test/ns/../sa/payments")),
+                tweak(|p| set_uri(p, "spiffe://rolemesh.test/ns/../sa/payments")),
             ),
             (
                 SvidRule::SpiffeId,
-                Box::new(|p| set_uri(p, "spiffe://rolemesh.test")),
+                tweak(|p| set_uri(p, "spiffe://rolemesh.test")),
             ),
             (
                 SvidRule::SpiffeId,
-                Box::new(|p| set_uri(p, "https://rolemesh.test/ns/shop/sa/payments")),
+                tweak(|p| set_uri(p, "https://rolemesh.test/ns/shop/sa/payments")),
             ),
             (
                 SvidRule::SanCriticalWithoutSubject,
-                Box::new(|p| {
+                tweak(|p| {
                     p.subject_alt_names.clear();
                     let uri = "spiffe://rolemesh.test/ns/shop/sa/payments";
                     let san = yasna::construct_der(|w| {
@@ -524,19 +530,19 @@ mod tests {
             ),
             (
                 SvidRule::BasicConstraints,
-                Box::new(|p| p.is_ca = IsCa::NoCa),
+                tweak(|p| p.is_ca = IsCa::NoCa),
             ),
             (
                 SvidRule::NotCa,
-                Box::new(|p| p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0))),
+                tweak(|p| p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0))),
             ),
             (
                 SvidRule::KeyUsagePresent,
-                Box::new(|p| p.key_usages.clear()),
+                tweak(|p| p.key_usages.clear()),
             ),
             (
                 SvidRule::KeyUsageCritical,
-                Box::new(|p| {
+                tweak(|p| {
                     p.key_usages.clear();
                     // digitalSignature alone: bit 0 of the KeyUsage BIT STRING.
                     let ku = yasna::construct_der(|w| w.write_bitvec_bytes(&[0x80], 1));
@@ -545,19 +551,19 @@ mod tests {
             ),
             (
                 SvidRule::DigitalSignature,
-                Box::new(|p| p.key_usages = vec![KeyUsagePurpose::KeyEncipherment]),
+                tweak(|p| p.key_usages = vec![KeyUsagePurpose::KeyEncipherment]),
             ),
             (
                 SvidRule::NoKeyCertSign,
-                Box::new(|p| p.key_usages.push(KeyUsagePurpose::KeyCertSign)),
+                tweak(|p| p.key_usages.push(KeyUsagePurpose::KeyCertSign)),
             ),
             (
                 SvidRule::NoCrlSign,
-                Box::new(|p| p.key_usages.push(KeyUsagePurpose::CrlSign)),
+                tweak(|p| p.key_usages.push(KeyUsagePurpose::CrlSign)),
             ),
             (
                 SvidRule::ExtendedKeyUsage,
-                Box::new(|p| p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth]),
+                tweak(|p| p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth]),
             ),
         ];
         let mut seen = std::collections::HashSet::new();

@@ -177,6 +177,11 @@ impl TrustStore {
         &self.anchors
     }
 
+    /// The bundle's CRLs as DER, as they were in the bundle.
+    pub fn crls(&self) -> &[CertificateRevocationListDer<'static>] {
+        &self.crl_ders
+    }
+
     /// How many of the bundle's CA certificates may sign leaves.
     pub fn issuer_count(&self) -> usize {
         self.issuers.len()
@@ -237,11 +242,6 @@ impl PinnedIssuer {
             subject: anchor.subject.as_ref().to_vec(),
             spki: webpki::spki_for_anchor(anchor).as_ref().to_vec(),
         }
-    }
-
-    /// The bundle's CRLs as DER, as they were in the bundle.
-    pub fn crls(&self) -> &[CertificateRevocationListDer<'static>] {
-        &self.crl_ders
     }
 }
 
@@ -332,7 +332,7 @@ pub fn verify_chain(
     } else {
         joined = intermediates
             .iter()
-            .cloned()
+            .map(|der| CertificateDer::from(der.as_ref()))
             .chain(
                 trust
                     .intermediates
