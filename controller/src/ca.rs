@@ -363,7 +363,8 @@ fn with_earlier_cas(
         .and_then(|pem| certificates_from_pem(pem).ok())
         .unwrap_or_default();
     for der in earlier {
-        if !certificates.contains(&der) && inspect_certificate(&der).is_ok_and(|i| i.is_valid_at(now))
+        if !certificates.contains(&der)
+            && inspect_certificate(&der).is_ok_and(|i| i.is_valid_at(now))
         {
             certificates.push(der);
         }
@@ -425,7 +426,11 @@ mod tests {
         let now = OffsetDateTime::now_utc();
         let current = ca_der("current", now, DEFAULT_CA_DURATION);
         let earlier = ca_der("earlier", now, DEFAULT_CA_DURATION);
-        let expired = ca_der("expired", now - time::Duration::days(2), Duration::from_secs(3600));
+        let expired = ca_der(
+            "expired",
+            now - time::Duration::days(2),
+            Duration::from_secs(3600),
+        );
         let stored: String = [&current, &earlier, &expired]
             .iter()
             .map(|der| pem_of(der))
@@ -434,7 +439,13 @@ mod tests {
         assert_eq!(bundle, vec![current.clone(), earlier.clone()]);
         // Both still issue: neither signs the other.
         let pem: String = bundle.iter().map(|der| pem_of(der)).collect();
-        assert_eq!(TrustStore::from_pem(&pem).expect("bundle").issuer_count(), 2);
-        assert_eq!(with_earlier_cas(vec![current.clone()], None, now), vec![current]);
+        assert_eq!(
+            TrustStore::from_pem(&pem).expect("bundle").issuer_count(),
+            2
+        );
+        assert_eq!(
+            with_earlier_cas(vec![current.clone()], None, now),
+            vec![current]
+        );
     }
 }

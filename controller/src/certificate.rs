@@ -55,7 +55,9 @@ pub async fn issue_certificate(
         inspect_certificate(&leaf_der).map_err(|e| Error::BuildCertificate(e.to_string()))?;
     // Checked with the peers' own rules: a certificate they would refuse is not written out.
     let issued = info.workload_identity().map_err(|e| {
-        Error::BuildCertificate(format!("the issued certificate is not a workload SVID: {e}"))
+        Error::BuildCertificate(format!(
+            "the issued certificate is not a workload SVID: {e}"
+        ))
     })?;
     if &issued != identity {
         return Err(Error::BuildCertificate(format!(

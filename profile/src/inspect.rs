@@ -316,7 +316,9 @@ pub fn inspect_certificate(der: &[u8]) -> Result<CertificateInfo, ProfileError> 
         key_usage_digital_signature: key_usage
             .as_ref()
             .is_some_and(|ku| ku.value.digital_signature()),
-        key_usage_key_cert_sign: key_usage.as_ref().is_some_and(|ku| ku.value.key_cert_sign()),
+        key_usage_key_cert_sign: key_usage
+            .as_ref()
+            .is_some_and(|ku| ku.value.key_cert_sign()),
         key_usage_crl_sign: key_usage.as_ref().is_some_and(|ku| ku.value.crl_sign()),
         key_usage_critical: key_usage.as_ref().is_some_and(|ku| ku.critical),
         subject_empty: cert.subject().iter().next().is_none(),
@@ -410,8 +412,8 @@ mod tests {
     use super::*;
     use crate::profile::{DEFAULT_CA_DURATION, ca_params, crl_params, generate_workload_key};
     use rcgen::{
-        BasicConstraints, CustomExtension, ExtendedKeyUsagePurpose, IsCa, Issuer,
-        KeyUsagePurpose, SanType,
+        BasicConstraints, CustomExtension, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyUsagePurpose,
+        SanType,
     };
     use time::OffsetDateTime;
 
@@ -498,7 +500,10 @@ mod tests {
             ),
             (
                 SvidRule::OneUriSan,
-                tweak(|p| p.subject_alt_names.retain(|s| !matches!(s, SanType::URI(_)))),
+                tweak(|p| {
+                    p.subject_alt_names
+                        .retain(|s| !matches!(s, SanType::URI(_)))
+                }),
             ),
             (
                 SvidRule::SpiffeId,
@@ -519,27 +524,20 @@ mod tests {
                     let uri = "spiffe://rolemesh.test/ns/shop/sa/payments";
                     let san = yasna::construct_der(|w| {
                         w.write_sequence(|w| {
-                            w.next()
-                                .write_tagged_implicit(yasna::Tag::context(6), |w| {
-                                    w.write_ia5_string(uri)
-                                })
+                            w.next().write_tagged_implicit(yasna::Tag::context(6), |w| {
+                                w.write_ia5_string(uri)
+                            })
                         })
                     });
                     p.custom_extensions.push(non_critical(&[2, 5, 29, 17], san));
                 }),
             ),
-            (
-                SvidRule::BasicConstraints,
-                tweak(|p| p.is_ca = IsCa::NoCa),
-            ),
+            (SvidRule::BasicConstraints, tweak(|p| p.is_ca = IsCa::NoCa)),
             (
                 SvidRule::NotCa,
                 tweak(|p| p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0))),
             ),
-            (
-                SvidRule::KeyUsagePresent,
-                tweak(|p| p.key_usages.clear()),
-            ),
+            (SvidRule::KeyUsagePresent, tweak(|p| p.key_usages.clear())),
             (
                 SvidRule::KeyUsageCritical,
                 tweak(|p| {
@@ -587,7 +585,10 @@ mod tests {
         let info = leaf_info(|p| p.extended_key_usages.clear());
         info.check_svid_leaf().unwrap();
         let error = info.workload_identity().unwrap_err().to_string();
-        assert!(error.contains("extended key usage must be present"), "{error}");
+        assert!(
+            error.contains("extended key usage must be present"),
+            "{error}"
+        );
         // Any SPIFFE ID is an SVID's; only /ns/<namespace>/sa/<serviceaccount> is a workload's.
         let info = leaf_info(|p| set_uri(p, "spiffe://rolemesh.test/payments"));
         info.check_svid_leaf().unwrap();

@@ -196,10 +196,9 @@ impl TrustStore {
     /// Whether the certificate that signed the leaf of `path` is an issuing CA of the bundle.
     fn leaf_issuer_is_pinned(&self, path: &VerifiedPath<'_>) -> bool {
         match path.intermediate_certificates().next() {
-            Some(issuer) => self.is_pinned_issuer(
-                issuer.subject(),
-                issuer.subject_public_key_info().as_ref(),
-            ),
+            Some(issuer) => {
+                self.is_pinned_issuer(issuer.subject(), issuer.subject_public_key_info().as_ref())
+            }
             None => {
                 let anchor = path.anchor();
                 self.is_pinned_issuer(

@@ -297,9 +297,7 @@ fn certificate_error(error: ChainError) -> TlsError {
         ChainError::CrlBadSignature => CertRevocationListError::BadSignature.into(),
         other @ (ChainError::CaUsedAsEndEntity
         | ChainError::UnpinnedIssuer
-        | ChainError::Other(_)) => {
-            CertificateError::Other(OtherError(Arc::new(other))).into()
-        }
+        | ChainError::Other(_)) => CertificateError::Other(OtherError(Arc::new(other))).into(),
     }
 }
 
