@@ -181,6 +181,21 @@ pub async fn establish_ca(
         message,
     };
 
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
+    let existing = api
+        .get_opt(CA_CONFIGMAP)
+        .await
+        .map_err(Error::kube(format!(
+            "read ConfigMap {namespace}/{CA_CONFIGMAP}"
+        )))?;
+    let stored = |key: &str| {
+        existing
+            .as_ref()
+            .and_then(|cm| cm.data.as_ref())
+            .and_then(|d| d.get(key))
+            .cloned()
+    };
+
     if let Some(user) = &authority.spec.ca {
         let user_err = |message: String| Error::UserCa {
             authority: name.clone(),
@@ -220,9 +235,17 @@ pub async fn establish_ca(
         for der in &chain {
             chain_pem.push_str(&pem_of(der));
         }
-        // The root (last of the chain) is the trust anchor; without a chain the CA itself is.
-        let anchor = chain.last().cloned().unwrap_or_else(|| ca_der.clone());
-        let mut bundle_pem = pem_of(&anchor);
+        // The bundle holds the CA rolemesh issues with and the chain above it: the root (last
+        // of the chain; without a chain the CA itself) anchors, and the CA is published as the
+        // one that issues, being the only certificate of the bundle that signs no other of it
+        // (rolemesh_profile::verify). Publishing the root alone would let any other
+        // intermediate under it sign identities of this trust domain.
+        let chain_ders: Vec<Vec<u8>> = std::iter::once(ca_der.clone()).chain(chain).collect();
+        // Earlier CAs stay while they are valid, as with the self-signed CA: leaves of the
+        // previous intermediate keep working while they are re-issued under this one.
+        let certificates = with_earlier_cas(chain_ders, stored(CA_BUNDLE_KEY).as_deref(), now);
+        let mut bundle_pem: String = certificates.iter().map(|der| pem_of(der)).collect();
+        let certificates_pem = bundle_pem.clone();
         if let Some(pem) = &user.crls {
             let crls = crls_from_pem(pem).map_err(|e| user_err(format!("ca.crls: {e}")))?;
             for (index, der) in crls.iter().enumerate() {
@@ -236,6 +259,14 @@ pub async fn establish_ca(
                 })?;
                 bundle_pem.push_str(&pem_encode("X509 CRL", der));
             }
+        }
+        if stored(CA_BUNDLE_KEY).as_deref() != Some(certificates_pem.as_str()) {
+            let mut data = existing
+                .as_ref()
+                .and_then(|cm| cm.data.clone())
+                .unwrap_or_default();
+            data.insert(CA_BUNDLE_KEY.to_string(), certificates_pem);
+            store_ca_configmap(&api, namespace, existing.as_ref(), data).await?;
         }
         return Ok(CaState {
             fingerprint: sha256_hex(&ca_der),
@@ -254,20 +285,6 @@ pub async fn establish_ca(
     let ca_duration = match &authority.spec.ca_duration {
         Some(text) => parse_duration(text).map_err(|e| invalid(e.to_string()))?,
         None => DEFAULT_CA_DURATION,
-    };
-    let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
-    let existing = api
-        .get_opt(CA_CONFIGMAP)
-        .await
-        .map_err(Error::kube(format!(
-            "read ConfigMap {namespace}/{CA_CONFIGMAP}"
-        )))?;
-    let stored = |key: &str| {
-        existing
-            .as_ref()
-            .and_then(|cm| cm.data.as_ref())
-            .and_then(|d| d.get(key))
-            .cloned()
     };
     if let Some(pem) = stored(CA_CERT_KEY)
         && let Some(der) = certificates_from_pem(&pem)
@@ -300,43 +317,21 @@ pub async fn establish_ca(
     let info = inspect_certificate(&ca_der).map_err(|e| Error::BuildCertificate(e.to_string()))?;
     // Keep every earlier CA that has not expired, so leaves signed by it stay trusted while they
     // are re-issued under the new one.
-    let mut bundle_pem = pem_of(&ca_der);
-    if let Some(old_bundle) = stored(CA_BUNDLE_KEY) {
-        for der in certificates_from_pem(&old_bundle).unwrap_or_default() {
-            if der != ca_der && inspect_certificate(&der).is_ok_and(|i| i.is_valid_at(now)) {
-                bundle_pem.push_str(&pem_of(&der));
-            }
-        }
-    }
-    let configmap = ConfigMap {
-        metadata: ObjectMeta {
-            name: Some(CA_CONFIGMAP.into()),
-            namespace: Some(namespace.into()),
-            resource_version: existing
-                .as_ref()
-                .and_then(|cm| cm.metadata.resource_version.clone()),
-            labels: Some(BTreeMap::from([(
-                MANAGED_BY_LABEL.to_string(),
-                MANAGED_BY_VALUE.to_string(),
-            )])),
-            ..Default::default()
-        },
-        data: Some(BTreeMap::from([
+    let bundle_pem: String =
+        with_earlier_cas(vec![ca_der.clone()], stored(CA_BUNDLE_KEY).as_deref(), now)
+            .iter()
+            .map(|der| pem_of(der))
+            .collect();
+    store_ca_configmap(
+        &api,
+        namespace,
+        existing.as_ref(),
+        BTreeMap::from([
             (CA_CERT_KEY.to_string(), pem_of(&ca_der)),
             (CA_BUNDLE_KEY.to_string(), bundle_pem.clone()),
-        ])),
-        ..Default::default()
-    };
-    // Optimistic concurrency: if another writer got there first, the caller retries and loads it.
-    if existing.is_some() {
-        api.replace(CA_CONFIGMAP, &PostParams::default(), &configmap)
-            .await
-    } else {
-        api.create(&PostParams::default(), &configmap).await
-    }
-    .map_err(Error::kube(format!(
-        "store the CA certificate in ConfigMap {namespace}/{CA_CONFIGMAP}"
-    )))?;
+        ]),
+    )
+    .await?;
     info!(fingerprint = %sha256_hex(&ca_der), not_after = %info.not_after, signer = %signer.describe(), "issued a new self-signed CA certificate");
     Ok(CaState {
         fingerprint: sha256_hex(&ca_der),
@@ -355,11 +350,105 @@ pub async fn establish_ca(
 /// How often the CA is re-checked even when nothing changed (to roll it before it expires).
 pub const CA_RECHECK: Duration = Duration::from_secs(300);
 
+/// `current` (the CA in force and the chain above it), then every certificate of the stored
+/// bundle that is not among them and still valid at `now`. An earlier issuing CA thus stays an
+/// issuing CA of the bundle (it signs no other certificate of it) until it expires.
+fn with_earlier_cas(
+    current: Vec<Vec<u8>>,
+    stored_bundle: Option<&str>,
+    now: OffsetDateTime,
+) -> Vec<Vec<u8>> {
+    let mut certificates = current;
+    let earlier = stored_bundle
+        .and_then(|pem| certificates_from_pem(pem).ok())
+        .unwrap_or_default();
+    for der in earlier {
+        if !certificates.contains(&der)
+            && inspect_certificate(&der).is_ok_and(|i| i.is_valid_at(now))
+        {
+            certificates.push(der);
+        }
+    }
+    certificates
+}
+
+/// Writes ConfigMap `rolemesh-ca` with `data`, replacing `existing` when there is one.
+async fn store_ca_configmap(
+    api: &Api<ConfigMap>,
+    namespace: &str,
+    existing: Option<&ConfigMap>,
+    data: BTreeMap<String, String>,
+) -> Result<()> {
+    let configmap = ConfigMap {
+        metadata: ObjectMeta {
+            name: Some(CA_CONFIGMAP.into()),
+            namespace: Some(namespace.into()),
+            resource_version: existing.and_then(|cm| cm.metadata.resource_version.clone()),
+            labels: Some(BTreeMap::from([(
+                MANAGED_BY_LABEL.to_string(),
+                MANAGED_BY_VALUE.to_string(),
+            )])),
+            ..Default::default()
+        },
+        data: Some(data),
+        ..Default::default()
+    };
+    // Optimistic concurrency: if another writer got there first, the caller retries and loads it.
+    if existing.is_some() {
+        api.replace(CA_CONFIGMAP, &PostParams::default(), &configmap)
+            .await
+    } else {
+        api.create(&PostParams::default(), &configmap).await
+    }
+    .map_err(Error::kube(format!(
+        "store the CA certificates in ConfigMap {namespace}/{CA_CONFIGMAP}"
+    )))?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
+    use super::*;
     use rolemesh_crds::names::TRUST_BUNDLE_CONFIGMAP;
+    use rolemesh_profile::{TrustStore, profile::generate_workload_key};
 
-    use super::CA_CONFIGMAP;
+    fn ca_der(name: &str, now: OffsetDateTime, life: Duration) -> Vec<u8> {
+        let key = generate_workload_key().expect("key");
+        let mut params = ca_params("mesh.test", life, now);
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.self_signed(&key).expect("CA").der().to_vec()
+    }
+
+    #[test]
+    fn earlier_cas_stay_in_the_bundle_while_valid() {
+        let now = OffsetDateTime::now_utc();
+        let current = ca_der("current", now, DEFAULT_CA_DURATION);
+        let earlier = ca_der("earlier", now, DEFAULT_CA_DURATION);
+        let expired = ca_der(
+            "expired",
+            now - time::Duration::days(2),
+            Duration::from_secs(3600),
+        );
+        let stored: String = [&current, &earlier, &expired]
+            .iter()
+            .map(|der| pem_of(der))
+            .collect();
+        let bundle = with_earlier_cas(vec![current.clone()], Some(&stored), now);
+        assert_eq!(bundle, vec![current.clone(), earlier.clone()]);
+        // Both still issue: neither signs the other.
+        let pem: String = bundle.iter().map(|der| pem_of(der)).collect();
+        assert_eq!(
+            TrustStore::from_pem(&pem).expect("bundle").issuer_count(),
+            2
+        );
+        assert_eq!(
+            with_earlier_cas(vec![current.clone()], None, now),
+            vec![current]
+        );
+    }
 
     fn chart_template(name: &str) -> String {
         let path = format!(

@@ -53,6 +53,18 @@ pub async fn issue_certificate(
     .await?;
     let info =
         inspect_certificate(&leaf_der).map_err(|e| Error::BuildCertificate(e.to_string()))?;
+    // Checked with the peers' own rules: a certificate they would refuse is not written out.
+    let issued = info.workload_identity().map_err(|e| {
+        Error::BuildCertificate(format!(
+            "the issued certificate is not a workload SVID: {e}"
+        ))
+    })?;
+    if &issued != identity {
+        return Err(Error::BuildCertificate(format!(
+            "the issued certificate names {} with role {}, not {} with role {}",
+            issued.spiffe_id, issued.role_arn, identity.spiffe_id, identity.role_arn
+        )));
+    }
     Ok(IssuedCertificate {
         chain_pem: format!("{}{}", pem_of(&leaf_der), ca.chain_pem),
         key_pem: key.serialize_pem(),

@@ -381,7 +381,8 @@ pub struct CaCertificateSource {
     #[schemars(length(min = 1, max = 65536))]
     pub certificate: String,
     /// PEM certificates from the CA's issuer up to and including the root; issued workload
-    /// certificates carry them in `tls.crt` and the trust bundle holds the root.
+    /// certificates carry them in `tls.crt`, and the trust bundle holds them with the CA, which
+    /// it publishes as the only CA that may sign workload certificates.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 262144))]
     pub chain: Option<String>,

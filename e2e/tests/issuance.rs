@@ -529,7 +529,8 @@ async fn with_two_replicas_only_the_leader_writes() -> Result<()> {
 }
 
 /// A CA the user brings (an intermediate under their offline root, for the signer's key):
-/// `tls.crt` carries the chain, the trust bundle holds the root and the root's CRL.
+/// `tls.crt` carries the chain, the trust bundle holds the intermediate (the issuing CA), the root
+/// and the root's CRL.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_user_supplied_intermediate_ca_signs_with_its_chain() -> Result<()> {
     use rolemesh_profile::profile::{DEFAULT_CA_DURATION, ca_params};
@@ -601,11 +602,15 @@ async fn a_user_supplied_intermediate_ca_signs_with_its_chain() -> Result<()> {
         ensure!(
             trust_bundle_from_pem(&bundle)?
                 == TrustBundle {
-                    certificates: vec![root.der().to_vec()],
+                    certificates: vec![intermediate.der().to_vec(), root.der().to_vec()],
                     crls: vec![root_crl.der().to_vec()],
                 },
-            "the bundle holds the root and its CRL only: {bundle}"
+            "the bundle holds the issuing intermediate, the root and its CRL: {bundle}"
         );
+        // The root anchors and only the intermediate issues: another intermediate under the
+        // same root signs no identity the proxies accept.
+        let trust = rolemesh_profile::TrustStore::from_pem(&bundle)?;
+        ensure!(trust.anchors().len() == 1 && trust.issuer_count() == 1);
         ensure!(
             field(&secret, "ca.crt") == bundle,
             "the workload Secret's ca.crt is the bundle"

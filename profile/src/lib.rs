@@ -17,7 +17,7 @@ pub mod proxy_config;
 pub mod spiffe;
 pub mod verify;
 
-pub use inspect::{CertificateInfo, inspect_certificate};
+pub use inspect::{CertificateInfo, SvidRule, inspect_certificate};
 pub use profile::{CertificateProfile, IssuedCertificate, WorkloadIdentity};
 pub use spiffe::SpiffeId;
 pub use verify::{ChainError, TrustStore, Usage, verify_chain, verify_chain_der};
@@ -49,6 +49,11 @@ pub enum ProfileError {
     ParseTrustBundle(String),
     #[error("certificate does not follow the rolemesh profile: {0}")]
     NotInProfile(String),
+    #[error("certificate is not an X509-SVID leaf: {rule}: {detail}")]
+    NotAnSvid {
+        rule: inspect::SvidRule,
+        detail: String,
+    },
     #[error("invalid duration {value:?}: {reason}")]
     InvalidDuration { value: String, reason: String },
     #[error("invalid proxy configuration: {0}")]

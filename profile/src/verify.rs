@@ -4,11 +4,25 @@
 //! that the controller (checking what it issued), the proxy (checking peers) and the CLI
 //! (inspecting a Secret) reach the same verdict on the same chain.
 //!
+//! Issuer pinning: ending at a root of the bundle is not enough. A user's offline root may sign
+//! other teams' intermediates too, and any of them could sign a leaf that names our trust domain.
+//! The bundle therefore says which of its CA certificates *issue*: a certificate of the bundle
+//! that is the issuer of no other CA certificate of the bundle (rolemesh's own signing CA, an
+//! intermediate under the user's root, or a self-signed CA that anchors nothing else). The
+//! certificate that signed the leaf must be one of those, compared by subject and public key; a
+//! root that only anchors an issuing intermediate of the bundle is not one. Only the bundle's
+//! roots (certificates whose issuer is not in the bundle) are trust anchors, so a path through a
+//! pinned intermediate still ends at the root and the root's CRL still applies to it. The rule
+//! reads nothing but the bundle, which keeps it a plain PEM list that `openssl verify -CAfile`
+//! reads as before; a peer's own chain never adds to it.
+//!
 //! Revocation policy: every certificate of the chain is checked against the CRL of its issuer
 //! when the bundle has one. A certificate whose issuer has no CRL in the bundle is not refused for
 //! that (the bundle holds CRLs "when there are any"; during a CA rotation the new CA may have
 //! none), and a CRL past its nextUpdate still revokes what it lists: a stale CRL is better
 //! evidence than none.
+
+use std::cell::Cell;
 
 use rustls_pki_types::{
     CertificateDer, CertificateRevocationListDer, SignatureVerificationAlgorithm, TrustAnchor,
@@ -16,8 +30,9 @@ use rustls_pki_types::{
 };
 use webpki::{
     CertRevocationList, EndEntityCert, ExpirationPolicy, KeyUsage, OwnedCertRevocationList,
-    RevocationCheckDepth, RevocationOptionsBuilder, UnknownStatusPolicy,
+    RevocationCheckDepth, RevocationOptionsBuilder, UnknownStatusPolicy, VerifiedPath,
 };
+use x509_parser::prelude::{FromDer, X509Certificate};
 
 use crate::{
     ProfileError,
@@ -42,11 +57,14 @@ impl Usage {
     }
 }
 
-/// A trust bundle ready to verify against: its CA certificates as trust anchors, its CRLs parsed,
-/// and the signature algorithms accepted in certificates and CRLs.
+/// A trust bundle ready to verify against: its roots as trust anchors, its other CA certificates
+/// as intermediates, the CAs that may sign leaves (see the module comment), its CRLs parsed, and
+/// the signature algorithms accepted in certificates and CRLs.
 #[derive(Debug)]
 pub struct TrustStore {
     anchors: Vec<TrustAnchor<'static>>,
+    intermediates: Vec<CertificateDer<'static>>,
+    issuers: Vec<PinnedIssuer>,
     crls: Vec<CertRevocationList<'static>>,
     crl_ders: Vec<CertificateRevocationListDer<'static>>,
     algorithms: &'static [&'static dyn SignatureVerificationAlgorithm],
@@ -58,24 +76,51 @@ impl TrustStore {
         Self::from_bundle(&trust_bundle_from_pem(pem)?)
     }
 
-    /// Trust anchors and CRLs from a parsed bundle. Every certificate must be usable as an anchor
-    /// and every CRL must parse: a bundle entry that cannot take effect is refused, not skipped.
+    /// Trust anchors, intermediates, issuing CAs and CRLs from a parsed bundle. Every
+    /// certificate must parse (and be usable as an anchor) and every CRL must parse: a bundle
+    /// entry that cannot take effect is refused, not skipped.
     pub fn from_bundle(bundle: &TrustBundle) -> Result<Self, ProfileError> {
-        let anchors = bundle
-            .certificates
-            .iter()
-            .enumerate()
-            .map(|(index, der)| {
-                webpki::anchor_from_trusted_cert(&CertificateDer::from(der.as_slice()))
-                    .map(|anchor| anchor.to_owned())
-                    .map_err(|e| {
-                        ProfileError::ParseTrustBundle(format!(
-                            "certificate {} of the bundle is not usable as a trust anchor: {e}",
-                            index + 1
-                        ))
-                    })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let unusable = |index: usize, e: String| {
+            ProfileError::ParseTrustBundle(format!(
+                "certificate {} of the bundle is not usable as a trust anchor: {e}",
+                index + 1
+            ))
+        };
+        let mut entries = Vec::with_capacity(bundle.certificates.len());
+        for (index, der) in bundle.certificates.iter().enumerate() {
+            let anchor = webpki::anchor_from_trusted_cert(&CertificateDer::from(der.as_slice()))
+                .map(|anchor| anchor.to_owned())
+                .map_err(|e| unusable(index, e.to_string()))?;
+            let (_, cert) =
+                X509Certificate::from_der(der).map_err(|e| unusable(index, e.to_string()))?;
+            entries.push(BundleEntry {
+                subject: cert.subject().as_raw().to_vec(),
+                issuer: cert.issuer().as_raw().to_vec(),
+                anchor,
+            });
+        }
+        let mut anchors = Vec::new();
+        let mut intermediates = Vec::new();
+        let mut issuers = Vec::new();
+        for (index, entry) in entries.iter().enumerate() {
+            let others = || {
+                entries
+                    .iter()
+                    .enumerate()
+                    .filter(move |(other, _)| *other != index)
+                    .map(|(_, other)| other)
+            };
+            let has_parent = !entry.self_issued() && others().any(|o| o.subject == entry.issuer);
+            let signs_a_ca = others().any(|o| !o.self_issued() && o.issuer == entry.subject);
+            if has_parent {
+                intermediates.push(CertificateDer::from(bundle.certificates[index].clone()));
+            } else {
+                anchors.push(entry.anchor.clone());
+            }
+            if !signs_a_ca {
+                issuers.push(PinnedIssuer::of_anchor(&entry.anchor));
+            }
+        }
         let crls = bundle
             .crls
             .iter()
@@ -93,6 +138,8 @@ impl TrustStore {
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
             anchors,
+            intermediates,
+            issuers,
             crls,
             crl_ders: bundle
                 .crls
@@ -119,10 +166,13 @@ impl TrustStore {
             crls: Vec::new(),
             crl_ders: Vec::new(),
             anchors: self.anchors.clone(),
+            intermediates: self.intermediates.clone(),
+            issuers: self.issuers.clone(),
             algorithms: self.algorithms,
         }
     }
 
+    /// The bundle's roots: its certificates whose issuer is not in the bundle.
     pub fn anchors(&self) -> &[TrustAnchor<'static>] {
         &self.anchors
     }
@@ -130,6 +180,67 @@ impl TrustStore {
     /// The bundle's CRLs as DER, as they were in the bundle.
     pub fn crls(&self) -> &[CertificateRevocationListDer<'static>] {
         &self.crl_ders
+    }
+
+    /// How many of the bundle's CA certificates may sign leaves.
+    pub fn issuer_count(&self) -> usize {
+        self.issuers.len()
+    }
+
+    fn is_pinned_issuer(&self, subject: &[u8], spki: &[u8]) -> bool {
+        self.issuers
+            .iter()
+            .any(|issuer| issuer.subject == subject && issuer.spki == spki)
+    }
+
+    /// Whether the certificate that signed the leaf of `path` is an issuing CA of the bundle.
+    fn leaf_issuer_is_pinned(&self, path: &VerifiedPath<'_>) -> bool {
+        match path.intermediate_certificates().next() {
+            Some(issuer) => {
+                self.is_pinned_issuer(issuer.subject(), issuer.subject_public_key_info().as_ref())
+            }
+            None => {
+                let anchor = path.anchor();
+                self.is_pinned_issuer(
+                    anchor.subject.as_ref(),
+                    webpki::spki_for_anchor(anchor).as_ref(),
+                )
+            }
+        }
+    }
+}
+
+/// A certificate of the bundle, named as X.509 names it (x509-parser's raw DER names, compared
+/// with each other only) and as an anchor.
+struct BundleEntry {
+    subject: Vec<u8>,
+    issuer: Vec<u8>,
+    anchor: TrustAnchor<'static>,
+}
+
+impl BundleEntry {
+    /// A root in the bundle's sense: its own issuer. A CA renewed under the same name is two
+    /// such roots, neither the other's parent.
+    fn self_issued(&self) -> bool {
+        self.subject == self.issuer
+    }
+}
+
+/// A CA that may sign leaves: its subject (DER without the outer tag, as rustls-webpki gives it
+/// for certificates and anchors alike) and its SubjectPublicKeyInfo (DER, with the outer tag).
+/// Both together: another CA with the same name but another key is not this one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct PinnedIssuer {
+    subject: Vec<u8>,
+    spki: Vec<u8>,
+}
+
+impl PinnedIssuer {
+    fn of_anchor(anchor: &TrustAnchor<'_>) -> Self {
+        Self {
+            subject: anchor.subject.as_ref().to_vec(),
+            spki: webpki::spki_for_anchor(anchor).as_ref().to_vec(),
+        }
     }
 }
 
@@ -152,6 +263,10 @@ pub enum ChainError {
     InvalidValidity,
     #[error("the chain does not lead to a certificate of the trust bundle")]
     UnknownIssuer,
+    #[error(
+        "the certificate was not signed by an issuing CA of the trust bundle: its chain ends at a root of the bundle, but through a CA the bundle does not publish as issuing (another intermediate under the same root, or the root itself)"
+    )]
+    UnpinnedIssuer,
     #[error("a certificate of the chain is revoked by a CRL of the trust bundle")]
     Revoked,
     #[error("a signature in the chain does not verify")]
@@ -189,9 +304,9 @@ impl From<webpki::Error> for ChainError {
 }
 
 /// Verifies that `end_entity`, with `intermediates` (in any order, as presented), chains to an
-/// anchor of `trust` and is valid at `now` for `usage`, and that no certificate of the chain is
-/// revoked by the bundle's CRLs (see the module comment for the policy). Identity (SPIFFE ID,
-/// role) is not looked at here: see [`crate::inspect`].
+/// anchor of `trust` through an issuing CA of the bundle, is valid at `now` for `usage`, and that
+/// no certificate of the chain is revoked by the bundle's CRLs (see the module comment for the
+/// policy). Identity (SPIFFE ID, role) is not looked at here: see [`crate::inspect`].
 pub fn verify_chain(
     end_entity: &CertificateDer<'_>,
     intermediates: &[CertificateDer<'_>],
@@ -209,16 +324,49 @@ pub fn verify_chain(
             .with_expiration_policy(ExpirationPolicy::Ignore)
             .build()
     });
-    cert.verify_for_usage(
+    // The bundle's own intermediates (issuing CAs under a root) need not be sent by the peer.
+    let joined: Vec<CertificateDer<'_>>;
+    let candidates = if trust.intermediates.is_empty() {
+        intermediates
+    } else {
+        joined = intermediates
+            .iter()
+            .map(|der| CertificateDer::from(der.as_ref()))
+            .chain(
+                trust
+                    .intermediates
+                    .iter()
+                    .map(|der| CertificateDer::from(der.as_ref())),
+            )
+            .collect();
+        joined.as_slice()
+    };
+    // Checked as each candidate path is complete, so that path building goes on to another path
+    // (e.g. through the pinned CA rather than a same-named sibling) when one fails the pin.
+    let unpinned = Cell::new(false);
+    let pinned = |path: &VerifiedPath<'_>| {
+        if trust.leaf_issuer_is_pinned(path) {
+            Ok(())
+        } else {
+            unpinned.set(true);
+            // rustls-webpki takes only its own errors here; this one ranks with revocation, so it
+            // is what the caller sees unless another path failed for a weightier reason.
+            Err(webpki::Error::CertDistrusted)
+        }
+    };
+    match cert.verify_for_usage(
         trust.algorithms,
         &trust.anchors,
-        intermediates,
+        candidates,
         now,
         usage.key_usage(),
         revocation,
-        None,
-    )?;
-    Ok(())
+        Some(&pinned),
+    ) {
+        Ok(_) => Ok(()),
+        Err(webpki::Error::CertDistrusted) if unpinned.get() => Err(ChainError::UnpinnedIssuer),
+        Err(error) => Err(error.into()),
+    }
 }
 
 /// [`verify_chain`] for a chain given leaf first, as a `tls.crt` holds it.
@@ -436,12 +584,14 @@ mod tests {
         let intermediate_serial = intermediate.params.serial_number.clone().unwrap();
         let (leaf, _) = intermediate.leaf(now);
         let chain = vec![leaf, intermediate.der.clone()];
-        let sound = store(vec![root.der.clone()], vec![root.crl(vec![], now)]);
+        // The bundle as the controller publishes it for a user's root: the root and the
+        // intermediate rolemesh issues with.
+        let published = vec![root.der.clone(), intermediate.der.clone()];
+        let sound = store(published.clone(), vec![root.crl(vec![], now)]);
         verify_chain_der(&chain, &sound, Usage::ServerAuth, unix(now)).unwrap();
-        let revoked = store(
-            vec![root.der.clone()],
-            vec![root.crl(vec![intermediate_serial], now)],
-        );
+        // The intermediate is in the bundle, yet not an anchor: the path still ends at the root,
+        // whose CRL revokes it.
+        let revoked = store(published, vec![root.crl(vec![intermediate_serial], now)]);
         assert_eq!(
             verify_chain_der(&chain, &revoked, Usage::ServerAuth, unix(now)),
             Err(ChainError::Revoked)
@@ -453,11 +603,74 @@ mod tests {
             unix(now),
         )
         .unwrap();
-        // Without the intermediate the leaf has no path.
+        // A peer that sends only its leaf still verifies: the bundle carries the intermediate.
+        verify_chain_der(&chain[..1], &sound, Usage::ServerAuth, unix(now)).unwrap();
+        // Without the intermediate anywhere the leaf has no path.
+        let root_and_its_crl = store(vec![root.der.clone()], vec![root.crl(vec![], now)]);
         assert_eq!(
-            verify_chain_der(&chain[..1], &sound, Usage::ServerAuth, unix(now)),
+            verify_chain_der(&chain[..1], &root_and_its_crl, Usage::ServerAuth, unix(now)),
             Err(ChainError::UnknownIssuer)
         );
+    }
+
+    #[test]
+    fn only_an_issuing_ca_of_the_bundle_may_sign_the_leaf() {
+        let now = OffsetDateTime::now_utc();
+        let root = Ca::root_of_intermediates(now);
+        let ours = root.intermediate(now);
+        // Another team's intermediate under the same root, even with our intermediate's name.
+        let sibling = root.intermediate(now);
+        let bundle = store(vec![root.der.clone(), ours.der.clone()], vec![]);
+        let verify = |chain: &[Vec<u8>], trust: &TrustStore| {
+            verify_chain_der(chain, trust, Usage::ClientAuth, unix(now))
+        };
+        let (leaf, _) = ours.leaf(now);
+        verify(&[leaf.clone(), ours.der.clone()], &bundle).unwrap();
+        // A well-formed leaf for our trust domain, chained to our root through the sibling.
+        let (forged, _) = sibling.leaf(now);
+        assert_eq!(
+            verify(&[forged.clone(), sibling.der.clone()], &bundle),
+            Err(ChainError::UnpinnedIssuer)
+        );
+        // Without the sibling in the chain the only candidate is ours, whose key did not sign it.
+        assert_eq!(verify(&[forged], &bundle), Err(ChainError::BadSignature));
+        // The root anchors our intermediate; it does not issue leaves of its own.
+        let (by_root, _) = root.leaf(now);
+        assert_eq!(verify(&[by_root], &bundle), Err(ChainError::UnpinnedIssuer));
+        // A bundle of the root alone pins nothing but the root: it cannot tell our intermediate
+        // from the sibling, so it admits neither.
+        let root_only = store(vec![root.der.clone()], vec![]);
+        assert_eq!(
+            verify(&[leaf, ours.der.clone()], &root_only),
+            Err(ChainError::UnpinnedIssuer)
+        );
+    }
+
+    #[test]
+    fn which_certificates_of_a_bundle_anchor_and_which_issue() {
+        let now = OffsetDateTime::now_utc();
+        let root = Ca::root_of_intermediates(now);
+        let ours = root.intermediate(now);
+        let self_signed = Ca::root("rolemesh CA", now);
+        // A self-signed CA renewed under the same name: both issue, neither is the other's parent.
+        let renewed = Ca::root("rolemesh CA", now);
+        let roles = |certificates: Vec<Vec<u8>>| {
+            let trust = store(certificates, vec![]);
+            (trust.anchors().len(), trust.issuer_count())
+        };
+        assert_eq!(roles(vec![self_signed.der.clone()]), (1, 1));
+        assert_eq!(
+            roles(vec![renewed.der.clone(), self_signed.der.clone()]),
+            (2, 2)
+        );
+        assert_eq!(roles(vec![ours.der.clone(), root.der.clone()]), (1, 1));
+        // An intermediate given without its root is the anchor and the issuer.
+        assert_eq!(roles(vec![ours.der.clone()]), (1, 1));
+        let trust = store(vec![renewed.der.clone(), self_signed.der.clone()], vec![]);
+        for ca in [&self_signed, &renewed] {
+            let (leaf, _) = ca.leaf(now);
+            verify_chain_der(&[&leaf], &trust, Usage::ClientAuth, unix(now)).unwrap();
+        }
     }
 
     #[test]

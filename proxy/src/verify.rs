@@ -6,7 +6,7 @@
 use std::{io, sync::Arc};
 
 use rolemesh_profile::{
-    ChainError, TrustStore, Usage, WorkloadIdentity, inspect_certificate,
+    ChainError, ProfileError, TrustStore, Usage, WorkloadIdentity, inspect_certificate,
     proxy_config::PeerPattern, verify_chain,
 };
 use rustls::{
@@ -49,21 +49,12 @@ pub fn check_peer(
     let reject = |reason, detail: String| Rejection { reason, detail };
     let info =
         inspect_certificate(end_entity).map_err(|e| reject("not_in_profile", e.to_string()))?;
-    if info.is_ca {
-        return Err(reject(
-            "leaf_is_ca",
-            "the peer's certificate is a CA".into(),
-        ));
-    }
-    if info.uri_sans.len() != 1 {
-        return Err(reject(
-            "uri_san_count",
-            format!("expected exactly one URI SAN, found {:?}", info.uri_sans),
-        ));
-    }
-    let identity = info
-        .workload_identity()
-        .map_err(|e| reject("not_in_profile", e.to_string()))?;
+    // The X509-SVID leaf rules first (each refusal labelled with the rule it broke), then
+    // rolemesh's profile.
+    let identity = info.workload_identity().map_err(|e| match &e {
+        ProfileError::NotAnSvid { rule, .. } => reject(rule.as_str(), e.to_string()),
+        _ => reject("not_in_profile", e.to_string()),
+    })?;
     if identity.spiffe_id.trust_domain() != trust_domain {
         return Err(reject(
             "wrong_trust_domain",
@@ -304,9 +295,9 @@ fn certificate_error(error: ChainError) -> TlsError {
         ChainError::WrongUsage => CertificateError::InvalidPurpose.into(),
         ChainError::CrlIssuerNotCrlSigner => CertRevocationListError::IssuerInvalidForCrl.into(),
         ChainError::CrlBadSignature => CertRevocationListError::BadSignature.into(),
-        other @ (ChainError::CaUsedAsEndEntity | ChainError::Other(_)) => {
-            CertificateError::Other(OtherError(Arc::new(other))).into()
-        }
+        other @ (ChainError::CaUsedAsEndEntity
+        | ChainError::UnpinnedIssuer
+        | ChainError::Other(_)) => CertificateError::Other(OtherError(Arc::new(other))).into(),
     }
 }
 
@@ -343,6 +334,8 @@ fn classify_tls_error(error: &TlsError) -> &'static str {
                     rejection.reason
                 } else if let Some(ChainError::CaUsedAsEndEntity) = inner.downcast_ref() {
                     "leaf_is_ca"
+                } else if let Some(ChainError::UnpinnedIssuer) = inner.downcast_ref() {
+                    "unpinned_issuer"
                 } else {
                     "bad_certificate"
                 }

@@ -295,6 +295,36 @@ fn two_uri_sans_are_refused() {
     });
 }
 
+/// X509-SVID §4.3 and §5.2: a leaf whose key may sign certificates is no SVID, even with cA=false.
+#[test]
+fn a_leaf_that_may_sign_certificates_is_refused() {
+    refused_from_our_ca("leaf_key_cert_sign", |ca| {
+        ca.leaf_with(TD, "frontend", CLIENT_ROLE, |p| {
+            p.key_usages.push(KeyUsagePurpose::KeyCertSign)
+        })
+    });
+}
+
+/// X509-SVID §4.3: every SVID has the key usage extension.
+#[test]
+fn a_leaf_without_key_usage_is_refused() {
+    refused_from_our_ca("no_key_usage", |ca| {
+        ca.leaf_with(TD, "frontend", CLIENT_ROLE, |p| p.key_usages.clear())
+    });
+}
+
+/// SPIFFE-ID §2.2: no '.' or '..' path segments, whatever the role would admit.
+#[test]
+fn a_dot_segment_in_the_spiffe_id_is_refused() {
+    refused_from_our_ca("bad_spiffe_id", |ca| {
+        ca.leaf_with(TD, "frontend", CLIENT_ROLE, |p| {
+            p.subject_alt_names
+                .retain(|s| !matches!(s, rcgen::SanType::URI(_)));
+            add_uri_san(p, "spiffe://rolemesh.test/ns/../sa/frontend");
+        })
+    });
+}
+
 #[test]
 fn another_trust_domain_is_refused() {
     refused_from_our_ca("wrong_trust_domain", |ca| {
@@ -324,6 +354,68 @@ fn revoked_client_certificate_is_refused() {
     assert_refused(&setup, &out, "revoked");
 }
 
+/// `openssl s_client` presenting a leaf of intermediate `ca` with `ca` in its chain, checking the
+/// proxy against `root_pem`.
+fn s_client_under(
+    dir: &std::path::Path,
+    port: u16,
+    name: &str,
+    ca: &Ca,
+    root_pem: &str,
+) -> (bool, String) {
+    let (cert, key, ca_file) = client_files(dir, name, &ca.leaf("frontend", CLIENT_ROLE), root_pem);
+    // s_client sends only the first certificate of -cert; the intermediate goes separately.
+    let intermediate = dir.join(format!("{name}-intermediate.crt"));
+    std::fs::write(&intermediate, &ca.pem).unwrap();
+    s_client(
+        port,
+        &[
+            "-cert",
+            cert.to_str().unwrap(),
+            "-cert_chain",
+            intermediate.to_str().unwrap(),
+            "-key",
+            key.to_str().unwrap(),
+            "-CAfile",
+            ca_file.to_str().unwrap(),
+            "-verify_return_error",
+        ],
+    )
+}
+
+/// A user's offline root also signed another team's intermediate (here even with our
+/// intermediate's name). A well-formed leaf for our trust domain and an admitted role, chained to
+/// that root through the other intermediate, is refused; leaves of ours are served.
+#[test]
+fn a_sibling_intermediate_under_our_root_cannot_mint_our_identities() {
+    let root = Ca::root_of_intermediates(TD);
+    let ours = root.intermediate(TD);
+    let sibling = root.intermediate(TD);
+    let dir = temp_dir("in");
+    let port = free_port();
+    let bundle = format!("{}{}", ours.pem, root.pem);
+    let (proxy, _) = Proxy::with_identity(
+        &dir,
+        &ours.leaf("payments", SERVER_ROLE),
+        &bundle,
+        json!({"inbound": [{"name": "api", "port": port, "appPort": echo_app(),
+                            "allow": [CLIENT_ROLE]}]}),
+    );
+    let (_, out) = s_client_under(&dir, port, "sibling", &sibling, &root.pem);
+    assert!(
+        !out.contains(BANNER),
+        "app bytes reached a sibling's leaf: {out}"
+    );
+    assert_eq!(
+        proxy.failures("unpinned_issuer"),
+        1,
+        "{out}\n{}",
+        proxy.log_text()
+    );
+    let (ok, out) = s_client_under(&dir, port, "ours", &ours, &root.pem);
+    assert!(ok && out.contains(BANNER), "{out}\n{}", proxy.log_text());
+}
+
 /// The case `MTLSAuthority.spec.ca.crls` is for: the user's root revokes an intermediate it
 /// retired; peers under it are refused, peers under the current intermediate are served.
 #[test]
@@ -333,7 +425,13 @@ fn peer_under_an_intermediate_the_root_revoked_is_refused() {
     let retired = root.intermediate(TD);
     let dir = temp_dir("in");
     let port = free_port();
-    let bundle = format!("{}{}", root.pem, root.crl_of(vec![retired.serial()]));
+    // As the controller publishes it: the issuing intermediate, the root and the root's CRL.
+    let bundle = format!(
+        "{}{}{}",
+        current.pem,
+        root.pem,
+        root.crl_of(vec![retired.serial()])
+    );
     let (proxy, _) = Proxy::with_identity(
         &dir,
         &current.leaf("payments", SERVER_ROLE),
@@ -341,27 +439,7 @@ fn peer_under_an_intermediate_the_root_revoked_is_refused() {
         json!({"inbound": [{"name": "api", "port": port, "appPort": echo_app(),
                             "allow": [CLIENT_ROLE]}]}),
     );
-    let connect = |name: &str, ca: &Ca| {
-        let (cert, key, ca_file) =
-            client_files(&dir, name, &ca.leaf("frontend", CLIENT_ROLE), &root.pem);
-        // s_client sends only the first certificate of -cert; the intermediate goes separately.
-        let intermediate = dir.join(format!("{name}-intermediate.crt"));
-        std::fs::write(&intermediate, &ca.pem).unwrap();
-        s_client(
-            port,
-            &[
-                "-cert",
-                cert.to_str().unwrap(),
-                "-cert_chain",
-                intermediate.to_str().unwrap(),
-                "-key",
-                key.to_str().unwrap(),
-                "-CAfile",
-                ca_file.to_str().unwrap(),
-                "-verify_return_error",
-            ],
-        )
-    };
+    let connect = |name: &str, ca: &Ca| s_client_under(&dir, port, name, ca, &root.pem);
     let (_, out) = connect("retired", &retired);
     assert!(
         !out.contains(BANNER),
