@@ -69,6 +69,21 @@ pub enum Error {
     )]
     NoTrustDomain { authority: String },
 
+    #[error(
+        "rolemesh refuses this pod: {0}. No real pod comes close to that limit; check what \
+         generated the pod"
+    )]
+    PodTooLarge(String),
+
+    #[error(
+        "rolemesh's webhook is overloaded: {0}; retry, and if it persists look for a client \
+         flooding the webhook (its metrics count refused connections and requests)"
+    )]
+    Overloaded(String),
+
+    #[error("invalid webhook limits: {0}")]
+    BadLimits(String),
+
     #[error("invalid admission request: {0}")]
     BadRequest(String),
 
@@ -122,6 +137,7 @@ impl Error {
                 | Self::MountConflict { .. }
                 | Self::InvalidPolicy { .. }
                 | Self::NoTrustDomain { .. }
+                | Self::PodTooLarge(_)
         )
     }
 }

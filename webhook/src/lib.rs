@@ -3,8 +3,10 @@
 //! answers with a JSON patch. The decision is [`inject::injection_patch`], a pure function; the
 //! HTTP layer ([`server`]) only decodes, calls it and encodes.
 
+pub mod connections;
 pub mod error;
 pub mod inject;
+pub mod limits;
 pub mod lookup;
 pub mod metrics;
 pub mod selection;

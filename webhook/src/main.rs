@@ -11,9 +11,10 @@ use rolemesh_crds::names::WEBHOOK_SERVING_SECRET;
 use rolemesh_profile::logging::{LogFormat, init_logging};
 use rolemesh_webhook::{
     inject::InjectorConfig,
+    limits::{Limits, MIB, defaults},
     lookup::Lookups,
     metrics::Metrics,
-    server::{AppState, admission_router, serve_admin, serve_tls},
+    server::{AppState, MemoryBudget, serve_admin, serve_tls},
     serving::{ServingCertResolver, follow_serving_secret},
 };
 
@@ -57,6 +58,66 @@ struct Args {
     tls_secret: String,
     #[arg(long, env = "ROLEMESH_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: LogFormat,
+    #[command(flatten)]
+    limits: LimitArgs,
+}
+
+/// What one client may cost the webhook; docs/operations.md explains each bound.
+#[derive(Debug, clap::Args)]
+struct LimitArgs {
+    /// Connections open at once; at the cap a new connection replaces the oldest one that is not
+    /// answering a request.
+    #[arg(long, env = "ROLEMESH_WEBHOOK_MAX_CONNECTIONS", default_value_t = defaults::MAX_CONNECTIONS)]
+    max_connections: usize,
+    /// Seconds for the TLS handshake.
+    #[arg(long, env = "ROLEMESH_WEBHOOK_HANDSHAKE_TIMEOUT_SECONDS", default_value_t = defaults::HANDSHAKE_TIMEOUT_SECONDS)]
+    handshake_timeout_seconds: u64,
+    /// Seconds for a whole request (handshake, headers and body on a new connection); a
+    /// connection that has not delivered one by then is closed.
+    #[arg(long, env = "ROLEMESH_WEBHOOK_REQUEST_TIMEOUT_SECONDS", default_value_t = defaults::REQUEST_TIMEOUT_SECONDS)]
+    request_timeout_seconds: u64,
+    /// Seconds a kept-alive connection may wait for its next request.
+    #[arg(long, env = "ROLEMESH_WEBHOOK_IDLE_TIMEOUT_SECONDS", default_value_t = defaults::IDLE_TIMEOUT_SECONDS)]
+    idle_timeout_seconds: u64,
+    /// Largest request body in MiB (413 beyond it).
+    #[arg(long, env = "ROLEMESH_WEBHOOK_MAX_BODY_MIB", default_value_t = defaults::MAX_BODY_MIB)]
+    max_body_mib: usize,
+    /// MiB of request bodies buffered at once, all connections together.
+    #[arg(long, env = "ROLEMESH_WEBHOOK_BODY_MEMORY_MIB", default_value_t = defaults::BODY_MEMORY_MIB)]
+    body_memory_mib: usize,
+    /// Estimated MiB one decoded review may take; larger reviews are refused.
+    #[arg(long, env = "ROLEMESH_WEBHOOK_MAX_DECODED_MIB", default_value_t = defaults::MAX_DECODED_MIB)]
+    max_decoded_mib: usize,
+    /// Estimated MiB of decoded reviews held at once.
+    #[arg(long, env = "ROLEMESH_WEBHOOK_DECODE_MEMORY_MIB", default_value_t = defaults::DECODE_MEMORY_MIB)]
+    decode_memory_mib: usize,
+    /// Containers, initContainers and ephemeralContainers of one pod, together; pods with more
+    /// are refused.
+    #[arg(long, env = "ROLEMESH_WEBHOOK_MAX_CONTAINERS", default_value_t = defaults::MAX_CONTAINERS)]
+    max_containers: usize,
+    /// Volumes of one pod; pods with more are refused.
+    #[arg(long, env = "ROLEMESH_WEBHOOK_MAX_VOLUMES", default_value_t = defaults::MAX_VOLUMES)]
+    max_volumes: usize,
+}
+
+impl LimitArgs {
+    fn limits(&self) -> anyhow::Result<Limits> {
+        use std::time::Duration;
+        let limits = Limits {
+            max_connections: self.max_connections,
+            handshake_timeout: Duration::from_secs(self.handshake_timeout_seconds),
+            request_timeout: Duration::from_secs(self.request_timeout_seconds),
+            idle_timeout: Duration::from_secs(self.idle_timeout_seconds),
+            max_body_bytes: self.max_body_mib.saturating_mul(MIB),
+            body_memory_bytes: self.body_memory_mib.saturating_mul(MIB),
+            max_decoded_bytes: self.max_decoded_mib.saturating_mul(MIB),
+            decode_memory_bytes: self.decode_memory_mib.saturating_mul(MIB),
+            max_containers: self.max_containers,
+            max_volumes: self.max_volumes,
+        };
+        limits.validate()?;
+        Ok(limits)
+    }
 }
 
 #[tokio::main]
@@ -66,6 +127,8 @@ async fn main() -> anyhow::Result<()> {
         .map_err(|_| anyhow::anyhow!("a rustls crypto provider was already installed"))?;
     let args = Args::parse();
     init_logging(args.log_format);
+    let limits = args.limits.limits()?;
+    tracing::info!(?limits, "limits per client");
     let client = kube::Client::try_default()
         .await
         .context("failed to connect to the Kubernetes API")?;
@@ -85,6 +148,8 @@ async fn main() -> anyhow::Result<()> {
         injector: Arc::new(injector),
         own_namespace: args.namespace.clone().into(),
         metrics: metrics.clone(),
+        memory: MemoryBudget::new(&limits),
+        limits: Arc::new(limits),
     };
 
     // Until the controller has written the serving certificate there is nothing to serve.
@@ -103,7 +168,7 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("failed to bind {}", args.listen))?;
     tracing::info!(listen = %args.listen, admin = %args.admin_listen, "serving admission requests");
-    serve_tls(listener, admission_router(state), resolver).await?;
+    serve_tls(listener, state, resolver).await?;
     Ok(())
 }
 

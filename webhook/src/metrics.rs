@@ -21,6 +21,8 @@ pub struct Metrics {
     duration: Histogram,
     serving_cert_not_after: Gauge,
     serving_cert_rotations: Counter,
+    connections_closed: Family<Labels, Counter>,
+    open_connections: Gauge,
 }
 
 impl Default for Metrics {
@@ -62,8 +64,23 @@ impl Metrics {
             "Serving certificates loaded (the first one and every rotation)",
             serving_cert_rotations.clone(),
         );
+        let connections_closed = Family::<Labels, Counter>::default();
+        registry.register(
+            "connections_closed",
+            "Connections the webhook closed itself, by reason (request_timeout, idle_timeout, \
+             handshake_timeout, evicted, refused)",
+            connections_closed.clone(),
+        );
+        let open_connections = Gauge::default();
+        registry.register(
+            "open_connections",
+            "Connections open on the admission listener",
+            open_connections.clone(),
+        );
         Self {
             registry,
+            connections_closed,
+            open_connections,
             admissions,
             lookups,
             duration,
@@ -84,6 +101,24 @@ impl Metrics {
     pub fn serving_cert_loaded(&self, not_after_unix: i64) {
         self.serving_cert_not_after.set(not_after_unix);
         self.serving_cert_rotations.inc();
+    }
+
+    pub fn connection_closed(&self, reason: &'static str) {
+        self.connections_closed
+            .get_or_create(&[("reason", reason)])
+            .inc();
+    }
+
+    pub fn set_open_connections(&self, open: usize) {
+        self.open_connections
+            .set(i64::try_from(open).unwrap_or(i64::MAX));
+    }
+
+    /// Count of connections closed for this reason so far.
+    pub fn connections_closed_with(&self, reason: &'static str) -> u64 {
+        self.connections_closed
+            .get_or_create(&[("reason", reason)])
+            .get()
     }
 
     /// Count of admissions with this outcome so far.

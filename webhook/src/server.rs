@@ -9,36 +9,40 @@ use std::{
 
 use axum::{
     Router,
-    body::Bytes,
-    extract::{DefaultBodyLimit, State},
+    extract::{Request, State},
     http::{StatusCode, header},
     response::{IntoResponse, Response},
     routing::{get, post},
 };
+use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::Pod;
 use kube::core::{
-    DynamicObject, GroupVersionKind,
+    DynamicObject, GroupVersionKind, TypeMeta,
     admission::{AdmissionRequest, AdmissionResponse, AdmissionReview},
 };
-use tokio::net::TcpListener;
+use tokio::{
+    net::TcpListener,
+    sync::{OwnedSemaphorePermit, Semaphore},
+};
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, warn};
 
 use crate::{
+    connections::{Connections, Slot, Watched},
     error::{Error, Result},
     inject::{InjectorConfig, injection_patch},
+    limits::{Limits, ReviewShape, inspect_review},
     lookup::Lookups,
     metrics::Metrics,
     selection::{PodSelection, select_pod},
     serving::{ServingCertResolver, server_config},
 };
 
-/// Largest AdmissionReview accepted; bigger bodies get 413.
-pub const MAX_BODY_BYTES: usize = 3 * 1024 * 1024;
-/// How long a client may take to send its request headers.
-pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// The webhook answers within this, well inside the registration's `timeoutSeconds`.
 pub const DECISION_TIMEOUT: Duration = Duration::from_secs(5);
+/// hyper's read buffer grows up to this; it bounds the request head and what one connection
+/// buffers ahead of the handler.
+const MAX_READ_BUFFER: usize = 64 * 1024;
 
 /// What every request handler shares.
 #[derive(Clone)]
@@ -47,7 +51,50 @@ pub struct AppState {
     pub injector: Arc<InjectorConfig>,
     pub own_namespace: Arc<str>,
     pub metrics: Arc<Metrics>,
+    pub limits: Arc<Limits>,
+    pub memory: Arc<MemoryBudget>,
 }
+
+/// The memory request bodies and decoded reviews may take together, in KiB permits.
+pub struct MemoryBudget {
+    body: Arc<Semaphore>,
+    body_kib: u32,
+    decode: Arc<Semaphore>,
+    decode_kib: u32,
+}
+
+impl MemoryBudget {
+    pub fn new(limits: &Limits) -> Arc<Self> {
+        let body_kib = kib(limits.body_memory_bytes);
+        let decode_kib = kib(limits.decode_memory_bytes);
+        Arc::new(Self {
+            body: Arc::new(Semaphore::new(body_kib as usize)),
+            body_kib,
+            decode: Arc::new(Semaphore::new(decode_kib as usize)),
+            decode_kib,
+        })
+    }
+
+    /// Waits until `bytes` of body may be buffered.
+    async fn for_body(&self, bytes: usize) -> Option<OwnedSemaphorePermit> {
+        let permits = kib(bytes).clamp(1, self.body_kib.max(1));
+        self.body.clone().acquire_many_owned(permits).await.ok()
+    }
+
+    /// Waits until a review estimated at `bytes` may be decoded.
+    async fn for_decode(&self, bytes: usize) -> Option<OwnedSemaphorePermit> {
+        let permits = kib(bytes).clamp(1, self.decode_kib.max(1));
+        self.decode.clone().acquire_many_owned(permits).await.ok()
+    }
+}
+
+fn kib(bytes: usize) -> u32 {
+    u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX)
+}
+
+/// The connection a request came on, for the handler to mark it busy.
+#[derive(Clone)]
+struct ConnectionSlot(Arc<Slot>);
 
 /// Decides one admission request: `Ok(None)` admits unchanged, `Ok(Some(patch))` admits with the
 /// patch, `Err` refuses with the error's message.
@@ -202,8 +249,126 @@ fn refuse_undecodable(
     review_response(AdmissionResponse::from(&request).deny(message))
 }
 
-async fn mutate_pod(State(state): State<AppState>, body: Bytes) -> Response {
+/// A review refused before decoding (beyond a limit, or no room to decode it now), answered as
+/// a review when it names its request, 400 otherwise.
+fn refuse_shape(
+    state: &AppState,
+    started: Instant,
+    shape: &ReviewShape,
+    outcome: &'static str,
+    error: Error,
+) -> Response {
+    let Some(uid) = shape.uid.clone() else {
+        return bad_request(
+            state,
+            started,
+            format!("the AdmissionReview has no request uid: {error}"),
+        );
+    };
+    warn!(%error, namespace = ?shape.namespace, containers = shape.containers, volumes = shape.volumes,
+        estimated_bytes = shape.estimated_bytes, "refused a review without decoding it");
+    state
+        .metrics
+        .admission(outcome, started.elapsed().as_secs_f64());
+    let mut response = AdmissionResponse::invalid(error.to_string());
+    response.uid = uid;
+    response.types = TypeMeta {
+        api_version: shape
+            .api_version
+            .clone()
+            .unwrap_or_else(|| "admission.k8s.io/v1".to_string()),
+        kind: shape
+            .kind
+            .clone()
+            .unwrap_or_else(|| "AdmissionReview".to_string()),
+    };
+    review_response(response)
+}
+
+/// Reads the body within the memory budget: 413 beyond the size limit (by `Content-Length`
+/// before reading anything, or while reading). The time it may take is bounded by the
+/// connection's request deadline, which closes the connection and drops this future.
+async fn read_body(
+    state: &AppState,
+    request: Request,
+) -> Result<(Vec<u8>, OwnedSemaphorePermit), Response> {
+    let max = state.limits.max_body_bytes;
+    let too_large = || {
+        (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the request body exceeds {max} bytes, the most rolemesh's webhook reads (--max-body-mib)"),
+        )
+            .into_response()
+    };
+    let length = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if length.is_some_and(|length| length > max) {
+        return Err(too_large());
+    }
+    let Some(permit) = state.memory.for_body(length.unwrap_or(max)).await else {
+        return Err((StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response());
+    };
+    let mut body = Vec::with_capacity(length.unwrap_or(0));
+    let mut stream = request.into_body().into_data_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|error| {
+            (
+                StatusCode::BAD_REQUEST,
+                format!("failed to read the request body: {error}"),
+            )
+                .into_response()
+        })?;
+        if body.len() + chunk.len() > max {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok((body, permit))
+}
+
+async fn mutate_pod(State(state): State<AppState>, request: Request) -> Response {
     let started = Instant::now();
+    let connection = request.extensions().get::<ConnectionSlot>().cloned();
+    let (body, _body_memory) = match read_body(&state, request).await {
+        Ok(read) => read,
+        Err(response) => return response,
+    };
+    // A whole request is in: from here the handler's own timeouts bound the time, and the
+    // connection must not be evicted while it waits for its answer.
+    let _busy = connection.map(|c| c.0.busy());
+    // Measured before anything is decoded: a `{}` in the wrong place is kilobytes once decoded.
+    let shape = match inspect_review(&body) {
+        Ok(shape) => shape,
+        Err(error) => {
+            return bad_request(
+                &state,
+                started,
+                format!("the body is not an AdmissionReview: {error}"),
+            );
+        }
+    };
+    if let Err(error) = shape.check(&state.limits) {
+        return refuse_shape(&state, started, &shape, "too_large", error);
+    }
+    let _decode_memory = match tokio::time::timeout(
+        DECISION_TIMEOUT,
+        state.memory.for_decode(shape.estimated_bytes),
+    )
+    .await
+    {
+        Ok(Some(permit)) => permit,
+        _ => {
+            let error = Error::Overloaded(format!(
+                "no room to decode a review of about {} KiB within {DECISION_TIMEOUT:?} \
+                 (--decode-memory-mib)",
+                kib(shape.estimated_bytes)
+            ));
+            return refuse_shape(&state, started, &shape, "overloaded", error);
+        }
+    };
     // The common case decodes straight into a Pod, with no generic JSON tree in between.
     let request: AdmissionRequest<Pod> = match serde_json::from_slice::<AdmissionReview<Pod>>(&body)
     {
@@ -248,24 +413,28 @@ async fn mutate_pod(State(state): State<AppState>, body: Bytes) -> Response {
     review_response(response)
 }
 
-/// The admission router: `POST /mutate-pod`, with a body limit (413 beyond it) and panics turned
-/// into 500s so one bad request never takes the server down.
+/// The admission router: `POST /mutate-pod`, with panics turned into 500s so one bad request
+/// never takes the server down.
 pub fn admission_router(state: AppState) -> Router {
     Router::new()
         .route("/mutate-pod", post(mutate_pod))
         .route("/healthz", get(|| async { "ok" }))
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(tower_http::catch_panic::CatchPanicLayer::new())
         .with_state(state)
 }
 
-/// Serves `router` over TLS on `listener`, resolving the certificate per handshake.
+/// Serves the admission router over TLS on `listener`, resolving the certificate per handshake,
+/// with the connection cap and deadlines of `state.limits`.
 pub async fn serve_tls(
     listener: TcpListener,
-    router: Router,
+    state: AppState,
     resolver: Arc<ServingCertResolver>,
 ) -> Result<()> {
     let acceptor = TlsAcceptor::from(server_config(resolver)?);
+    let limits = state.limits.clone();
+    let metrics = state.metrics.clone();
+    let connections = Connections::new((*limits).clone());
+    let router = admission_router(state);
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -275,40 +444,69 @@ pub async fn serve_tls(
                 continue;
             }
         };
+        // Accepted at once whatever the count: left in the kernel's queue, the API server's
+        // connections would wait behind every connection a flooding client queued first.
+        let Some(lease) = connections.admit() else {
+            debug!(%peer, "every connection is busy; closing a new one");
+            metrics.connection_closed("refused");
+            continue;
+        };
+        metrics.set_open_connections(connections.open());
         let _ = stream.set_nodelay(true);
         let acceptor = acceptor.clone();
         let router = router.clone();
+        let metrics = metrics.clone();
+        let connections = connections.clone();
+        let handshake_timeout = limits.handshake_timeout;
         tokio::spawn(async move {
-            let tls = match tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(stream)).await {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(error)) => {
-                    debug!(%error, %peer, "TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    debug!(%peer, "TLS handshake timed out");
-                    return;
+            let slot = lease.slot().clone();
+            let connection = async {
+                let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(stream))
+                    .await
+                {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(error)) => {
+                        debug!(%error, %peer, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        debug!(%peer, "TLS handshake timed out");
+                        metrics.connection_closed("handshake_timeout");
+                        return;
+                    }
+                };
+                let for_requests = slot.clone();
+                let service = hyper::service::service_fn(
+                    move |mut request: hyper::Request<hyper::body::Incoming>| {
+                        let router = router.clone();
+                        request
+                            .extensions_mut()
+                            .insert(ConnectionSlot(for_requests.clone()));
+                        async move {
+                            tower::ServiceExt::oneshot(router, request.map(axum::body::Body::new))
+                                .await
+                        }
+                    },
+                );
+                let mut builder = hyper::server::conn::http1::Builder::new();
+                // The slot's deadlines bound the request head, the body and the idle time
+                // together; hyper's header timer would also cut idle connections early.
+                builder
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(None::<Duration>)
+                    .max_buf_size(MAX_READ_BUFFER)
+                    .keep_alive(true);
+                let io = hyper_util::rt::TokioIo::new(Watched::new(tls, slot.clone()));
+                if let Err(error) = builder.serve_connection(io, service).await {
+                    debug!(%error, %peer, "connection ended with an error");
                 }
             };
-            let service = hyper::service::service_fn(
-                move |request: hyper::Request<hyper::body::Incoming>| {
-                    let router = router.clone();
-                    async move {
-                        tower::ServiceExt::oneshot(router, request.map(axum::body::Body::new)).await
-                    }
-                },
-            );
-            let mut builder = hyper::server::conn::http1::Builder::new();
-            builder
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .keep_alive(true);
-            if let Err(error) = builder
-                .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
-                .await
-            {
-                debug!(%error, %peer, "connection ended with an error");
+            if let Err(closed) = lease.slot().watch(connection).await {
+                debug!(%peer, reason = closed.as_str(), "closed a connection");
+                metrics.connection_closed(closed.as_str());
             }
+            drop(lease);
+            metrics.set_open_connections(connections.open());
         });
     }
 }
