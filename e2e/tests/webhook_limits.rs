@@ -93,7 +93,10 @@ async fn attack(ns: &TestNamespace) -> Result<()> {
 
     // Meanwhile, a 1 MiB review of empty containers straight to the pod: refused by name.
     let (code, answer) = post(&connector, &address, &empty_containers_review(1024 * 1024)).await?;
-    ensure!(code == 200, "the big review is answered as a review: {code} {answer}");
+    ensure!(
+        code == 200,
+        "the big review is answered as a review: {code} {answer}"
+    );
     let answer: Value = serde_json::from_str(&answer)?;
     let message = answer["response"]["status"]["message"]
         .as_str()
@@ -195,7 +198,10 @@ async fn slow_client(connector: &TlsConnector, address: &str) -> Result<Duration
     .await;
     writing.abort();
     if closed.is_err() {
-        bail!("a slow connection was still open after {:?}", REQUEST_TIMEOUT * 3);
+        bail!(
+            "a slow connection was still open after {:?}",
+            REQUEST_TIMEOUT * 3
+        );
     }
     Ok(started.elapsed())
 }
@@ -285,10 +291,7 @@ impl WebhookPod {
         ])?;
         let lines: Vec<&str> = out.lines().filter(|l| !l.trim().is_empty()).collect();
         ensure!(lines.len() == 1, "one webhook pod expected: {out:?}");
-        let (uid, ip) = lines[0]
-            .trim()
-            .split_once(' ')
-            .context("pod uid and IP")?;
+        let (uid, ip) = lines[0].trim().split_once(' ').context("pod uid and IP")?;
         let pid = webhook_pid(uid).with_context(|| format!("the process of pod {uid}"))?;
         Ok(Self {
             uid: uid.to_string(),
@@ -338,8 +341,14 @@ fn memory_limit_kib(env: &ClusterEnv) -> Result<u64> {
         "jsonpath={.spec.template.spec.containers[0].resources.limits.memory}",
     ])?;
     let limit = limit.trim();
-    let (number, unit) = limit.split_at(limit.find(|c: char| !c.is_ascii_digit()).unwrap_or(limit.len()));
-    let number: u64 = number.parse().with_context(|| format!("memory limit {limit:?}"))?;
+    let (number, unit) = limit.split_at(
+        limit
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(limit.len()),
+    );
+    let number: u64 = number
+        .parse()
+        .with_context(|| format!("memory limit {limit:?}"))?;
     let kib = match unit {
         "Ki" => number,
         "Mi" => number * 1024,

@@ -16,7 +16,10 @@
 
 use std::{fmt, mem::size_of, time::Duration};
 
-use k8s_openapi::api::core::v1::{Container, EphemeralContainer, Volume, VolumeProjection};
+use k8s_openapi::api::core::v1::{
+    Container, EnvVar, EphemeralContainer, TopologySpreadConstraint, Volume, VolumeMount,
+    VolumeProjection, WeightedPodAffinityTerm,
+};
 use serde::de::{self, DeserializeSeed, MapAccess, SeqAccess, Visitor};
 
 use crate::error::Error;
@@ -93,7 +96,10 @@ impl Limits {
                 Err(Error::BadLimits(what.to_string()))
             }
         };
-        check(self.max_connections > 0, "--max-connections must be at least 1")?;
+        check(
+            self.max_connections > 0,
+            "--max-connections must be at least 1",
+        )?;
         check(
             self.body_memory_bytes >= self.max_body_bytes,
             "--body-memory-mib must be at least --max-body-mib, or a largest request could never be read",
@@ -166,6 +172,7 @@ pub fn inspect_review(body: &[u8]) -> Result<ReviewShape, serde_json::Error> {
         shape: &mut shape,
         place: Place::Root,
         key: Key::Other,
+        element: None,
     }
     .deserialize(&mut deserializer)?;
     deserializer.end()?;
@@ -173,15 +180,18 @@ pub fn inspect_review(body: &[u8]) -> Result<ReviewShape, serde_json::Error> {
 }
 
 // What the estimate charges. serde_json's `Value` (used for the request's `options` and the
-// pod's `managedFields[].fieldsV1`) takes 32 bytes per value and a B-tree leaf of ~640 bytes per
-// non-empty object; typed fields take less. Vectors grow by doubling while decoding, so an array
-// element is charged twice its size.
+// pod's `managedFields[].fieldsV1`) takes 32 bytes per value and a B-tree node of 640 to 730
+// bytes per non-empty object; typed fields take less. An object in an array is charged as the
+// largest type it may decode into there (see `Key::element_size`), and vectors grow by doubling
+// while decoding, so every array element is charged twice. `the_estimate_bounds_what_decoding_
+// takes` (tests/limits.rs) checks the estimate against what decoding really takes.
 const SCALAR: usize = 32;
 const STRING: usize = 24;
 const ARRAY: usize = 24;
 const OBJECT: usize = 32;
-const NON_EMPTY_OBJECT: usize = 640;
-const MEMBER: usize = 64;
+const NON_EMPTY_OBJECT: usize = 704;
+/// A member's key and value in a B-tree node, and its key's own allocation.
+const MEMBER: usize = 96;
 
 /// Where in the review a value is, as far as the shape cares.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -207,7 +217,6 @@ enum Key {
     Containers,
     EphemeralContainers,
     Volumes,
-    Sources,
     Other,
 }
 
@@ -225,43 +234,55 @@ impl Key {
             "containers" | "initContainers" => Self::Containers,
             "ephemeralContainers" => Self::EphemeralContainers,
             "volumes" => Self::Volumes,
-            "sources" => Self::Sources,
             _ => Self::Other,
         }
     }
 
-    /// The decoded size of one element of an array under this key, for the big element types
-    /// a `{}` expands into.
+    /// The decoded size of one object in an array under this key: the pod's containers and
+    /// volumes by their types, any other by the largest of the types the pod's other arrays
+    /// hold (a projected volume source, an environment variable, an affinity term, ...).
     fn element_size(self) -> usize {
         match self {
             Self::Containers => size_of::<Container>(),
             Self::EphemeralContainers => size_of::<EphemeralContainer>(),
             Self::Volumes => size_of::<Volume>(),
-            Self::Sources => size_of::<VolumeProjection>(),
-            _ => 0,
+            _ => [
+                size_of::<VolumeProjection>(),
+                size_of::<EnvVar>(),
+                size_of::<WeightedPodAffinityTerm>(),
+                size_of::<TopologySpreadConstraint>(),
+                size_of::<VolumeMount>(),
+            ]
+            .into_iter()
+            .max()
+            .unwrap_or(0),
         }
     }
 }
 
 struct KeySeed;
 
+/// A member name: what it means here, and its length.
 impl<'de> DeserializeSeed<'de> for KeySeed {
-    type Value = Key;
+    type Value = (Key, usize);
 
-    fn deserialize<D: de::Deserializer<'de>>(self, deserializer: D) -> Result<Key, D::Error> {
+    fn deserialize<D: de::Deserializer<'de>>(
+        self,
+        deserializer: D,
+    ) -> Result<(Key, usize), D::Error> {
         deserializer.deserialize_str(self)
     }
 }
 
 impl<'de> Visitor<'de> for KeySeed {
-    type Value = Key;
+    type Value = (Key, usize);
 
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("a member name")
     }
 
-    fn visit_str<E: de::Error>(self, name: &str) -> Result<Key, E> {
-        Ok(Key::from_name(name))
+    fn visit_str<E: de::Error>(self, name: &str) -> Result<(Key, usize), E> {
+        Ok((Key::from_name(name), name.len()))
     }
 }
 
@@ -269,11 +290,21 @@ struct Node<'a> {
     shape: &'a mut ReviewShape,
     place: Place,
     key: Key,
+    /// For an element of an array: the decoded size of an object there.
+    element: Option<usize>,
 }
 
 impl Node<'_> {
     fn charge(&mut self, bytes: usize) {
         self.shape.estimated_bytes = self.shape.estimated_bytes.saturating_add(bytes);
+    }
+
+    /// What an array element costs as a vector slot, beyond its own contents.
+    fn charge_slot(&mut self, object: bool) {
+        if let Some(size) = self.element {
+            let slot = if object { size } else { SCALAR };
+            self.charge(2 * slot);
+        }
     }
 
     fn keep(&mut self, text: &str) {
@@ -304,50 +335,57 @@ impl<'de> Visitor<'de> for Node<'_> {
     }
 
     fn visit_bool<E: de::Error>(mut self, _: bool) -> Result<(), E> {
+        self.charge_slot(false);
         self.charge(SCALAR);
         Ok(())
     }
 
     fn visit_i64<E: de::Error>(mut self, _: i64) -> Result<(), E> {
+        self.charge_slot(false);
         self.charge(SCALAR);
         Ok(())
     }
 
     fn visit_u64<E: de::Error>(mut self, _: u64) -> Result<(), E> {
+        self.charge_slot(false);
         self.charge(SCALAR);
         Ok(())
     }
 
     fn visit_f64<E: de::Error>(mut self, _: f64) -> Result<(), E> {
+        self.charge_slot(false);
         self.charge(SCALAR);
         Ok(())
     }
 
     fn visit_unit<E: de::Error>(mut self) -> Result<(), E> {
+        self.charge_slot(false);
         self.charge(SCALAR);
         Ok(())
     }
 
     fn visit_str<E: de::Error>(mut self, text: &str) -> Result<(), E> {
+        self.charge_slot(false);
         self.charge(STRING + SCALAR + text.len());
         self.keep(text);
         Ok(())
     }
 
     fn visit_seq<A: SeqAccess<'de>>(mut self, mut seq: A) -> Result<(), A::Error> {
+        self.charge_slot(false);
         self.charge(ARRAY);
-        let element = SCALAR.max(self.key.element_size()) * 2;
+        let element = Some(self.key.element_size());
         let mut count = 0usize;
         while seq
             .next_element_seed(Node {
                 shape: &mut *self.shape,
                 place: Place::Elsewhere,
                 key: Key::Other,
+                element,
             })?
             .is_some()
         {
             count += 1;
-            self.charge(element);
         }
         if self.place == Place::Spec {
             match self.key {
@@ -360,10 +398,12 @@ impl<'de> Visitor<'de> for Node<'_> {
     }
 
     fn visit_map<A: MapAccess<'de>>(mut self, mut map: A) -> Result<(), A::Error> {
+        self.charge_slot(true);
         self.charge(OBJECT);
         let mut members = 0usize;
-        while let Some(key) = map.next_key_seed(KeySeed)? {
+        while let Some((key, length)) = map.next_key_seed(KeySeed)? {
             members += 1;
+            self.charge(length);
             let place = match (self.place, key) {
                 (Place::Root, Key::Request) => Place::Request,
                 (Place::Root, Key::ApiVersion | Key::Kind) => Place::Root,
@@ -379,6 +419,7 @@ impl<'de> Visitor<'de> for Node<'_> {
                 shape: &mut *self.shape,
                 place,
                 key,
+                element: None,
             })?;
         }
         if members > 0 {
@@ -441,7 +482,9 @@ mod tests {
         let containers: Vec<_> = (0..300).map(|_| json!({})).collect();
         let body = review(json!({ "spec": { "containers": containers } }));
         let shape = inspect_review(&body).expect("well-formed");
-        let error = shape.check(&Limits::default()).expect_err("too many containers");
+        let error = shape
+            .check(&Limits::default())
+            .expect_err("too many containers");
         let message = error.to_string();
         assert!(
             message.contains("300 containers") && message.contains("--max-containers"),
@@ -454,7 +497,8 @@ mod tests {
         // Projected volume sources are not counted, but each `{}` is a struct of hundreds of
         // bytes once decoded.
         let sources: Vec<_> = (0..100_000).map(|_| json!({})).collect();
-        let body = review(json!({ "spec": { "volumes": [{ "projected": { "sources": sources } }] } }));
+        let body =
+            review(json!({ "spec": { "volumes": [{ "projected": { "sources": sources } }] } }));
         let shape = inspect_review(&body).expect("well-formed");
         assert!(
             shape.estimated_bytes > 100_000 * size_of::<VolumeProjection>(),

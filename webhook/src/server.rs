@@ -461,20 +461,19 @@ pub async fn serve_tls(
         tokio::spawn(async move {
             let slot = lease.slot().clone();
             let connection = async {
-                let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(stream))
-                    .await
-                {
-                    Ok(Ok(tls)) => tls,
-                    Ok(Err(error)) => {
-                        debug!(%error, %peer, "TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => {
-                        debug!(%peer, "TLS handshake timed out");
-                        metrics.connection_closed("handshake_timeout");
-                        return;
-                    }
-                };
+                let tls =
+                    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(tls)) => tls,
+                        Ok(Err(error)) => {
+                            debug!(%error, %peer, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            debug!(%peer, "TLS handshake timed out");
+                            metrics.connection_closed("handshake_timeout");
+                            return;
+                        }
+                    };
                 let for_requests = slot.clone();
                 let service = hyper::service::service_fn(
                     move |mut request: hyper::Request<hyper::body::Incoming>| {
