@@ -37,7 +37,8 @@ impl Metrics {
         let admissions = Family::<Labels, Counter>::default();
         registry.register(
             "admissions",
-            "Admission reviews answered, by outcome (injected, unchanged, skipped, denied, invalid)",
+            "Admission reviews answered, by outcome (injected, already_injected, skipped, denied, \
+             error, bad_request, too_large, overloaded)",
             admissions.clone(),
         );
         let lookups = Family::<Labels, Counter>::default();
