@@ -93,6 +93,29 @@ fn install_release(env: &ClusterEnv) -> Result<()> {
         &["uninstall", "rolemesh", "-n", RELEASE_NAMESPACE, "--wait"],
         None,
     );
+    // A namespace another test is deleting refuses new content until it is gone.
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while env
+        .run(
+            "kubectl",
+            &[
+                "get",
+                "namespace",
+                RELEASE_NAMESPACE,
+                "-o",
+                "jsonpath={.status.phase}",
+            ],
+            None,
+        )?
+        .stdout
+        .starts_with(b"Terminating")
+    {
+        ensure!(
+            Instant::now() < deadline,
+            "namespace {RELEASE_NAMESPACE} is still terminating"
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
     let chart = repo_root().join("charts/rolemesh");
     let values = env.chart_values()?;
     let trust_domain = format!("authority.trustDomain={TRUST_DOMAIN}");
@@ -557,8 +580,10 @@ spec:
         let from_outside = |url: String| {
             self.ns.env.run(
                 "kubectl",
+                // busybox's own `wget -T` crashes; its timeout applet bounds the attempt.
                 &[
-                    "exec", "outsider", "-n", ns, "--", "wget", "-T", "5", "-qO-", &url,
+                    "exec", "outsider", "-n", ns, "--", "busybox", "timeout", "5", "wget", "-qO-",
+                    &url,
                 ],
                 None,
             )

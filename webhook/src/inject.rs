@@ -42,6 +42,8 @@ use crate::error::{Error, Result};
 pub const PROXY_CONTAINER: &str = "rolemesh-proxy";
 /// Name of the init container that closes the app ports (runs `nft` from the proxy image).
 pub const NETFILTER_CONTAINER: &str = "rolemesh-init";
+/// The directory of rolemesh's mounts in the proxy (identity and trust).
+const ROLEMESH_DIR: &str = "/var/run/rolemesh";
 /// nftables' command-line tool in the proxy image.
 pub const NFT_PATH: &str = "/usr/sbin/nft";
 /// Volume holding the workload's certificate Secret (mounted into the proxy only).
@@ -517,10 +519,18 @@ fn proxy_differs(found: &Container, expected: &Container) -> Option<String> {
     {
         return Some("another restart policy or security context".to_string());
     }
+    // Only the mounts of rolemesh's volumes and of anything under its directory: the API server's
+    // ServiceAccount admission adds the token mount to every container, the proxy included, before
+    // a reinvocation shows the pod again.
     let mounts = |c: &Container| {
         c.volume_mounts
             .iter()
             .flatten()
+            .filter(|m| {
+                m.name == IDENTITY_VOLUME
+                    || m.name == TRUST_VOLUME
+                    || m.mount_path.starts_with(ROLEMESH_DIR)
+            })
             .map(|m| {
                 (
                     m.name.clone(),
@@ -532,7 +542,7 @@ fn proxy_differs(found: &Container, expected: &Container) -> Option<String> {
             .collect::<Vec<_>>()
     };
     if mounts(found) != mounts(expected) {
-        return Some("other volume mounts".to_string());
+        return Some("other volume mounts under /var/run/rolemesh".to_string());
     }
     let config_of = |c: &Container| -> Option<ProxyConfig> {
         let [var] = c.env.as_deref()? else {

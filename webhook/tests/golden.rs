@@ -466,3 +466,47 @@ fn a_pre_annotated_pod_gets_rolemesh_own_marker() {
         "the marker does not stop injection"
     );
 }
+
+/// The API server's ServiceAccount admission adds its token mount to every container, rolemesh's
+/// included, before reinvoking the webhook: the pod is still rolemesh's injection.
+#[test]
+fn reinvocation_after_serviceaccount_admission_is_a_no_op() {
+    let mut pod = injected_pod();
+    let spec = pod.spec.as_mut().expect("spec");
+    for container in spec
+        .init_containers
+        .iter_mut()
+        .flatten()
+        .chain(spec.containers.iter_mut())
+    {
+        container.volume_mounts.get_or_insert_with(Vec::new).push(
+            k8s_openapi::api::core::v1::VolumeMount {
+                name: "kube-api-access-x1".into(),
+                mount_path: "/var/run/secrets/kubernetes.io/serviceaccount".into(),
+                read_only: Some(true),
+                ..Default::default()
+            },
+        );
+    }
+    let again = injection_patch(&pod, &policy(), "mesh.test", &config()).expect("reinvocation");
+    assert!(again.0.is_empty(), "{again:?}");
+
+    // A mount of something else under rolemesh's directory is not.
+    pod.spec
+        .as_mut()
+        .expect("spec")
+        .init_containers
+        .as_mut()
+        .expect("init")[1]
+        .volume_mounts
+        .as_mut()
+        .expect("mounts")
+        .push(k8s_openapi::api::core::v1::VolumeMount {
+            name: "other".into(),
+            mount_path: "/var/run/rolemesh/identity/tls.crt".into(),
+            sub_path: Some("tls.crt".into()),
+            ..Default::default()
+        });
+    let error = injection_patch(&pod, &policy(), "mesh.test", &config()).expect_err("refused");
+    assert!(error.to_string().contains("rolemesh-proxy"), "{error}");
+}
