@@ -536,7 +536,16 @@ mod tests {
             Duration::from_secs(3600),
         );
         let stored = pem_list(&[&current, &renewed_from, &previous, &expired]);
-        let recorded = pem_list(&[&previous]);
+        // The recorded bundle is a published one: CRLs follow its certificates.
+        let crl = rolemesh_profile::profile::crl_params(vec![], 1, now, Duration::from_secs(3600))
+            .signed_by(&rcgen::Issuer::from_params(
+                &ca_params_named("previous", now, DEFAULT_CA_DURATION),
+                &previous_key,
+            ))
+            .expect("CRL")
+            .pem()
+            .expect("CRL PEM");
+        let recorded = format!("{}{crl}", pem_list(&[&previous]));
         let sources = EarlierCas {
             recorded: Some(&recorded),
             stored: Some(&stored),
