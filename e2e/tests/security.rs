@@ -289,6 +289,61 @@ fn data_of(configmap: Option<ConfigMap>, key: &str) -> Option<String> {
         .and_then(|d| d.get(key).cloned())
 }
 
+/// Where a trust bundle is published, and what each place holds now (empty when absent).
+async fn published_bundles(
+    ns: &rolemesh_testkit::TestNamespace,
+    authority: &str,
+) -> Result<Vec<(&'static str, String)>> {
+    let configmaps: Api<ConfigMap> = ns.api();
+    let authorities: Api<MTLSAuthority> = Api::all(ns.client.clone());
+    Ok(vec![
+        (
+            "rolemesh-ca bundle.crt",
+            data_of(configmaps.get_opt("rolemesh-ca").await?, "bundle.crt").unwrap_or_default(),
+        ),
+        (
+            "the tenant's rolemesh-trust-bundle",
+            data_of(configmaps.get_opt("rolemesh-trust-bundle").await?, "ca.crt")
+                .unwrap_or_default(),
+        ),
+        (
+            "the authority's status.trustBundle",
+            authorities
+                .get(authority)
+                .await?
+                .status
+                .and_then(|s| s.trust_bundle)
+                .unwrap_or_default(),
+        ),
+    ])
+}
+
+/// Waits until every place a bundle is published holds exactly the certificates `want`.
+async fn wait_for_bundles(
+    ns: &rolemesh_testkit::TestNamespace,
+    authority: &str,
+    want: &[String],
+    timeout: Duration,
+) -> Result<()> {
+    let outcome = eventually("every bundle holding our CAs only", timeout, || async {
+        let mut all = true;
+        for (_, pem) in published_bundles(ns, authority).await? {
+            all &= fingerprints(&pem).is_ok_and(|found| found == want);
+        }
+        Ok(all.then_some(()))
+    })
+    .await;
+    if outcome.is_err() {
+        let now: Vec<(&str, Vec<String>)> = published_bundles(ns, authority)
+            .await?
+            .into_iter()
+            .map(|(what, pem)| (what, fingerprints(&pem).unwrap_or_default()))
+            .collect();
+        anyhow::bail!("want exactly {want:?} everywhere, found {now:?}");
+    }
+    Ok(())
+}
+
 /// A write to ConfigMap rolemesh-ca (rolemesh's namespace) adds no trust anchor: the planted CA
 /// is in no bundle after the controller's next pass, the ConfigMap is rewritten without it, and
 /// an Event on the authority names its fingerprint. A tenant's edit of its own
@@ -302,21 +357,26 @@ async fn foreign_cas_planted_in_trust_bundles_are_dropped_and_undone() -> Result
             apply_service_account(&ns, "web", Some("arn:aws:iam::111122223333:role/web")).await?;
             apply_policy(&ns, "p", json!({ "serviceAccounts": { "names": ["web"] } })).await?;
             let mut first = ControllerProcess::start(&ns, &authority, "replica-a", &[])?;
-            let published = trust_bundle(&ns).await?;
-            let ours = fingerprints(&published)?;
-            ensure!(!ours.is_empty(), "an empty trust bundle: {published:?}");
+            let authorities: Api<MTLSAuthority> = Api::all(ns.client.clone());
+            let recorded = eventually("the authority's status.trustBundle", WAIT, || async {
+                Ok(authorities
+                    .get(&authority)
+                    .await?
+                    .status
+                    .and_then(|s| s.trust_bundle))
+            })
+            .await?;
+            let ours = fingerprints(&recorded)?;
+            // Another rolemesh installed in the cluster may also write the tenant's bundle
+            // first; ours is restored within the repair interval.
+            wait_for_bundles(&ns, &authority, &ours, Duration::from_secs(90)).await?;
 
             // Planted in rolemesh-ca while the controller is down; it starts again (its next pass).
             first.kill();
             let (planted, planted_fingerprint) = foreign_ca()?;
             let configmaps: Api<ConfigMap> = ns.api();
             let mut ca = configmaps.get("rolemesh-ca").await?;
-            let stored = ca
-                .data
-                .as_ref()
-                .and_then(|d| d.get("bundle.crt"))
-                .cloned()
-                .unwrap_or_default();
+            let stored = data_of(Some(ca.clone()), "bundle.crt").unwrap_or_default();
             ca.data
                 .get_or_insert_default()
                 .insert("bundle.crt".into(), format!("{stored}{planted}"));
@@ -325,40 +385,8 @@ async fn foreign_cas_planted_in_trust_bundles_are_dropped_and_undone() -> Result
                 .await?;
             let controller = ControllerProcess::start(&ns, &authority, "replica-b", &[])?;
 
-            let authorities: Api<MTLSAuthority> = Api::all(ns.client.clone());
-            eventually("the planted CA dropped from rolemesh-ca", WAIT, || async {
-                let stored = data_of(configmaps.get_opt("rolemesh-ca").await?, "bundle.crt");
-                Ok(stored
-                    .filter(|pem| !pem.contains(planted.trim()))
-                    .map(|_| ()))
-            })
-            .await?;
-            // What the next pass publishes, everywhere: the CAs it published before, nothing else.
-            for (what, pem) in [
-                (
-                    "rolemesh-ca bundle.crt",
-                    data_of(configmaps.get_opt("rolemesh-ca").await?, "bundle.crt"),
-                ),
-                (
-                    "the tenant's rolemesh-trust-bundle",
-                    Some(trust_bundle(&ns).await?),
-                ),
-                (
-                    "the authority's status.trustBundle",
-                    authorities
-                        .get(&authority)
-                        .await?
-                        .status
-                        .and_then(|s| s.trust_bundle),
-                ),
-            ] {
-                let pem = pem.unwrap_or_default();
-                let found = fingerprints(&pem)?;
-                ensure!(
-                    found == ours,
-                    "{what} holds {found:?}, want exactly {ours:?} (planted {planted_fingerprint})"
-                );
-            }
+            // What the next pass publishes, everywhere: the CAs published before, nothing else.
+            wait_for_bundles(&ns, &authority, &ours, WAIT).await?;
             let events: Api<Event> = Api::all(ns.client.clone());
             eventually("an Event naming the planted CA", WAIT, || async {
                 let list = events
@@ -402,15 +430,7 @@ async fn foreign_cas_planted_in_trust_bundles_are_dropped_and_undone() -> Result
                 "the edit took"
             );
             let started = std::time::Instant::now();
-            eventually(
-                "the tenant's trust bundle restored",
-                Duration::from_secs(90),
-                || async {
-                    let now = data_of(configmaps.get_opt("rolemesh-trust-bundle").await?, "ca.crt");
-                    Ok(now.filter(|pem| *pem == bundle).map(|_| ()))
-                },
-            )
-            .await?;
+            wait_for_bundles(&ns, &authority, &ours, Duration::from_secs(90)).await?;
             ensure!(
                 started.elapsed() <= Duration::from_secs(75),
                 "restored after {:?}, beyond the 60 s repair interval",
