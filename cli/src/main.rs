@@ -107,7 +107,8 @@ async fn run(args: Args) -> Result<bool> {
             .await
             .map(|_| true),
         Command::Inspect(args) => {
-            let client = if args.secret.is_some() {
+            // A Secret is read from the cluster, and so is the trust bundle unless --ca-file.
+            let client = if args.secret.is_some() || args.ca_file.is_none() {
                 Some(Client::try_default().await?)
             } else {
                 None

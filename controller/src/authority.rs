@@ -7,7 +7,11 @@ use futures::StreamExt;
 use kube::{
     Api, Client, Resource,
     api::{Patch, PatchParams},
-    runtime::{WatchStreamExt, predicates, watcher},
+    runtime::{
+        WatchStreamExt,
+        events::{Event, EventType},
+        predicates, watcher,
+    },
 };
 use rolemesh_crds::{MTLSAuthority, MTLSAuthorityStatus};
 use serde_json::json;
@@ -17,7 +21,7 @@ use tracing::{info, warn};
 
 use crate::{
     ControllerConfig,
-    ca::{CA_RECHECK, CaState, establish_ca},
+    ca::{CA_CONFIGMAP, CA_RECHECK, CaState, RefusedCertificate, establish_ca},
     context::Context,
     error::{Error, Result},
     policy::writes::FIELD_MANAGER,
@@ -74,6 +78,10 @@ fn authority_status(
         ca_not_after: match result {
             Ok(ca) => Some(to_time(ca.not_after)),
             Err(_) => existing.ca_not_after,
+        },
+        trust_bundle: match result {
+            Ok(ca) => Some(ca.bundle_pem.clone()),
+            Err(_) => existing.trust_bundle,
         },
     }
 }
@@ -177,6 +185,9 @@ impl Pass<'_> {
         };
         let in_force = match &outcome {
             Ok(ca) => {
+                if let Some(authority) = &authority {
+                    self.report_refused(authority, &ca.refused).await;
+                }
                 self.publish(ca.clone());
                 true
             }
@@ -196,6 +207,46 @@ impl Pass<'_> {
             write_authority_status(self.client, authority, &outcome).await?;
         }
         Ok(in_force)
+    }
+
+    /// Says once, in the log and as an Event on the authority, which certificates of ConfigMap
+    /// `rolemesh-ca` were left out of the bundle (the ConfigMap is rewritten without them, so
+    /// the next pass finds none unless someone plants them again).
+    async fn report_refused(&self, authority: &MTLSAuthority, refused: &[RefusedCertificate]) {
+        if refused.is_empty() {
+            return;
+        }
+        for certificate in refused {
+            warn!(
+                fingerprint = %certificate.fingerprint,
+                subject = %certificate.subject,
+                namespace = %self.config.namespace,
+                configmap = CA_CONFIGMAP,
+                "left a certificate out of the trust bundle: it is not a CA rolemesh made, the authority names or the authority's status records"
+            );
+        }
+        let fingerprints: Vec<&str> = refused.iter().map(|c| c.fingerprint.as_str()).collect();
+        let note = format!(
+            "left {} certificate(s) of ConfigMap {}/{CA_CONFIGMAP} out of the trust bundle, not being CAs rolemesh made or the authority names (SHA-256 {}); name a CA to trust in spec.ca",
+            refused.len(),
+            self.config.namespace,
+            fingerprints.join(", ")
+        );
+        let event = Event {
+            type_: EventType::Warning,
+            reason: Reason::ForeignCertificateRefused.as_str().to_string(),
+            note: Some(note.chars().take(1000).collect()),
+            action: "PublishTrustBundle".into(),
+            secondary: None,
+        };
+        if let Err(error) = self
+            .ctx
+            .recorder
+            .publish(&event, &authority.object_ref(&()))
+            .await
+        {
+            warn!(%error, "failed to publish an event");
+        }
     }
 
     fn publish(&self, ca: Arc<CaState>) {
@@ -290,6 +341,7 @@ mod tests {
             conditions,
             ca_fingerprint: Some("ab".into()),
             ca_not_after: Some(to_time(OffsetDateTime::UNIX_EPOCH)),
+            trust_bundle: Some("recorded".into()),
         });
         authority
     }
@@ -367,6 +419,8 @@ mod tests {
             let status = authority_status(&authority(conditions), &failed, at(50));
             assert_eq!(status.observed_generation, Some(3), "{case}");
             assert_eq!(status.ca_fingerprint.as_deref(), Some("ab"), "{case}");
+            // A failure keeps the recorded bundle: it is what lets earlier CAs stay trusted.
+            assert_eq!(status.trust_bundle.as_deref(), Some("recorded"), "{case}");
             assert_eq!(
                 status.ca_not_after,
                 Some(to_time(OffsetDateTime::UNIX_EPOCH)),

@@ -19,6 +19,7 @@ use rolemesh_profile::{
     inspect::{certificates_from_pem, crls_from_pem, sha256_hex},
     inspect_certificate, parse_duration,
     profile::{DEFAULT_CA_DURATION, ca_params},
+    self_signed_by,
 };
 use time::OffsetDateTime;
 use tracing::info;
@@ -53,6 +54,16 @@ pub struct CaState {
     pub not_after: OffsetDateTime,
     /// The MTLSAuthority generation this state was built from.
     pub generation: Option<i64>,
+    /// Certificates found in the stored bundle that are not rolemesh's and were left out.
+    pub refused: Vec<RefusedCertificate>,
+}
+
+/// A certificate of ConfigMap `rolemesh-ca` that did not enter the bundle: neither made by the
+/// signer, nor named by the authority, nor recorded in the authority's status.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RefusedCertificate {
+    pub fingerprint: String,
+    pub subject: String,
 }
 
 impl fmt::Debug for CaState {
@@ -148,6 +159,7 @@ pub async fn sign_certificate<T: Send + 'static>(
 }
 
 fn usable_ca(
+    der: &[u8],
     info: &CertificateInfo,
     signer: &dyn Signer,
     trust_domain: &str,
@@ -156,6 +168,9 @@ fn usable_ca(
     let life = info.not_after - info.not_before;
     info.is_ca
         && info.public_key_matches(signer.public_key_spki())
+        // A certificate that merely carries the signer's key could be anyone's: only one the key
+        // signed itself is the CA rolemesh made.
+        && self_signed_by(der, signer.public_key_spki())
         && info.uri_sans.iter().any(|u| u == &format!("spiffe://{trust_domain}"))
         && info.is_valid_at(now)
         // Replace a self-signed CA in the last third of its life, well before leaves outlive it.
@@ -194,6 +209,23 @@ pub async fn establish_ca(
             .and_then(|cm| cm.data.as_ref())
             .and_then(|d| d.get(key))
             .cloned()
+    };
+    // What the controller itself last published: the status is the controller's to write, the
+    // ConfigMap anyone's who may edit ConfigMaps in this namespace.
+    let recorded = authority
+        .status
+        .as_ref()
+        .and_then(|status| status.trust_bundle.clone());
+    let earlier = |current: Vec<Vec<u8>>| {
+        with_earlier_cas(
+            current,
+            &EarlierCas {
+                recorded: recorded.as_deref(),
+                stored: stored(CA_BUNDLE_KEY).as_deref(),
+                signer_spki: signer.public_key_spki(),
+            },
+            now,
+        )
     };
 
     if let Some(user) = &authority.spec.ca {
@@ -243,7 +275,7 @@ pub async fn establish_ca(
         let chain_ders: Vec<Vec<u8>> = std::iter::once(ca_der.clone()).chain(chain).collect();
         // Earlier CAs stay while they are valid, as with the self-signed CA: leaves of the
         // previous intermediate keep working while they are re-issued under this one.
-        let certificates = with_earlier_cas(chain_ders, stored(CA_BUNDLE_KEY).as_deref(), now);
+        let (certificates, refused) = earlier(chain_ders);
         let mut bundle_pem: String = certificates.iter().map(|der| pem_of(der)).collect();
         let certificates_pem = bundle_pem.clone();
         if let Some(pem) = &user.crls {
@@ -279,6 +311,7 @@ pub async fn establish_ca(
             verification: authority.spec.identity_verification,
             allowed_accounts: allowed_accounts(authority),
             generation: authority.metadata.generation,
+            refused,
         });
     }
 
@@ -291,9 +324,18 @@ pub async fn establish_ca(
             .ok()
             .and_then(|c| c.into_iter().next())
         && let Ok(info) = inspect_certificate(&der)
-        && usable_ca(&info, signer.as_ref(), &trust_domain, now)
+        && usable_ca(&der, &info, signer.as_ref(), &trust_domain, now)
     {
-        let bundle_pem = stored(CA_BUNDLE_KEY).unwrap_or_else(|| pem_of(&der));
+        let (certificates, refused) = earlier(vec![der.clone()]);
+        let bundle_pem: String = certificates.iter().map(|d| pem_of(d)).collect();
+        if stored(CA_BUNDLE_KEY).as_deref() != Some(bundle_pem.as_str()) {
+            let mut data = existing
+                .as_ref()
+                .and_then(|cm| cm.data.clone())
+                .unwrap_or_default();
+            data.insert(CA_BUNDLE_KEY.to_string(), bundle_pem.clone());
+            store_ca_configmap(&api, namespace, existing.as_ref(), data).await?;
+        }
         return Ok(CaState {
             fingerprint: sha256_hex(&der),
             not_after: info.not_after,
@@ -305,6 +347,7 @@ pub async fn establish_ca(
             verification: authority.spec.identity_verification,
             allowed_accounts: allowed_accounts(authority),
             generation: authority.metadata.generation,
+            refused,
         });
     }
 
@@ -317,11 +360,8 @@ pub async fn establish_ca(
     let info = inspect_certificate(&ca_der).map_err(|e| Error::BuildCertificate(e.to_string()))?;
     // Keep every earlier CA that has not expired, so leaves signed by it stay trusted while they
     // are re-issued under the new one.
-    let bundle_pem: String =
-        with_earlier_cas(vec![ca_der.clone()], stored(CA_BUNDLE_KEY).as_deref(), now)
-            .iter()
-            .map(|der| pem_of(der))
-            .collect();
+    let (certificates, refused) = earlier(vec![ca_der.clone()]);
+    let bundle_pem: String = certificates.iter().map(|der| pem_of(der)).collect();
     store_ca_configmap(
         &api,
         namespace,
@@ -344,32 +384,71 @@ pub async fn establish_ca(
         verification: authority.spec.identity_verification,
         allowed_accounts: allowed_accounts(authority),
         generation: authority.metadata.generation,
+        refused,
     })
 }
 
 /// How often the CA is re-checked even when nothing changed (to roll it before it expires).
 pub const CA_RECHECK: Duration = Duration::from_secs(300);
 
-/// `current` (the CA in force and the chain above it), then every certificate of the stored
-/// bundle that is not among them and still valid at `now`. An earlier issuing CA thus stays an
-/// issuing CA of the bundle (it signs no other certificate of it) until it expires.
+/// Where earlier CA certificates may come from, and how one of rolemesh's is told apart.
+struct EarlierCas<'a> {
+    /// The bundle the controller last published (the authority's `status.trustBundle`).
+    recorded: Option<&'a str>,
+    /// `bundle.crt` of ConfigMap `rolemesh-ca`: a copy anyone who may edit ConfigMaps in
+    /// rolemesh's namespace can write, so what it holds proves nothing by itself.
+    stored: Option<&'a str>,
+    /// The signer's public key: every self-signed CA rolemesh makes (renewals too) is signed by it.
+    signer_spki: &'a [u8],
+}
+
+/// `current` (the CA in force and the chain the authority names above it), then every earlier
+/// CA certificate still valid at `now` that is rolemesh's: recorded in the authority's status, or
+/// self-signed by the signer's key. An earlier issuing CA thus stays an issuing CA of the bundle
+/// (it signs no other certificate of it) until it expires. Any other certificate of the stored
+/// copy is left out and returned, so that planting one there adds no trust anchor.
 fn with_earlier_cas(
     current: Vec<Vec<u8>>,
-    stored_bundle: Option<&str>,
+    sources: &EarlierCas<'_>,
     now: OffsetDateTime,
-) -> Vec<Vec<u8>> {
+) -> (Vec<Vec<u8>>, Vec<RefusedCertificate>) {
+    let parse = |pem: Option<&str>| {
+        pem.and_then(|pem| certificates_from_pem(pem).ok())
+            .unwrap_or_default()
+    };
+    let recorded = parse(sources.recorded);
+    let stored = parse(sources.stored);
     let mut certificates = current;
-    let earlier = stored_bundle
-        .and_then(|pem| certificates_from_pem(pem).ok())
-        .unwrap_or_default();
-    for der in earlier {
-        if !certificates.contains(&der)
-            && inspect_certificate(&der).is_ok_and(|i| i.is_valid_at(now))
-        {
-            certificates.push(der);
+    let mut refused = Vec::new();
+    for der in recorded.iter().chain(&stored) {
+        if certificates.contains(der) {
+            continue;
+        }
+        let Ok(info) = inspect_certificate(der) else {
+            continue;
+        };
+        // An expired certificate leaves whoever put it there.
+        if !info.is_valid_at(now) {
+            continue;
+        }
+        let ours =
+            info.is_ca && (recorded.contains(der) || self_signed_by(der, sources.signer_spki));
+        if ours {
+            certificates.push(der.clone());
+        } else {
+            let fingerprint = sha256_hex(der);
+            if !refused
+                .iter()
+                .any(|r: &RefusedCertificate| r.fingerprint == fingerprint)
+            {
+                refused.push(RefusedCertificate {
+                    fingerprint,
+                    subject: info.subject,
+                });
+            }
         }
     }
-    certificates
+    (certificates, refused)
 }
 
 /// Writes ConfigMap `rolemesh-ca` with `data`, replacing `existing` when there is one.
@@ -412,42 +491,137 @@ mod tests {
     use rolemesh_crds::names::TRUST_BUNDLE_CONFIGMAP;
     use rolemesh_profile::{TrustStore, profile::generate_workload_key};
 
-    fn ca_der(name: &str, now: OffsetDateTime, life: Duration) -> Vec<u8> {
-        let key = generate_workload_key().expect("key");
+    fn ca_params_named(
+        name: &str,
+        now: OffsetDateTime,
+        life: Duration,
+    ) -> rcgen::CertificateParams {
         let mut params = ca_params("mesh.test", life, now);
         params.distinguished_name = rcgen::DistinguishedName::new();
         params
             .distinguished_name
             .push(rcgen::DnType::CommonName, name);
-        params.self_signed(&key).expect("CA").der().to_vec()
+        params
     }
 
+    fn ca_der(name: &str, key: &rcgen::KeyPair, now: OffsetDateTime, life: Duration) -> Vec<u8> {
+        ca_params_named(name, now, life)
+            .self_signed(key)
+            .expect("CA")
+            .der()
+            .to_vec()
+    }
+
+    fn pem_list(ders: &[&Vec<u8>]) -> String {
+        ders.iter().map(|der| pem_of(der)).collect()
+    }
+
+    /// Genuine earlier CAs stay while valid: a renewal of the self-signed CA (the signer's key),
+    /// and a CA under another key the controller published before (recorded in the status, as
+    /// after a change of spec.ca or of the signer). Expired ones go.
     #[test]
     fn earlier_cas_stay_in_the_bundle_while_valid() {
+        use rcgen::PublicKeyData;
         let now = OffsetDateTime::now_utc();
-        let current = ca_der("current", now, DEFAULT_CA_DURATION);
-        let earlier = ca_der("earlier", now, DEFAULT_CA_DURATION);
+        let signer = generate_workload_key().expect("key");
+        let spki = signer.subject_public_key_info();
+        let current = ca_der("current", &signer, now, DEFAULT_CA_DURATION);
+        let renewed_from = ca_der("earlier", &signer, now, DEFAULT_CA_DURATION);
+        let previous_key = generate_workload_key().expect("key");
+        let previous = ca_der("previous", &previous_key, now, DEFAULT_CA_DURATION);
         let expired = ca_der(
             "expired",
+            &signer,
             now - time::Duration::days(2),
             Duration::from_secs(3600),
         );
-        let stored: String = [&current, &earlier, &expired]
-            .iter()
-            .map(|der| pem_of(der))
-            .collect();
-        let bundle = with_earlier_cas(vec![current.clone()], Some(&stored), now);
-        assert_eq!(bundle, vec![current.clone(), earlier.clone()]);
-        // Both still issue: neither signs the other.
+        let stored = pem_list(&[&current, &renewed_from, &previous, &expired]);
+        // The recorded bundle is a published one: CRLs follow its certificates.
+        let crl = rolemesh_profile::profile::crl_params(vec![], 1, now, Duration::from_secs(3600))
+            .signed_by(&rcgen::Issuer::from_params(
+                &ca_params_named("previous", now, DEFAULT_CA_DURATION),
+                &previous_key,
+            ))
+            .expect("CRL")
+            .pem()
+            .expect("CRL PEM");
+        let recorded = format!("{}{crl}", pem_list(&[&previous]));
+        let sources = EarlierCas {
+            recorded: Some(&recorded),
+            stored: Some(&stored),
+            signer_spki: &spki,
+        };
+        let (bundle, refused) = with_earlier_cas(vec![current.clone()], &sources, now);
+        assert_eq!(
+            bundle,
+            vec![current.clone(), previous.clone(), renewed_from.clone()]
+        );
+        assert!(refused.is_empty(), "{refused:?}");
+        // All still issue: none signs another.
         let pem: String = bundle.iter().map(|der| pem_of(der)).collect();
         assert_eq!(
             TrustStore::from_pem(&pem).expect("bundle").issuer_count(),
-            2
+            3
         );
+        // The recorded bundle alone suffices: the ConfigMap may be gone.
+        let only_recorded = EarlierCas {
+            recorded: Some(&recorded),
+            stored: None,
+            signer_spki: &spki,
+        };
         assert_eq!(
-            with_earlier_cas(vec![current.clone()], None, now),
+            with_earlier_cas(vec![current.clone()], &only_recorded, now).0,
+            vec![current.clone(), previous]
+        );
+        let nothing = EarlierCas {
+            recorded: None,
+            stored: None,
+            signer_spki: &spki,
+        };
+        assert_eq!(
+            with_earlier_cas(vec![current.clone()], &nothing, now).0,
             vec![current]
         );
+    }
+
+    /// A write to ConfigMap rolemesh-ca must not add a trust anchor: a stranger's CA, and one
+    /// that carries the signer's key but was signed by another key (anyone can make that), are
+    /// left out and reported by fingerprint.
+    #[test]
+    fn a_foreign_ca_planted_in_the_stored_bundle_is_not_carried() {
+        use rcgen::PublicKeyData;
+        let now = OffsetDateTime::now_utc();
+        let signer = generate_workload_key().expect("key");
+        let spki = signer.subject_public_key_info();
+        let current = ca_der("current", &signer, now, DEFAULT_CA_DURATION);
+        let stranger_key = generate_workload_key().expect("key");
+        let stranger = ca_der("stranger", &stranger_key, now, DEFAULT_CA_DURATION);
+        let forger_params = ca_params_named("current", now, DEFAULT_CA_DURATION);
+        let forged = ca_params_named("forged", now, DEFAULT_CA_DURATION)
+            .signed_by(
+                &signer,
+                &rcgen::Issuer::from_params(&forger_params, &stranger_key),
+            )
+            .expect("forged")
+            .der()
+            .to_vec();
+        let stored = pem_list(&[&current, &stranger, &forged]);
+        let recorded = pem_list(&[&current]);
+        let sources = EarlierCas {
+            recorded: Some(&recorded),
+            stored: Some(&stored),
+            signer_spki: &spki,
+        };
+        let (bundle, refused) = with_earlier_cas(vec![current.clone()], &sources, now);
+        assert_eq!(bundle, vec![current]);
+        assert_eq!(
+            refused
+                .iter()
+                .map(|r| r.fingerprint.clone())
+                .collect::<Vec<_>>(),
+            vec![sha256_hex(&stranger), sha256_hex(&forged)]
+        );
+        assert!(refused[0].subject.contains("stranger"), "{refused:?}");
     }
 
     fn chart_template(name: &str) -> String {

@@ -32,6 +32,13 @@ pub struct Caches {
     pub policies: Store<MTLSPolicy>,
 }
 
+/// A trust bundle ConfigMap as this process last wrote it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AppliedBundle {
+    pub bundle: String,
+    pub resource_version: Option<String>,
+}
+
 /// Shared state of the reconcilers.
 pub struct Context {
     pub client: Client,
@@ -47,8 +54,9 @@ pub struct Context {
     /// Secrets written by this process that the watch may not have delivered yet, so that a
     /// reconcile racing the watch does not issue a second certificate for the same need.
     written: Mutex<HashMap<(String, String), (Secret, Instant)>>,
-    /// The trust bundle last applied per namespace, to skip no-op writes.
-    bundles: Mutex<HashMap<String, String>>,
+    /// The trust bundle last applied per namespace, to skip no-op writes, and the
+    /// resourceVersion that write left, to tell a repair of someone else's edit from a no-op.
+    bundles: Mutex<HashMap<String, AppliedBundle>>,
     /// Per policy (namespace, name): how many reconciles in a row ended with a transient
     /// failure, for the backoff of the next one.
     transient_streaks: Mutex<HashMap<(String, String), u32>>,
@@ -152,12 +160,26 @@ impl Context {
         self.bundles
             .lock()
             .ok()
-            .is_some_and(|b| b.get(namespace).map(String::as_str) == Some(bundle))
+            .is_some_and(|b| b.get(namespace).is_some_and(|a| a.bundle == bundle))
     }
 
-    pub fn remember_bundle(&self, namespace: &str, bundle: &str) {
+    pub fn remember_bundle(&self, namespace: &str, applied: AppliedBundle) {
         if let Ok(mut bundles) = self.bundles.lock() {
-            bundles.insert(namespace.to_string(), bundle.to_string());
+            bundles.insert(namespace.to_string(), applied);
         }
+    }
+
+    pub fn forget_bundle(&self, namespace: &str) {
+        if let Ok(mut bundles) = self.bundles.lock() {
+            bundles.remove(namespace);
+        }
+    }
+
+    /// Every namespace this process wrote a trust bundle to, with what it wrote.
+    pub fn applied_bundles(&self) -> Vec<(String, AppliedBundle)> {
+        self.bundles
+            .lock()
+            .map(|b| b.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .unwrap_or_default()
     }
 }

@@ -205,6 +205,7 @@ pub async fn run(
         ctx.clone(),
         ca_trigger,
     ));
+    let bundle_task = tokio::spawn(policy::writes::maintain_trust_bundles(ctx.clone()));
 
     let mapper_policies = policies.clone();
     // One task waits for both caches and tells every reconcile through a watch channel. The
@@ -266,6 +267,7 @@ pub async fn run(
         }
     };
     ca_task.abort();
+    bundle_task.abort();
     caches_task.abort();
     if let Some(task) = webhook_task {
         task.abort();

@@ -48,6 +48,7 @@ struct Inner {
     reconciles: Family<Labels, Counter>,
     reconcile_duration: Histogram,
     leader: Gauge<i64, AtomicI64>,
+    bundles_repaired: Counter,
     ready: AtomicBool,
 }
 
@@ -116,6 +117,12 @@ impl Metrics {
             "1 while this replica holds the leader lease",
             leader.clone(),
         );
+        let bundles_repaired = Counter::default();
+        registry.register(
+            "trust_bundles_repaired",
+            "rolemesh-trust-bundle ConfigMaps that someone else had changed, restored",
+            bundles_repaired.clone(),
+        );
         Self {
             inner: Arc::new(Inner {
                 registry,
@@ -128,6 +135,7 @@ impl Metrics {
                 reconciles,
                 reconcile_duration,
                 leader,
+                bundles_repaired,
                 ready: AtomicBool::new(false),
             }),
         }
@@ -198,6 +206,12 @@ impl Metrics {
             .get_or_create(&labels("result", result))
             .inc();
         self.inner.reconcile_duration.observe(seconds);
+    }
+
+    pub fn trust_bundles_repaired(&self, count: usize) {
+        self.inner
+            .bundles_repaired
+            .inc_by(u64::try_from(count).unwrap_or(u64::MAX));
     }
 
     pub fn set_leader(&self, leader: bool) {

@@ -89,6 +89,10 @@ reasons! {
     /// The MTLSAuthority has no `allowedAccounts`: roles of any AWS account are certified,
     /// including a stranger's role that trusts this cluster's public OIDC issuer.
     AnyAccountAllowed,
+    /// ConfigMap `rolemesh-ca` held a certificate that is not a CA rolemesh made, the
+    /// MTLSAuthority names or its status records; it was left out of the trust bundle (an Event
+    /// on the MTLSAuthority names its SHA-256 fingerprint).
+    ForeignCertificateRefused,
     /// The signer throttled a signing call.
     SignerThrottled,
     /// The signer refused a signing call (IAM).

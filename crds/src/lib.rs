@@ -422,6 +422,14 @@ pub struct MTLSAuthorityStatus {
     /// notAfter of the CA certificate in use.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_not_after: Option<Time>,
+    /// The trust bundle in force, PEM: the CA certificates rolemesh issues with or has issued
+    /// with and that are still valid (with the chain the authority names above them), then the
+    /// CRLs. Every `rolemesh-trust-bundle` ConfigMap holds exactly this. Only the controller
+    /// writes it: an earlier CA stays trusted because it is recorded here (or is self-signed by
+    /// the signer's key), never because a ConfigMap lists it, and `kubectl rolemesh inspect`
+    /// verifies against it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trust_bundle: Option<String>,
 }
 
 /// A list of strings, each checked by `pattern` and the CEL `rules` (rule, message).

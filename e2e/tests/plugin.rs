@@ -169,14 +169,86 @@ async fn every_plugin_subcommand_against_live_objects() -> Result<()> {
                 kubectl_rolemesh(&ns, &["status", "-n", &ns.name, "-o", "yaml"])?;
             ensure!(yaml_out.contains("serviceAccount: web"), "{yaml_out}");
 
-            // inspect: the Secret decodes and its chain verifies against the bundle.
-            let (code, inspected, err) =
-                kubectl_rolemesh(&ns, &["inspect", "web-rolemesh-tls", "-n", &ns.name])?;
+            // inspect: the Secret decodes and its chain verifies against the authority's bundle.
+            let (code, inspected, err) = kubectl_rolemesh(
+                &ns,
+                &[
+                    "inspect",
+                    "web-rolemesh-tls",
+                    "-n",
+                    &ns.name,
+                    "--authority",
+                    &authority,
+                ],
+            )?;
             ensure!(code == 0, "inspect failed: {inspected}{err}");
             ensure!(
                 inspected.contains(&format!("spiffe://plugin.test/ns/{}/sa/web", ns.name))
-                    && inspected.contains("chain verifies"),
+                    && inspected.contains(&format!(
+                        "chain verifies against the trust bundle of MTLSAuthority {authority}"
+                    )),
                 "{inspected}"
+            );
+            // A certificate under a CA the tenant wrote into its own Secret's ca.crt and its own
+            // namespace's trust bundle copy does not verify: those copies are not what inspect
+            // trusts.
+            let forged_ca_key = rcgen::KeyPair::generate()?;
+            let mut forged_ca = rcgen::CertificateParams::new(Vec::<String>::new())?;
+            forged_ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            let forged_ca_cert = forged_ca.self_signed(&forged_ca_key)?;
+            let mut leaf = rcgen::CertificateParams::new(Vec::<String>::new())?;
+            leaf.subject_alt_names = vec![rcgen::SanType::URI(rcgen::string::Ia5String::try_from(
+                format!("spiffe://plugin.test/ns/{}/sa/admin", ns.name),
+            )?)];
+            leaf.extended_key_usages = vec![
+                rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+                rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+            ];
+            let forged_leaf = leaf.signed_by(
+                &rcgen::KeyPair::generate()?,
+                &rcgen::Issuer::from_params(&forged_ca, &forged_ca_key),
+            )?;
+            let secrets = kube::Api::<k8s_openapi::api::core::v1::Secret>::namespaced(
+                ns.client.clone(),
+                &ns.name,
+            );
+            let forged_secret: k8s_openapi::api::core::v1::Secret =
+                serde_json::from_value(json!({
+                    "metadata": { "name": "admin-rolemesh-tls" },
+                    "stringData": {
+                        "tls.crt": forged_leaf.pem(),
+                        "ca.crt": forged_ca_cert.pem(),
+                    },
+                }))?;
+            secrets
+                .create(&kube::api::PostParams::default(), &forged_secret)
+                .await?;
+            let copy = trust_bundle(&ns).await?;
+            ns.env.kubectl(&[
+                "patch",
+                "configmap",
+                "rolemesh-trust-bundle",
+                "-n",
+                &ns.name,
+                "--type=merge",
+                "-p",
+                &json!({ "data": { "ca.crt": format!("{copy}{}", forged_ca_cert.pem()) } })
+                    .to_string(),
+            ])?;
+            let (code, refused, err) = kubectl_rolemesh(
+                &ns,
+                &[
+                    "inspect",
+                    "admin-rolemesh-tls",
+                    "-n",
+                    &ns.name,
+                    "--authority",
+                    &authority,
+                ],
+            )?;
+            ensure!(
+                code == 1 && refused.contains("does not verify"),
+                "a certificate under a tenant's own CA must not verify: exit {code}: {refused}{err}"
             );
 
             // trust-bundle: what the namespace's ConfigMap holds.

@@ -1,18 +1,20 @@
 //! Forged or borrowed identities, on the local control plane and the local AWS endpoint: wildcard accounts refused by
 //! the API server, roles of accounts outside `allowedAccounts` given nothing, and an STS throttle
-//! during a rotation that keeps the Secret (docs/security-model.md names these tests).
+//! during a rotation that keeps the Secret, and foreign CAs planted in a trust bundle dropped
+//! or undone (docs/security-model.md names these tests).
 
 use std::time::Duration;
 
 use anyhow::{Result, ensure};
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{ConfigMap, Event, Secret};
 use kube::{
     Api,
-    api::{Patch, PatchParams},
+    api::{ListParams, Patch, PatchParams, PostParams},
 };
 use rolemesh_crds::{MTLSAuthority, MTLSPolicy};
 use rolemesh_e2e::*;
-use rolemesh_testkit::in_namespace;
+use rolemesh_profile::inspect::{certificates_from_pem, sha256_hex};
+use rolemesh_testkit::{eventually, in_namespace};
 use serde_json::json;
 
 /// Each refused object, the field its refusal must name, and words from the message.
@@ -257,6 +259,187 @@ async fn sts_throttling_during_a_rotation_keeps_the_secret() -> Result<()> {
             sts.set_throttling(false);
             wait_for_secret(&ns, "orders-rolemesh-tls", Some(&info.serial_hex)).await?;
             wait_for_workload(&ns, "p", "orders", |w| w.reason == "Issued" && w.verified).await?;
+            Ok(())
+        },
+    )
+    .await
+}
+
+/// A self-signed CA nobody at rolemesh made, as PEM, and its SHA-256 fingerprint.
+fn foreign_ca() -> Result<(String, String)> {
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "planted");
+    let cert = params.self_signed(&rcgen::KeyPair::generate()?)?;
+    Ok((cert.pem(), sha256_hex(cert.der())))
+}
+
+fn fingerprints(pem: &str) -> Result<Vec<String>> {
+    Ok(certificates_from_pem(pem)?
+        .iter()
+        .map(|der| sha256_hex(der))
+        .collect())
+}
+
+fn data_of(configmap: Option<ConfigMap>, key: &str) -> Option<String> {
+    configmap
+        .and_then(|cm| cm.data)
+        .and_then(|d| d.get(key).cloned())
+}
+
+/// Where a trust bundle is published, and what each place holds now (empty when absent).
+async fn published_bundles(
+    ns: &rolemesh_testkit::TestNamespace,
+    authority: &str,
+) -> Result<Vec<(&'static str, String)>> {
+    let configmaps: Api<ConfigMap> = ns.api();
+    let authorities: Api<MTLSAuthority> = Api::all(ns.client.clone());
+    Ok(vec![
+        (
+            "rolemesh-ca bundle.crt",
+            data_of(configmaps.get_opt("rolemesh-ca").await?, "bundle.crt").unwrap_or_default(),
+        ),
+        (
+            "the tenant's rolemesh-trust-bundle",
+            data_of(configmaps.get_opt("rolemesh-trust-bundle").await?, "ca.crt")
+                .unwrap_or_default(),
+        ),
+        (
+            "the authority's status.trustBundle",
+            authorities
+                .get(authority)
+                .await?
+                .status
+                .and_then(|s| s.trust_bundle)
+                .unwrap_or_default(),
+        ),
+    ])
+}
+
+/// Waits until every place a bundle is published holds exactly the certificates `want`.
+async fn wait_for_bundles(
+    ns: &rolemesh_testkit::TestNamespace,
+    authority: &str,
+    want: &[String],
+    timeout: Duration,
+) -> Result<()> {
+    let outcome = eventually("every bundle holding our CAs only", timeout, || async {
+        let mut all = true;
+        for (_, pem) in published_bundles(ns, authority).await? {
+            all &= fingerprints(&pem).is_ok_and(|found| found == want);
+        }
+        Ok(all.then_some(()))
+    })
+    .await;
+    if outcome.is_err() {
+        let now: Vec<(&str, Vec<String>)> = published_bundles(ns, authority)
+            .await?
+            .into_iter()
+            .map(|(what, pem)| (what, fingerprints(&pem).unwrap_or_default()))
+            .collect();
+        anyhow::bail!("want exactly {want:?} everywhere, found {now:?}");
+    }
+    Ok(())
+}
+
+/// A write to ConfigMap rolemesh-ca (rolemesh's namespace) adds no trust anchor: the planted CA
+/// is in no bundle after the controller's next pass, the ConfigMap is rewritten without it, and
+/// an Event on the authority names its fingerprint. A tenant's edit of its own
+/// rolemesh-trust-bundle is undone within the repair interval (60 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreign_cas_planted_in_trust_bundles_are_dropped_and_undone() -> Result<()> {
+    in_namespace_with_authority(
+        "sec-bundle",
+        local_authority_spec("bundle.test", "none"),
+        |ns, authority| async move {
+            apply_service_account(&ns, "web", Some("arn:aws:iam::111122223333:role/web")).await?;
+            apply_policy(&ns, "p", json!({ "serviceAccounts": { "names": ["web"] } })).await?;
+            let mut first = ControllerProcess::start(&ns, &authority, "replica-a", &[])?;
+            let authorities: Api<MTLSAuthority> = Api::all(ns.client.clone());
+            let recorded = eventually("the authority's status.trustBundle", WAIT, || async {
+                Ok(authorities
+                    .get(&authority)
+                    .await?
+                    .status
+                    .and_then(|s| s.trust_bundle))
+            })
+            .await?;
+            let ours = fingerprints(&recorded)?;
+            // Another rolemesh installed in the cluster may also write the tenant's bundle
+            // first; ours is restored within the repair interval.
+            wait_for_bundles(&ns, &authority, &ours, Duration::from_secs(90)).await?;
+
+            // Planted in rolemesh-ca while the controller is down; it starts again (its next pass).
+            first.kill();
+            let (planted, planted_fingerprint) = foreign_ca()?;
+            let configmaps: Api<ConfigMap> = ns.api();
+            let mut ca = configmaps.get("rolemesh-ca").await?;
+            let stored = data_of(Some(ca.clone()), "bundle.crt").unwrap_or_default();
+            ca.data
+                .get_or_insert_default()
+                .insert("bundle.crt".into(), format!("{stored}{planted}"));
+            configmaps
+                .replace("rolemesh-ca", &PostParams::default(), &ca)
+                .await?;
+            let controller = ControllerProcess::start(&ns, &authority, "replica-b", &[])?;
+
+            // What the next pass publishes, everywhere: the CAs published before, nothing else.
+            wait_for_bundles(&ns, &authority, &ours, WAIT).await?;
+            let events: Api<Event> = Api::all(ns.client.clone());
+            eventually("an Event naming the planted CA", WAIT, || async {
+                let list = events
+                    .list(
+                        &ListParams::default().fields(&format!("involvedObject.name={authority}")),
+                    )
+                    .await?;
+                Ok(list
+                    .items
+                    .iter()
+                    .any(|e| {
+                        e.reason.as_deref() == Some("ForeignCertificateRefused")
+                            && e.message
+                                .as_deref()
+                                .is_some_and(|m| m.contains(&planted_fingerprint))
+                    })
+                    .then_some(()))
+            })
+            .await?;
+            ensure!(
+                controller.log().contains(&planted_fingerprint),
+                "the controller logs the refused fingerprint"
+            );
+
+            // A tenant adds its own CA to its namespace's copy: undone within the repair bound.
+            let bundle = trust_bundle(&ns).await?;
+            let edited = json!({ "data": { "ca.crt": format!("{bundle}{planted}") } });
+            ns.env.kubectl(&[
+                "patch",
+                "configmap",
+                "rolemesh-trust-bundle",
+                "-n",
+                &ns.name,
+                "--type=merge",
+                "-p",
+                &edited.to_string(),
+            ])?;
+            ensure!(
+                data_of(configmaps.get_opt("rolemesh-trust-bundle").await?, "ca.crt")
+                    .is_some_and(|pem| pem.contains(planted.trim())),
+                "the edit took"
+            );
+            let started = std::time::Instant::now();
+            wait_for_bundles(&ns, &authority, &ours, Duration::from_secs(90)).await?;
+            ensure!(
+                started.elapsed() <= Duration::from_secs(75),
+                "restored after {:?}, beyond the 60 s repair interval",
+                started.elapsed()
+            );
+            let repaired = controller
+                .metric("rolemesh_trust_bundles_repaired_total")
+                .await?;
+            ensure!(repaired >= 1.0, "repairs counted: {repaired}");
             Ok(())
         },
     )

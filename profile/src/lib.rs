@@ -20,7 +20,7 @@ pub mod verify;
 pub use inspect::{CertificateInfo, SvidRule, inspect_certificate};
 pub use profile::{CertificateProfile, IssuedCertificate, WorkloadIdentity};
 pub use spiffe::SpiffeId;
-pub use verify::{ChainError, TrustStore, Usage, verify_chain, verify_chain_der};
+pub use verify::{ChainError, TrustStore, Usage, self_signed_by, verify_chain, verify_chain_der};
 
 /// OID of the non-critical extension that carries the workload's IAM role ARN as a DER
 /// UTF8String. docs/security-model.md documents it. The enterprise number is not yet registered

@@ -382,6 +382,35 @@ pub fn verify_chain_der(
     verify_chain(&end_entity, &intermediates, trust, usage, now)
 }
 
+/// Whether `der` is a CA certificate that the holder of the key `spki` (SubjectPublicKeyInfo DER)
+/// made for itself: its key is that key, it names itself as issuer, and its signature verifies
+/// under that key. Only the key's holder can produce one, so a certificate found in a place others
+/// can write (a ConfigMap) proves by this alone that the signer made it, whatever else that place
+/// holds. The signature is rustls-webpki's to check.
+pub fn self_signed_by(der: &[u8], spki: &[u8]) -> bool {
+    let Ok((rest, cert)) = X509Certificate::from_der(der) else {
+        return false;
+    };
+    if !rest.is_empty()
+        || cert.public_key().raw != spki
+        || cert.subject().as_raw() != cert.issuer().as_raw()
+        || !cert.is_ca()
+    {
+        return false;
+    }
+    let certificate = CertificateDer::from(der);
+    let Ok(parsed) = EndEntityCert::try_from(&certificate) else {
+        return false;
+    };
+    let signed = cert.tbs_certificate.as_ref();
+    let signature = cert.signature_value.data.as_ref();
+    webpki::ALL_VERIFICATION_ALGS.iter().any(|algorithm| {
+        parsed
+            .verify_signature(*algorithm, signed, signature)
+            .is_ok()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -725,5 +754,51 @@ mod tests {
         assert_eq!(trust.anchors().len(), 1);
         assert_eq!(trust.crls().len(), 1);
         assert!(trust.without_crls().crls().is_empty());
+    }
+
+    /// Only a certificate made with the key itself counts as the key holder's own: one carrying
+    /// the key and its own name but signed by someone else's key is anyone's to make.
+    #[test]
+    fn only_the_keys_own_self_signed_ca_is_self_signed_by_it() {
+        use rcgen::PublicKeyData;
+        let now = OffsetDateTime::now_utc();
+        let ours = Ca::root("ours", now);
+        let spki = ours.key.subject_public_key_info();
+        assert!(self_signed_by(&ours.der, &spki));
+
+        let stranger = Ca::root("stranger", now);
+        assert!(!self_signed_by(&stranger.der, &spki), "another key");
+
+        // Our key and name, signed by a stranger's key under the same name.
+        let mut forger_params = named_ca_params("ours", now);
+        forger_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let forger_key = generate_workload_key().unwrap();
+        let forged = named_ca_params("ours", now)
+            .signed_by(&ours.key, &Issuer::from_params(&forger_params, &forger_key))
+            .unwrap()
+            .der()
+            .to_vec();
+        assert_eq!(
+            inspect_certificate_key(&forged),
+            spki,
+            "the forged certificate carries our key"
+        );
+        assert!(!self_signed_by(&forged, &spki), "signed by another key");
+
+        // Our key under another issuer's name (an intermediate): not self-signed.
+        let intermediate = named_ca_params("ours", now)
+            .signed_by(&ours.key, &stranger.issuer())
+            .unwrap()
+            .der()
+            .to_vec();
+        assert!(!self_signed_by(&intermediate, &spki), "an intermediate");
+
+        let (leaf, _) = ours.leaf(now);
+        assert!(!self_signed_by(&leaf, &spki), "a leaf");
+        assert!(!self_signed_by(&[0x30, 0x00], &spki), "not DER");
+    }
+
+    fn inspect_certificate_key(der: &[u8]) -> Vec<u8> {
+        crate::inspect_certificate(der).unwrap().public_key_der
     }
 }

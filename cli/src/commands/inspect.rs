@@ -1,19 +1,21 @@
 //! `inspect`: decodes a certificate Secret or PEM file and checks its chain against the trust
-//! bundle.
+//! bundle in force: the one the controller records in the MTLSAuthority's status, CRLs included.
+//! Not the Secret's `ca.crt` nor the namespace's `rolemesh-trust-bundle`: whoever may edit
+//! Secrets or ConfigMaps in the namespace can write those, and a check against them would pass
+//! a certificate under a CA they added.
 
 use std::collections::BTreeMap;
 
 use anyhow::{Context as _, Result, bail};
 use k8s_openapi::api::core::v1::Secret;
 use kube::{Api, Client};
-use rolemesh_crds::names::{CA_CERT_KEY, TLS_CERT_KEY};
+use rolemesh_crds::{MTLSAuthority, names::TLS_CERT_KEY};
 use rolemesh_profile::{
     TrustStore, Usage, inspect::certificates_from_pem, inspect_certificate, verify_chain_der,
 };
 use serde::Serialize;
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 
-use super::trust_bundle::trust_bundle_pem;
 use crate::{NotFound, Output, namespace_or_default, print};
 
 /// The arguments of `inspect` (its help is on `Command`).
@@ -25,9 +27,13 @@ pub struct InspectArgs {
     namespace: Option<String>,
     #[arg(long, conflicts_with = "secret")]
     file: Option<std::path::PathBuf>,
-    /// PEM trust bundle to verify against (default: the namespace's rolemesh-trust-bundle).
+    /// PEM trust bundle to verify against instead of the MTLSAuthority's.
     #[arg(long)]
-    ca_file: Option<std::path::PathBuf>,
+    pub ca_file: Option<std::path::PathBuf>,
+    /// The MTLSAuthority whose trust bundle (status.trustBundle, with its CRLs) the chain is
+    /// verified against.
+    #[arg(long, default_value = "default", env = "ROLEMESH_AUTHORITY")]
+    authority: String,
     #[arg(short, long, value_enum, default_value = "table")]
     output: Output,
 }
@@ -51,6 +57,28 @@ struct Inspection {
     verification: String,
 }
 
+/// The trust bundle in force, as the controller recorded it in the MTLSAuthority's status.
+async fn authority_bundle(client: &Client, name: &str) -> Result<String> {
+    let api: Api<MTLSAuthority> = Api::all(client.clone());
+    let authority = api.get_opt(name).await.with_context(|| {
+        format!("reading MTLSAuthority {name} for its trust bundle (or give --ca-file)")
+    })?;
+    let authority = authority.ok_or_else(|| {
+        NotFound(format!(
+            "MTLSAuthority {name} not found: name the one in force with --authority, or give --ca-file"
+        ))
+    })?;
+    authority
+        .status
+        .and_then(|status| status.trust_bundle)
+        .ok_or_else(|| {
+            NotFound(format!(
+                "MTLSAuthority {name} records no trust bundle in its status yet: is the controller running and the authority Ready?"
+            ))
+            .into()
+        })
+}
+
 /// The proxies' own chain check (rustls-webpki, with the bundle's CRLs), so `inspect` agrees with
 /// what a peer proxy would decide.
 fn verify_chain(chain: &[Vec<u8>], bundle_pem: &str) -> Result<()> {
@@ -71,49 +99,53 @@ pub async fn inspect(client: Option<Client>, args: InspectArgs) -> Result<bool> 
         namespace,
         file,
         ca_file,
+        authority,
         output,
     } = args;
-    let (chain_pem, default_bundle) = match (&secret, &file) {
-        (_, Some(path)) => (
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?,
-            None,
-        ),
+    let chain_pem = match (&secret, &file) {
+        (_, Some(path)) => {
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?
+        }
         (Some(name), None) => {
-            let client = client.context("a Kubernetes connection is needed to read a Secret")?;
-            let namespace = namespace_or_default(&client, namespace).await;
+            let client = client
+                .as_ref()
+                .context("a Kubernetes connection is needed to read a Secret")?;
+            let namespace = namespace_or_default(client, namespace).await;
             let api: Api<Secret> = Api::namespaced(client.clone(), &namespace);
             let found = api
                 .get_opt(name)
                 .await?
                 .ok_or_else(|| NotFound(format!("Secret {namespace}/{name} not found")))?;
             let data = found.data.unwrap_or_default();
-            let chain = field(&data, TLS_CERT_KEY)
-                .with_context(|| format!("the Secret has no {TLS_CERT_KEY}"))?;
-            let bundle = match field(&data, CA_CERT_KEY) {
-                Some(b) => Some(b),
-                None => trust_bundle_pem(&client, &namespace).await.ok(),
-            };
-            (chain, bundle)
+            field(&data, TLS_CERT_KEY)
+                .with_context(|| format!("the Secret has no {TLS_CERT_KEY}"))?
         }
         (None, None) => bail!("give a Secret name or --file"),
     };
-    let bundle = match &ca_file {
-        Some(path) => Some(
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?,
+    let bundle = match (&ca_file, &client) {
+        (Some(path), _) => {
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?
+        }
+        (None, Some(client)) => authority_bundle(client, &authority).await?,
+        (None, None) => bail!(
+            "no trust bundle to verify against: give --ca-file, or a Kubernetes connection to read MTLSAuthority {authority}"
         ),
-        None => default_bundle,
     };
     let chain = certificates_from_pem(&chain_pem)?;
     let info = inspect_certificate(chain.first().context("no PEM certificate found")?)?;
     let identity = info.workload_identity();
-    let (chain_verified, verification) = match &bundle {
-        Some(bundle) => match verify_chain(&chain, bundle) {
-            Ok(()) => (true, "chain verifies against the trust bundle".to_string()),
-            Err(e) => (false, format!("chain does not verify: {e}")),
-        },
-        None => (
+    let source = match &ca_file {
+        Some(path) => path.display().to_string(),
+        None => format!("MTLSAuthority {authority}"),
+    };
+    let (chain_verified, verification) = match verify_chain(&chain, &bundle) {
+        Ok(()) => (
+            true,
+            format!("chain verifies against the trust bundle of {source}"),
+        ),
+        Err(e) => (
             false,
-            "no trust bundle to verify against (give --ca-file)".to_string(),
+            format!("chain does not verify against the trust bundle of {source}: {e:#}"),
         ),
     };
     let report = Inspection {

@@ -46,6 +46,7 @@ fn test_ca(trust_domain: &str) -> CaState {
         verification: IdentityVerification::Sts,
         allowed_accounts: None,
         generation: Some(1),
+        refused: Vec::new(),
     }
 }
 

@@ -11,11 +11,14 @@ use rolemesh_crds::{
     MTLSPolicy, MTLSPolicyStatus, RotationRecord,
     names::{MANAGED_BY_LABEL, MANAGED_BY_VALUE, TRUST_BUNDLE_CONFIGMAP, TRUST_BUNDLE_KEY},
 };
+use std::time::Duration;
+
+use futures::{StreamExt, stream};
 use serde_json::json;
 use tracing::{info, warn};
 
 use crate::{
-    context::Context,
+    context::{AppliedBundle, Context},
     error::{Error, Result},
 };
 
@@ -113,10 +116,30 @@ pub async fn publish(ctx: &Context, policy: &MTLSPolicy, event: PolicyEvent<'_>)
     }
 }
 
+/// Writes `namespace`'s trust bundle ConfigMap unless this process already wrote this bundle
+/// there.
 pub async fn apply_trust_bundle(ctx: &Context, namespace: &str, bundle: &str) -> Result<()> {
     if ctx.bundle_applied(namespace, bundle) {
         return Ok(());
     }
+    let resource_version = write_trust_bundle(ctx, namespace, bundle).await?;
+    ctx.remember_bundle(
+        namespace,
+        AppliedBundle {
+            bundle: bundle.to_string(),
+            resource_version,
+        },
+    );
+    Ok(())
+}
+
+/// Server-side applies the trust bundle ConfigMap, taking `ca.crt` back from whoever edited it;
+/// returns the resourceVersion the apply left (unchanged when there was nothing to repair).
+async fn write_trust_bundle(
+    ctx: &Context,
+    namespace: &str,
+    bundle: &str,
+) -> Result<Option<String>> {
     let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), namespace);
     let body = json!({
         "apiVersion": "v1",
@@ -127,17 +150,86 @@ pub async fn apply_trust_bundle(ctx: &Context, namespace: &str, bundle: &str) ->
         },
         "data": { TRUST_BUNDLE_KEY: bundle },
     });
-    api.patch(
-        TRUST_BUNDLE_CONFIGMAP,
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(body),
-    )
-    .await
-    .map_err(Error::kube(format!(
-        "write ConfigMap {namespace}/{TRUST_BUNDLE_CONFIGMAP}"
-    )))?;
-    ctx.remember_bundle(namespace, bundle);
-    Ok(())
+    let written = api
+        .patch(
+            TRUST_BUNDLE_CONFIGMAP,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(body),
+        )
+        .await
+        .map_err(Error::kube(format!(
+            "write ConfigMap {namespace}/{TRUST_BUNDLE_CONFIGMAP}"
+        )))?;
+    Ok(written.metadata.resource_version)
+}
+
+/// How often every trust bundle ConfigMap this process wrote is applied again: the bound within
+/// which an edit of one (a tenant adding a CA of their own to `ca.crt`, or deleting it) is undone.
+/// The controller may not read or watch ConfigMaps (RBAC), so it cannot see an edit; a
+/// server-side apply that changes nothing is no write to etcd, and costs one request per
+/// namespace with a policy per interval.
+pub const TRUST_BUNDLE_REPAIR: Duration = Duration::from_secs(60);
+/// How many of those applies run at once.
+const REPAIR_CONCURRENCY: usize = 4;
+
+/// Applies the bundle in force to every namespace this process wrote one to; returns how many
+/// had been changed by someone else and were restored.
+pub async fn repair_trust_bundles(ctx: &Context) -> usize {
+    let Some(ca) = ctx.ca.load_full() else {
+        return 0;
+    };
+    let bundle = ca.bundle_pem.as_str();
+    stream::iter(ctx.applied_bundles())
+        .map(|(namespace, applied)| async move {
+            match write_trust_bundle(ctx, &namespace, bundle).await {
+                Ok(resource_version) => {
+                    // Our own apply of the same bundle leaves the version as it was: a new one
+                    // means someone else had written the ConfigMap.
+                    let repaired = applied.bundle == bundle
+                        && resource_version != applied.resource_version;
+                    if repaired {
+                        warn!(namespace = %namespace, configmap = TRUST_BUNDLE_CONFIGMAP, "restored a trust bundle ConfigMap that someone else had changed");
+                    }
+                    ctx.remember_bundle(
+                        &namespace,
+                        AppliedBundle {
+                            bundle: bundle.to_string(),
+                            resource_version,
+                        },
+                    );
+                    repaired
+                }
+                Err(Error::Kube {
+                    source: kube::Error::Api(status),
+                    ..
+                }) if status.code == 404 => {
+                    // The namespace is gone.
+                    ctx.forget_bundle(&namespace);
+                    false
+                }
+                Err(error) => {
+                    warn!(%error, namespace = %namespace, "failed to restore a trust bundle ConfigMap");
+                    false
+                }
+            }
+        })
+        .buffer_unordered(REPAIR_CONCURRENCY)
+        .filter(|repaired| std::future::ready(*repaired))
+        .count()
+        .await
+}
+
+/// Runs [`repair_trust_bundles`] every [`TRUST_BUNDLE_REPAIR`] for as long as the task lives.
+pub async fn maintain_trust_bundles(ctx: std::sync::Arc<Context>) {
+    let mut interval = tokio::time::interval(TRUST_BUNDLE_REPAIR);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        let repaired = repair_trust_bundles(&ctx).await;
+        if repaired > 0 {
+            ctx.metrics.trust_bundles_repaired(repaired);
+        }
+    }
 }
 
 /// Writes the status unless it is what the policy already shows.
