@@ -719,8 +719,15 @@ data:
             "with the opt-in the app trusts only rolemesh's bundle (so the test can fail): {bundle}"
         );
         println!(
-            "system trust: {}",
-            system.lines().next().unwrap_or_default()
+            "system trust: {}; with the opt-in: {}",
+            system
+                .lines()
+                .find(|l| l.starts_with("https:"))
+                .unwrap_or_default(),
+            bundle
+                .lines()
+                .find(|l| l.starts_with("https:"))
+                .unwrap_or_default()
         );
         self.kubectl(&[
             "delete",
