@@ -244,6 +244,76 @@ pub fn assess(
     Need::Nothing(Box::new(info))
 }
 
+/// Whose a Secret with a workload Secret's name is, as far as the reconciler of one policy may act
+/// on it.
+#[derive(Debug, PartialEq, Eq)]
+pub enum SecretOwner {
+    /// rolemesh wrote it for this policy: it may be re-issued, refreshed or deleted.
+    ThisPolicy,
+    /// rolemesh wrote it for the named MTLSPolicy.
+    OtherPolicy(String),
+    /// rolemesh did not write it, or cannot write it (said why, for the status message): it is
+    /// never overwritten nor deleted, and nothing is issued for it.
+    Foreign(String),
+}
+
+/// The type of every workload Secret rolemesh writes.
+pub const WORKLOAD_SECRET_TYPE: &str = "kubernetes.io/tls";
+
+/// The controller owner reference of a Secret rolemesh wrote for an MTLSPolicy: it carries the
+/// managed-by label *and* names an MTLSPolicy as its controller. Anyone who can create Secrets
+/// can set a label; the reference names the policy object's uid, and a Secret that names it as
+/// its controller is garbage-collected with that policy.
+fn written_for_policy(secret: &Secret) -> std::result::Result<&OwnerReference, &'static str> {
+    let managed = secret
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(MANAGED_BY_LABEL))
+        .map(String::as_str)
+        == Some(MANAGED_BY_VALUE);
+    if !managed {
+        return Err("it lacks the label app.kubernetes.io/managed-by=rolemesh");
+    }
+    secret
+        .metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .find(|r| r.controller == Some(true))
+        .filter(|r| r.kind == "MTLSPolicy" && r.api_version.starts_with("rolemesh.dev/"))
+        .ok_or("it has no controller owner reference to an MTLSPolicy")
+}
+
+/// Decides [`SecretOwner`] for the policy with uid `policy_uid`. A Secret written for this policy
+/// that still cannot be written as a workload Secret (retyped, or made immutable) counts as
+/// foreign: a write would fail on every retry, after a token, STS and a Sign each time.
+pub fn secret_owner(secret: &Secret, policy_uid: &str) -> SecretOwner {
+    let controller = match written_for_policy(secret) {
+        Ok(controller) => controller,
+        Err(why) => return SecretOwner::Foreign(why.into()),
+    };
+    if controller.uid != policy_uid {
+        return SecretOwner::OtherPolicy(controller.name.clone());
+    }
+    let type_ = secret.type_.as_deref().unwrap_or("Opaque");
+    if type_ != WORKLOAD_SECRET_TYPE {
+        return SecretOwner::Foreign(format!(
+            "it is of type {type_}, not {WORKLOAD_SECRET_TYPE}, and a Secret's type cannot be changed"
+        ));
+    }
+    if secret.immutable == Some(true) {
+        return SecretOwner::Foreign("it is immutable".into());
+    }
+    SecretOwner::ThisPolicy
+}
+
+/// Whether the reconciler of the policy with uid `policy_uid` may delete the Secret: rolemesh
+/// wrote it for that policy, whatever became of its type since.
+pub fn deletable_by(secret: &Secret, policy_uid: &str) -> bool {
+    written_for_policy(secret).is_ok_and(|controller| controller.uid == policy_uid)
+}
+
 /// What a failed verification does to the Secret a workload already has.
 #[derive(Debug, PartialEq, Eq)]
 pub enum AfterRefusal {
@@ -331,7 +401,7 @@ pub fn workload_secret(
             owner_references: Some(vec![context.owner.clone()]),
             ..Default::default()
         },
-        type_: Some("kubernetes.io/tls".into()),
+        type_: Some(WORKLOAD_SECRET_TYPE.into()),
         data: Some(BTreeMap::from([
             (
                 TLS_CERT_KEY.to_string(),

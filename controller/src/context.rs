@@ -60,6 +60,10 @@ pub struct Context {
     /// Per policy (namespace, name): how many reconciles in a row ended with a transient
     /// failure, for the backoff of the next one.
     transient_streaks: Mutex<HashMap<(String, String), u32>>,
+    /// Per workload (namespace, ServiceAccount): the serial of the certificate whose role this
+    /// process verified with STS. The policy status records the same, but the cached policy
+    /// may not show our last status write yet.
+    verified: Mutex<HashMap<(String, String), String>>,
 }
 
 impl Context {
@@ -83,6 +87,7 @@ impl Context {
             written: Mutex::new(HashMap::new()),
             bundles: Mutex::new(HashMap::new()),
             transient_streaks: Mutex::new(HashMap::new()),
+            verified: Mutex::new(HashMap::new()),
         }
     }
 
@@ -152,6 +157,30 @@ impl Context {
     pub fn forget_written(&self, namespace: &str, name: &str) {
         if let Ok(mut written) = self.written.lock() {
             written.remove(&(namespace.to_string(), name.to_string()));
+        }
+    }
+
+    /// Records that STS verified the role of the certificate with `serial` of the workload.
+    pub fn remember_verified(&self, namespace: &str, service_account: &str, serial: &str) {
+        if let Ok(mut verified) = self.verified.lock() {
+            verified.insert(
+                (namespace.to_string(), service_account.to_string()),
+                serial.to_string(),
+            );
+        }
+    }
+
+    /// Whether this process verified the role of the workload's certificate with `serial`.
+    pub fn verified_here(&self, namespace: &str, service_account: &str, serial: &str) -> bool {
+        self.verified.lock().ok().is_some_and(|v| {
+            v.get(&(namespace.to_string(), service_account.to_string()))
+                .is_some_and(|s| s == serial)
+        })
+    }
+
+    pub fn forget_verified(&self, namespace: &str, service_account: &str) {
+        if let Ok(mut verified) = self.verified.lock() {
+            verified.remove(&(namespace.to_string(), service_account.to_string()));
         }
     }
 

@@ -41,6 +41,7 @@ struct Inner {
     registry: Registry,
     issued: Family<Labels, Counter>,
     failed: Family<Labels, Counter>,
+    sts_verifications: Family<Labels, Counter>,
     sign_calls: Family<Labels, Counter>,
     sign_errors: Family<Labels, Counter>,
     sign_latency: Family<Labels, Histogram>,
@@ -72,6 +73,12 @@ impl Metrics {
             "certificate_failures",
             "ServiceAccounts left without a valid certificate, by reason",
             failed.clone(),
+        );
+        let sts_verifications = Family::<Labels, Counter>::default();
+        registry.register(
+            "sts_verifications",
+            "AssumeRoleWithWebIdentity calls made to verify a ServiceAccount's role, by result (verified, refused, transient)",
+            sts_verifications.clone(),
         );
         let sign_calls = Family::<Labels, Counter>::default();
         registry.register(
@@ -128,6 +135,7 @@ impl Metrics {
                 registry,
                 issued,
                 failed,
+                sts_verifications,
                 sign_calls,
                 sign_errors,
                 sign_latency,
@@ -152,6 +160,13 @@ impl Metrics {
         self.inner
             .failed
             .get_or_create(&labels("reason", reason.as_str()))
+            .inc();
+    }
+
+    pub fn sts_verification(&self, result: &'static str) {
+        self.inner
+            .sts_verifications
+            .get_or_create(&labels("result", result))
             .inc();
     }
 

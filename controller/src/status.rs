@@ -55,6 +55,11 @@ reasons! {
     NoOverlap,
     /// The certificate Secret's name is taken by a Secret of another policy.
     SecretOwnedByAnotherPolicy,
+    /// A Secret that rolemesh did not create for this policy has the certificate Secret's name
+    /// (no rolemesh label and owner reference to the policy, or not an editable
+    /// `kubernetes.io/tls` Secret): it is never overwritten, no token, STS or signer call is made
+    /// for it, and the name is looked at again every few minutes. Rename or delete that Secret.
+    SecretNameTaken,
     /// The certificate Secret lost its PEM fields.
     SecretUnreadable,
     /// The ServiceAccount's SPIFFE ID or role cannot be put in a certificate.

@@ -225,6 +225,14 @@ pub struct WorkloadStatus {
     pub spiffe_id: Option<String>,
     /// Whether the role was verified with STS (false when verification is off or failed).
     pub verified: bool,
+    /// How this controller verified the role of the certificate `serial` names: `sts` once STS
+    /// confirmed it. Absent when it was not verified (identityVerification `none`, or a
+    /// certificate issued before `sts` was switched on): under `sts` such a certificate is
+    /// verified with STS before `verified` says true, and its Secret is deleted if STS refuses.
+    /// The controller takes this verdict only from its own status, never from the Secret, which
+    /// the namespace's users can edit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verified_with: Option<String>,
     /// Machine-readable reason for the current state, e.g. `Issued`, `RoleAnnotationMissing`,
     /// `StsDenied`, `VerificationDisabled`, `SignerUnavailable`.
     pub reason: String,

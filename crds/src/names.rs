@@ -22,7 +22,9 @@ pub const ROTATE_ANNOTATION: &str = "rolemesh.dev/rotate";
 pub const ISSUED_FOR_POLICY_ROTATION: &str = "rolemesh.dev/issued-for-policy-rotate";
 /// On a workload Secret: the ServiceAccount's [`ROTATE_ANNOTATION`] value it was issued for.
 pub const ISSUED_FOR_SA_ROTATION: &str = "rolemesh.dev/issued-for-serviceaccount-rotate";
-/// On a workload Secret: how the role was verified at issuance (`sts` or `none`).
+/// On a workload Secret: how the role was verified at issuance (`sts` or `none`), for people.
+/// The controller never reads it: anyone who can edit the Secret can change it, so the verdict
+/// shown in status comes from the controller's own record (`status.workloads[].verifiedWith`).
 pub const VERIFICATION_ANNOTATION: &str = "rolemesh.dev/verification";
 
 /// Label (on pods, `"true"`/`"false"`) and namespace label (`enabled`) that opt in to injection.

@@ -1,7 +1,8 @@
 //! Forged or borrowed identities, on the local control plane and the local AWS endpoint: wildcard accounts refused by
-//! the API server, roles of accounts outside `allowedAccounts` given nothing, and an STS throttle
-//! during a rotation that keeps the Secret, and foreign CAs planted in a trust bundle dropped
-//! or undone (docs/security-model.md names these tests).
+//! the API server, roles of accounts outside `allowedAccounts` given nothing, an STS throttle
+//! during a rotation that keeps the Secret, foreign CAs planted in a trust bundle dropped or
+//! undone, certificates issued without verification verified when it is switched on, and Secrets
+//! rolemesh did not create left alone (docs/security-model.md names these tests).
 
 use std::time::Duration;
 
@@ -9,7 +10,7 @@ use anyhow::{Result, ensure};
 use k8s_openapi::api::core::v1::{ConfigMap, Event, Secret};
 use kube::{
     Api,
-    api::{ListParams, Patch, PatchParams, PostParams},
+    api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
 };
 use rolemesh_crds::{MTLSAuthority, MTLSPolicy};
 use rolemesh_e2e::*;
@@ -440,6 +441,226 @@ async fn foreign_cas_planted_in_trust_bundles_are_dropped_and_undone() -> Result
                 .metric("rolemesh_trust_bundles_repaired_total")
                 .await?;
             ensure!(repaired >= 1.0, "repairs counted: {repaired}");
+            Ok(())
+        },
+    )
+    .await
+}
+
+/// A certificate issued under `identityVerification: none` is verified with STS once the
+/// authority switches to `sts`: the one whose role does not trust its ServiceAccount loses its
+/// Secret, the other is reported verified without a new Sign. Whatever the Secret's annotation
+/// says, status takes its verdict only from what the controller verified.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switching_verification_on_re_verifies_certificates_issued_without_it() -> Result<()> {
+    in_namespace_with_authority(
+        "sec-switch",
+        local_authority_spec("switch.test", "none"),
+        |ns, authority| async move {
+            let trusted = ns
+                .env
+                .create_irsa_role(&unique("trusted"), &ns.name, "trusted")
+                .await?;
+            // A role the ServiceAccount merely claims: its trust policy trusts someone else.
+            let claimed = ns
+                .env
+                .create_irsa_role(&unique("claimed"), &ns.name, "someone-else")
+                .await?;
+            apply_service_account(&ns, "trusted", Some(&trusted)).await?;
+            apply_service_account(&ns, "claimer", Some(&claimed)).await?;
+            apply_policy(
+                &ns,
+                "p",
+                json!({ "serviceAccounts": { "names": ["trusted", "claimer"] } }),
+            )
+            .await?;
+            let controller = ControllerProcess::start(&ns, &authority, "replica-a", &[])?;
+            let (_, trusted_info) = wait_for_secret(&ns, "trusted-rolemesh-tls", None).await?;
+            wait_for_secret(&ns, "claimer-rolemesh-tls", None).await?;
+            for sa in ["trusted", "claimer"] {
+                wait_for_workload(&ns, "p", sa, |w| {
+                    w.reason == "IssuedUnverified" && !w.verified && w.serial.is_some()
+                })
+                .await?;
+            }
+
+            // Whoever can edit Secrets in the namespace writes the annotation that once made
+            // status say verified.
+            let secrets: Api<Secret> = ns.api();
+            annotate(
+                &secrets,
+                "claimer-rolemesh-tls",
+                "rolemesh.dev/verification",
+                "sts",
+            )
+            .await?;
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            let entry = wait_for_workload(&ns, "p", "claimer", |_| true).await?;
+            ensure!(
+                !entry.verified && entry.verified_with.is_none(),
+                "a Secret annotation must not make status say verified: {entry:?}"
+            );
+
+            let authorities: Api<MTLSAuthority> = Api::all(ns.client.clone());
+            let patch = json!({ "spec": { "identityVerification": "sts" } });
+            authorities
+                .patch(&authority, &PatchParams::default(), &Patch::Merge(patch))
+                .await?;
+
+            let refused =
+                wait_for_workload(&ns, "p", "claimer", |w| w.reason == "StsRefused").await?;
+            ensure!(!refused.verified && refused.serial.is_none(), "{refused:?}");
+            eventually(
+                "the unverifiable certificate's Secret to go",
+                WAIT,
+                || async {
+                    Ok(secrets
+                        .get_opt("claimer-rolemesh-tls")
+                        .await?
+                        .is_none()
+                        .then_some(()))
+                },
+            )
+            .await?;
+            let verified =
+                wait_for_workload(&ns, "p", "trusted", |w| w.reason == "Issued" && w.verified)
+                    .await?;
+            ensure!(
+                verified.verified_with.as_deref() == Some("sts")
+                    && verified.serial.as_deref() == Some(trusted_info.serial_hex.as_str()),
+                "verified in place, not re-issued: {verified:?}"
+            );
+            let kept = secrets.get("trusted-rolemesh-tls").await?;
+            ensure!(leaf_of(&kept)?.serial_hex == trusted_info.serial_hex);
+
+            // The CA's Sign and the two issuances under `none`: verifying cost no Sign.
+            let signs = controller
+                .metric("rolemesh_signer_sign_calls_total{signer=\"local\"}")
+                .await?;
+            ensure!(signs <= 3.0, "expected 3 Sign calls at most, saw {signs}");
+            let confirmed = controller
+                .metric("rolemesh_sts_verifications_total{result=\"verified\"}")
+                .await?;
+            ensure!(
+                confirmed == 1.0,
+                "one STS confirmation, for trusted: {confirmed}"
+            );
+            Ok(())
+        },
+    )
+    .await
+}
+
+/// A Secret that rolemesh did not create with a workload Secret's name is never written, and
+/// costs no token, STS call or Sign: an Opaque one (which a write could never change into a TLS
+/// Secret), a TLS one of the tenant's own, and one that copies rolemesh's labels. The status
+/// says which Secret is in the way and what to do; once it is gone the certificate is issued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secret_rolemesh_did_not_create_is_left_alone() -> Result<()> {
+    in_namespace_with_authority(
+        "sec-taken",
+        local_authority_spec("taken.test", "sts"),
+        |ns, authority| async move {
+            let names = ["web", "opaque", "tenant-tls", "forged"];
+            for name in names {
+                let role = ns
+                    .env
+                    .create_irsa_role(&unique(name), &ns.name, name)
+                    .await?;
+                apply_service_account(&ns, name, Some(&role)).await?;
+            }
+            let tenant = rcgen::generate_simple_self_signed(vec!["tenant.example".to_string()])?;
+            let (cert_pem, key_pem) = (tenant.cert.pem(), tenant.signing_key.serialize_pem());
+            let foreign: Vec<serde_json::Value> = vec![
+                json!({
+                    "metadata": { "name": "opaque-rolemesh-tls" },
+                    "type": "Opaque",
+                    "stringData": { "password": "the tenant's" },
+                }),
+                json!({
+                    "metadata": { "name": "tenant-tls-rolemesh-tls" },
+                    "type": "kubernetes.io/tls",
+                    "stringData": { "tls.crt": cert_pem, "tls.key": key_pem },
+                }),
+                json!({
+                    "metadata": {
+                        "name": "forged-rolemesh-tls",
+                        "labels": {
+                            "app.kubernetes.io/managed-by": "rolemesh",
+                            "rolemesh.dev/policy": "p",
+                            "rolemesh.dev/service-account": "forged",
+                        },
+                    },
+                    "type": "kubernetes.io/tls",
+                    "stringData": { "tls.crt": cert_pem, "tls.key": key_pem },
+                }),
+            ];
+            let secrets: Api<Secret> = ns.api();
+            let mut created = Vec::new();
+            for body in foreign {
+                let secret: Secret = serde_json::from_value(body)?;
+                created.push(secrets.create(&PostParams::default(), &secret).await?);
+            }
+            apply_policy(&ns, "p", json!({ "serviceAccounts": { "names": names } })).await?;
+            let controller = ControllerProcess::start(&ns, &authority, "replica-a", &[])?;
+
+            wait_for_workload(&ns, "p", "web", |w| w.reason == "Issued" && w.verified).await?;
+            for secret in &created {
+                let name = secret.metadata.name.clone().unwrap_or_default();
+                let sa = name.trim_end_matches("-rolemesh-tls");
+                let entry =
+                    wait_for_workload(&ns, "p", sa, |w| w.reason == "SecretNameTaken").await?;
+                let message = entry.message.unwrap_or_default();
+                ensure!(
+                    message.contains(&format!("{}/{name}", ns.name))
+                        && message.contains("Rename or delete"),
+                    "{message}"
+                );
+                ensure!(!entry.verified && entry.serial.is_none());
+            }
+            // Longer than several retries of a transient failure (5 s, 10 s): nothing is tried.
+            tokio::time::sleep(Duration::from_secs(20)).await;
+            for before in &created {
+                let name = before.metadata.name.clone().unwrap_or_default();
+                let now = secrets.get(&name).await?;
+                ensure!(
+                    now.metadata.resource_version == before.metadata.resource_version
+                        && now.data == before.data
+                        && now.metadata.owner_references.is_none(),
+                    "{name} must be left as the tenant wrote it: {:?}",
+                    now.metadata
+                );
+            }
+            let signs = controller
+                .metric("rolemesh_signer_sign_calls_total{signer=\"local\"}")
+                .await?;
+            ensure!(
+                signs <= 2.0,
+                "expected the CA's and web's Sign calls only, saw {signs}"
+            );
+            let verifications = controller
+                .metric("rolemesh_sts_verifications_total{result=\"verified\"}")
+                .await?;
+            ensure!(
+                verifications == 1.0,
+                "STS asked for web only, saw {verifications}"
+            );
+
+            // Once the name is free the certificate is issued, though nothing rolemesh watches
+            // changed.
+            secrets
+                .delete("opaque-rolemesh-tls", &DeleteParams::default())
+                .await?;
+            eventually(
+                "a certificate once the name is free",
+                Duration::from_secs(100),
+                || async {
+                    let secret = secrets.get_opt("opaque-rolemesh-tls").await?;
+                    Ok(secret.filter(|s| s.type_.as_deref() == Some("kubernetes.io/tls")))
+                },
+            )
+            .await?;
+            wait_for_workload(&ns, "p", "opaque", |w| w.reason == "Issued" && w.verified).await?;
             Ok(())
         },
     )

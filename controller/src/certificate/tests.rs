@@ -367,3 +367,132 @@ async fn a_transient_verification_failure_keeps_a_valid_certificate() {
         );
     }
 }
+
+/// Whose a Secret with a workload Secret's name is: only one rolemesh wrote for this policy
+/// (its label and a controller owner reference to the policy's uid) may be written or deleted,
+/// and one that cannot be written as a workload Secret is never tried.
+#[tokio::test(flavor = "multi_thread")]
+async fn only_a_secret_written_for_this_policy_is_ours() {
+    const UID: &str = "0b8f3c52-policy-web";
+    let ca = test_ca("mesh.test");
+    let web = identity("web", ROLE);
+    let owner = OwnerReference {
+        api_version: "rolemesh.dev/v1alpha1".into(),
+        kind: "MTLSPolicy".into(),
+        name: "web".into(),
+        uid: UID.into(),
+        controller: Some(true),
+        block_owner_deletion: Some(true),
+    };
+    let issued = issue_certificate(&ca, &web, &CertificateProfile::default())
+        .await
+        .expect("issue");
+    let context = SecretContext {
+        namespace: "shop",
+        service_account: "web",
+        policy_name: "web",
+        owner: owner.clone(),
+        rotation: &RotationRequests::default(),
+        verification: ca.verification,
+    };
+    let ours = workload_secret(&context, &issued.chain_pem, &issued.key_pem, &ca.bundle_pem);
+    let altered = |change: &dyn Fn(&mut Secret)| {
+        let mut secret = ours.clone();
+        change(&mut secret);
+        secret
+    };
+    let foreign = |why: &str| SecretOwner::Foreign(why.into());
+
+    // (case, the Secret, its owner for policy UID, deletable by policy UID)
+    let rows: Vec<(&str, Secret, SecretOwner, bool)> = vec![
+        (
+            "written by rolemesh for this policy",
+            ours.clone(),
+            SecretOwner::ThisPolicy,
+            true,
+        ),
+        (
+            "written for another policy",
+            altered(&|s| {
+                s.metadata.owner_references = Some(vec![OwnerReference {
+                    name: "other".into(),
+                    uid: "uid-other".into(),
+                    ..owner.clone()
+                }])
+            }),
+            SecretOwner::OtherPolicy("other".into()),
+            false,
+        ),
+        (
+            "a tenant's copy with rolemesh's labels (policy label included) but no owner",
+            altered(&|s| s.metadata.owner_references = None),
+            foreign("it has no controller owner reference to an MTLSPolicy"),
+            false,
+        ),
+        (
+            "an owner reference to the policy that is not the controller",
+            altered(&|s| {
+                s.metadata.owner_references = Some(vec![OwnerReference {
+                    controller: None,
+                    ..owner.clone()
+                }])
+            }),
+            foreign("it has no controller owner reference to an MTLSPolicy"),
+            false,
+        ),
+        (
+            "controlled by something that is not an MTLSPolicy, with the policy's uid",
+            altered(&|s| {
+                s.metadata.owner_references = Some(vec![OwnerReference {
+                    api_version: "apps/v1".into(),
+                    kind: "Deployment".into(),
+                    ..owner.clone()
+                }])
+            }),
+            foreign("it has no controller owner reference to an MTLSPolicy"),
+            false,
+        ),
+        (
+            "the owner reference without the managed-by label",
+            altered(&|s| s.metadata.labels = None),
+            foreign("it lacks the label app.kubernetes.io/managed-by=rolemesh"),
+            false,
+        ),
+        (
+            "a tenant's own Opaque Secret",
+            altered(&|s| {
+                s.metadata.labels = None;
+                s.metadata.owner_references = None;
+                s.type_ = Some("Opaque".into());
+            }),
+            foreign("it lacks the label app.kubernetes.io/managed-by=rolemesh"),
+            false,
+        ),
+        (
+            "ours in every marker but Opaque: a write could never succeed",
+            altered(&|s| s.type_ = Some("Opaque".into())),
+            foreign(
+                "it is of type Opaque, not kubernetes.io/tls, and a Secret's type cannot be changed",
+            ),
+            true,
+        ),
+        (
+            "ours but without a type (Opaque to the API server)",
+            altered(&|s| s.type_ = None),
+            foreign(
+                "it is of type Opaque, not kubernetes.io/tls, and a Secret's type cannot be changed",
+            ),
+            true,
+        ),
+        (
+            "ours but made immutable",
+            altered(&|s| s.immutable = Some(true)),
+            foreign("it is immutable"),
+            true,
+        ),
+    ];
+    for (case, secret, owner, deletable) in rows {
+        assert_eq!(secret_owner(&secret, UID), owner, "{case}");
+        assert_eq!(deletable_by(&secret, UID), deletable, "{case}: deletable");
+    }
+}

@@ -151,7 +151,14 @@ async fn reconcile_policy(policy: &MTLSPolicy, ctx: &Context) -> Result<Action> 
                 .get(SERVICE_ACCOUNT_LABEL)
                 .is_some_and(|sa| !covered_names.contains(sa))
         {
-            delete_workload_secret(ctx, &namespace, &secret.name_any(), Some(&secret)).await;
+            delete_workload_secret(
+                ctx,
+                &owner.uid,
+                &namespace,
+                &secret.name_any(),
+                Some(&secret),
+            )
+            .await;
         }
     }
 

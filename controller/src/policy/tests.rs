@@ -472,3 +472,69 @@ fn transient_failures_back_off() {
         );
     }
 }
+
+/// The verdict "verified" comes from the status the controller wrote, for the serial it was
+/// given for: an entry of another certificate, one written before the controller recorded how it
+/// verified (when status took the verdict from the Secret's annotation), or one that says
+/// not verified, leaves the certificate to be verified with STS.
+#[test]
+fn only_the_controllers_own_record_makes_a_certificate_verified() {
+    use super::workload::{VERIFIED_WITH_STS, recorded_as_verified};
+
+    let entry =
+        |service_account: &str, verified: bool, with: Option<&str>, serial: &str| WorkloadStatus {
+            service_account: service_account.into(),
+            verified,
+            verified_with: with.map(String::from),
+            serial: Some(serial.into()),
+            reason: "Issued".into(),
+            ..Default::default()
+        };
+    let sts = Some(VERIFIED_WITH_STS);
+    // (case, the status entries, verified for web's certificate "aa01")
+    let rows: Vec<(&str, Vec<WorkloadStatus>, bool)> = vec![
+        (
+            "verified with STS, this certificate",
+            vec![entry("web", true, sts, "aa01")],
+            true,
+        ),
+        ("no status yet", vec![], false),
+        (
+            "verified with STS, an earlier certificate",
+            vec![entry("web", true, sts, "ffff")],
+            false,
+        ),
+        (
+            "another ServiceAccount's entry",
+            vec![entry("api", true, sts, "aa01")],
+            false,
+        ),
+        (
+            "verified: true without verifiedWith (read from the Secret's annotation once)",
+            vec![entry("web", true, None, "aa01")],
+            false,
+        ),
+        (
+            "issued unverified",
+            vec![entry("web", false, None, "aa01")],
+            false,
+        ),
+        (
+            "verifiedWith another value",
+            vec![entry("web", true, Some("none"), "aa01")],
+            false,
+        ),
+    ];
+    for (case, workloads, verified) in rows {
+        let mut policy = with_certificate(json!({}));
+        policy.status = Some(rolemesh_crds::MTLSPolicyStatus {
+            workloads,
+            ..Default::default()
+        });
+        assert_eq!(
+            recorded_as_verified(&policy, "web", "aa01"),
+            verified,
+            "{case}"
+        );
+    }
+}

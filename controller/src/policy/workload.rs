@@ -8,7 +8,7 @@ use k8s_openapi::{
 use kube::{ResourceExt, api::ObjectMeta, runtime::events::EventType};
 use rolemesh_crds::{
     IdentityVerification, MTLSPolicy, WorkloadStatus,
-    names::{POLICY_LABEL, ROTATE_ANNOTATION, VERIFICATION_ANNOTATION, workload_secret_name},
+    names::{ROTATE_ANNOTATION, workload_secret_name},
 };
 use rolemesh_profile::{
     CertificateInfo, CertificateProfile, IssuedCertificate, SpiffeId, WorkloadIdentity,
@@ -16,12 +16,12 @@ use rolemesh_profile::{
 use time::OffsetDateTime;
 use tracing::{info, warn};
 
-use super::writes::{PolicyEvent, delete_workload_secret, publish, write_secret};
+use super::writes::{PolicyEvent, delete_workload_secret, publish, read_secret, write_secret};
 use crate::{
     ca::CaState,
     certificate::{
-        AfterRefusal, IssueReason, Need, RotationRequests, SecretContext, after_refusal, assess,
-        existing_pems, issue_certificate, verification_value, workload_secret,
+        AfterRefusal, IssueReason, Need, RotationRequests, SecretContext, SecretOwner,
+        after_refusal, assess, existing_pems, issue_certificate, secret_owner, workload_secret,
     },
     context::Context,
     identity::{Refusal, check_account, claimed_role, verify_with_sts},
@@ -42,6 +42,8 @@ pub struct PolicyRun<'a> {
 pub struct Outcome {
     pub reason: Reason,
     pub status: WorkloadStatus,
+    /// When the workload needs looking at again: its certificate's renewal, or when to see
+    /// whether a taken Secret name is free.
     pub renew_at: Option<OffsetDateTime>,
     pub issued: Option<IssueReason>,
     /// A failure that clears by itself (signer or STS unreachable): retry soon.
@@ -76,6 +78,28 @@ pub fn refused(
         ..Default::default()
     }
 }
+
+/// The value of [`WorkloadStatus::verified_with`] for a role STS confirmed.
+pub const VERIFIED_WITH_STS: &str = "sts";
+
+/// Whether the policy's status, which only the controller writes, records that STS verified
+/// the role of `service_account`'s certificate with serial `serial_hex`. Nothing the namespace's
+/// users can write (the Secret, its annotations) takes part in this verdict.
+pub fn recorded_as_verified(policy: &MTLSPolicy, service_account: &str, serial_hex: &str) -> bool {
+    policy.status.as_ref().is_some_and(|status| {
+        status.workloads.iter().any(|w| {
+            w.service_account == service_account
+                && w.verified
+                && w.verified_with.as_deref() == Some(VERIFIED_WITH_STS)
+                && w.serial.as_deref() == Some(serial_hex)
+        })
+    })
+}
+
+/// How often a workload whose Secret name a foreign Secret holds is looked at again. That Secret
+/// has no rolemesh label, so its deletion reaches no watch; a look costs one GET and nothing
+/// else.
+pub const NAME_TAKEN_RECHECK: time::Duration = time::Duration::minutes(1);
 
 /// The facts of a certificate that its status entry and renewal time need.
 struct Validity {
@@ -124,9 +148,8 @@ struct Claimant<'a> {
 }
 
 impl Claimant<'_> {
-    /// The status entry of a good certificate; `verified_by` is how its role was verified.
-    fn issued(&self, validity: &Validity, verified_by: Option<&str>) -> Outcome {
-        let verified = verified_by == Some(verification_value(IdentityVerification::Sts));
+    /// The status entry of a good certificate; `verified` when STS confirmed its role.
+    fn issued(&self, validity: &Validity, verified: bool) -> Outcome {
         let reason = if verified {
             Reason::Issued
         } else {
@@ -139,6 +162,7 @@ impl Claimant<'_> {
                 role_arn: Some(self.role.clone()),
                 spiffe_id: Some(self.identity.spiffe_id.to_string()),
                 verified,
+                verified_with: verified.then(|| VERIFIED_WITH_STS.to_string()),
                 reason: reason.as_str().into(),
                 message: (!verified).then(|| {
                     "identity verification is off (MTLSAuthority identityVerification: none): the role annotation was not checked with STS".to_string()
@@ -166,10 +190,53 @@ impl Claimant<'_> {
         )
     }
 
-    fn recorded_verification(&self) -> Option<String> {
-        self.existing
-            .as_ref()
-            .and_then(|s| annotation(&s.metadata, VERIFICATION_ANNOTATION))
+    /// Whether the role of the certificate with `serial_hex` was verified with STS, by the
+    /// controller's own record (its memory, or the policy status it wrote).
+    fn verified_before(&self, serial_hex: &str) -> bool {
+        self.run
+            .ctx
+            .verified_here(&self.namespace, &self.name, serial_hex)
+            || recorded_as_verified(self.run.policy, &self.name, serial_hex)
+    }
+
+    /// Asks STS whether the ServiceAccount may assume its annotated role, and counts the answer.
+    async fn verify(&self) -> Result<(), Refusal> {
+        let ctx = self.run.ctx;
+        let result = verify_with_sts(
+            &ctx.client,
+            &ctx.sts,
+            &self.namespace,
+            &self.name,
+            &self.role,
+        )
+        .await;
+        ctx.metrics.sts_verification(match &result {
+            Ok(()) => "verified",
+            Err(refusal) if refusal.is_transient() => "transient",
+            Err(_) => "refused",
+        });
+        result
+    }
+
+    /// A certificate that is good but whose role this controller has not verified with STS (it
+    /// was issued under identityVerification `none`, or before the controller recorded its
+    /// verdict in status): under `sts` it is verified before it counts as verified, and loses
+    /// its Secret if STS refuses, as at issuance.
+    async fn settled(&self, info: &CertificateInfo, refresh: bool) -> Outcome {
+        let sts = self.run.ca.verification == IdentityVerification::Sts;
+        if sts && !self.verified_before(&info.serial_hex) {
+            info!(namespace = %self.namespace, service_account = %self.name, serial = %info.serial_hex, "verifying with STS the role of a certificate not verified by this controller");
+            if let Err(refusal) = self.verify().await {
+                return self.verification_failed(&refusal).await;
+            }
+            self.run
+                .ctx
+                .remember_verified(&self.namespace, &self.name, &info.serial_hex);
+        }
+        if refresh {
+            return self.refresh_bundle(info, sts).await;
+        }
+        self.issued(&info.into(), sts)
     }
 
     fn secret_context(&self) -> SecretContext<'_> {
@@ -184,7 +251,7 @@ impl Claimant<'_> {
     }
 
     /// Re-writes the Secret with the trust bundle in force, keeping its certificate.
-    async fn refresh_bundle(&self, info: &CertificateInfo) -> Outcome {
+    async fn refresh_bundle(&self, info: &CertificateInfo, verified: bool) -> Outcome {
         let ctx = self.run.ctx;
         let Some((chain, key)) = self.existing.as_ref().and_then(existing_pems) else {
             return self.failed(
@@ -204,11 +271,11 @@ impl Claimant<'_> {
             .existing
             .as_ref()
             .and_then(|s| s.metadata.annotations.clone());
-        if let Err(error) = write_secret(ctx, &refreshed, true).await {
+        if let Err(error) = write_secret(ctx, &refreshed, self.existing.as_ref()).await {
             warn!(%error, namespace = %self.namespace, service_account = %self.name, "failed to refresh the trust bundle in a Secret");
             return self.failed(error.reason(), error.to_string(), true);
         }
-        self.issued(&info.into(), self.recorded_verification().as_deref())
+        self.issued(&info.into(), verified)
     }
 
     /// The outcome of a verification that did not succeed: a refusal deletes the Secret, a
@@ -231,8 +298,15 @@ impl Claimant<'_> {
             AfterRefusal::Delete => {
                 warn!(namespace = %namespace, service_account = %name, %reason, "identity not verified; no certificate issued and the Secret is deleted");
                 // The old certificate claims a role the ServiceAccount can no longer prove.
-                delete_workload_secret(ctx, namespace, &self.secret_name, self.existing.as_ref())
-                    .await;
+                delete_workload_secret(
+                    ctx,
+                    &self.run.owner.uid,
+                    namespace,
+                    &self.secret_name,
+                    self.existing.as_ref(),
+                )
+                .await;
+                ctx.forget_verified(namespace, name);
                 let event = PolicyEvent {
                     type_: EventType::Warning,
                     reason: reason.as_str(),
@@ -263,11 +337,9 @@ impl Claimant<'_> {
     /// Verifies the role (when the authority says so) and issues a new certificate.
     async fn issue(&self, why: IssueReason, detail: &str) -> Outcome {
         let (ctx, ca) = (self.run.ctx, self.run.ca);
-        let (namespace, name, role) = (&self.namespace, &self.name, &self.role);
-        if ca.verification == IdentityVerification::Sts
-            && let Err(refusal) =
-                verify_with_sts(&ctx.client, &ctx.sts, namespace, name, role).await
-        {
+        let (namespace, name) = (&self.namespace, &self.name);
+        let sts = ca.verification == IdentityVerification::Sts;
+        if sts && let Err(refusal) = self.verify().await {
             return self.verification_failed(&refusal).await;
         }
         let issued = match issue_certificate(ca, &self.identity, self.run.profile).await {
@@ -294,14 +366,17 @@ impl Claimant<'_> {
             &issued.key_pem,
             &ca.bundle_pem,
         );
-        if let Err(error) = write_secret(ctx, &secret, self.existing.is_some()).await {
+        if let Err(error) = write_secret(ctx, &secret, self.existing.as_ref()).await {
             warn!(%error, namespace = %namespace, service_account = %name, "failed to write the certificate Secret");
             ctx.metrics.certificate_failed(error.reason());
             return self.failed(error.reason(), error.to_string(), true);
         }
         info!(namespace = %namespace, service_account = %name, serial = %issued.serial_hex, reason = why.as_str(), detail = %detail, "issued a certificate");
         ctx.metrics.certificate_issued(why);
-        let mut outcome = self.issued(&(&issued).into(), Some(verification_value(ca.verification)));
+        if sts {
+            ctx.remember_verified(namespace, name, &issued.serial_hex);
+        }
+        let mut outcome = self.issued(&(&issued).into(), sts);
         outcome.issued = Some(why);
         outcome
     }
@@ -317,23 +392,28 @@ pub async fn reconcile_service_account(
     let name = service_account.name_any();
     let secret_name = workload_secret_name(&name);
     let existing = ctx.effective_secret(&namespace, &secret_name);
+    if run.ca.verification == IdentityVerification::None {
+        // What was verified before is not kept up: under `none` nothing is re-verified.
+        ctx.forget_verified(&namespace, &name);
+    }
 
-    if let Some(secret) = &existing {
-        let owner = secret.labels().get(POLICY_LABEL);
-        if owner.map(String::as_str) != run.policy.metadata.name.as_deref() {
-            let reason = Reason::SecretOwnedByAnotherPolicy;
-            let message = format!(
-                "Secret {namespace}/{secret_name} belongs to MTLSPolicy {}; it is re-issued once that policy no longer covers {name}",
-                owner.cloned().unwrap_or_default()
-            );
-            return Outcome::failed(reason, refused(&name, reason, message, None), false);
-        }
+    if let Some(secret) = &existing
+        && let Some(outcome) = not_ours(run, &name, secret).await
+    {
+        return outcome;
     }
 
     let role = match claimed_role(service_account) {
         Ok(role) => role,
         Err(refusal) => {
-            delete_workload_secret(ctx, &namespace, &secret_name, existing.as_ref()).await;
+            delete_workload_secret(
+                ctx,
+                &run.owner.uid,
+                &namespace,
+                &secret_name,
+                existing.as_ref(),
+            )
+            .await;
             ctx.metrics.certificate_failed(refusal.reason());
             let message = refusal.message(&namespace, &name, None);
             return Outcome::failed(
@@ -346,7 +426,14 @@ pub async fn reconcile_service_account(
     // Before STS and the signer: a role of an account the authority does not allow gets
     // nothing, however honestly STS would confirm it, and whatever the verification mode.
     if let Err(refusal) = check_account(&role, run.ca.allowed_accounts.as_ref()) {
-        delete_workload_secret(ctx, &namespace, &secret_name, existing.as_ref()).await;
+        delete_workload_secret(
+            ctx,
+            &run.owner.uid,
+            &namespace,
+            &secret_name,
+            existing.as_ref(),
+        )
+        .await;
         ctx.metrics.certificate_failed(refusal.reason());
         let message = refusal.message(&namespace, &name, Some(&role));
         warn!(namespace = %namespace, service_account = %name, role = %role, reason = %refusal.reason(), "the role's AWS account is not allowed; no certificate issued");
@@ -377,7 +464,7 @@ pub async fn reconcile_service_account(
             );
         }
     };
-    let claimant = Claimant {
+    let mut claimant = Claimant {
         rotation: RotationRequests {
             policy: annotation(&run.policy.metadata, ROTATE_ANNOTATION),
             service_account: annotation(&service_account.metadata, ROTATE_ANNOTATION),
@@ -391,19 +478,98 @@ pub async fn reconcile_service_account(
         existing,
     };
 
-    match assess(
-        claimant.existing.as_ref(),
-        run.ca,
-        &claimant.identity,
-        run.profile,
-        &claimant.rotation,
-        run.now,
-    ) {
-        Need::Nothing(info) => claimant.issued(
-            &info.as_ref().into(),
-            claimant.recorded_verification().as_deref(),
-        ),
-        Need::RefreshBundle(info) => claimant.refresh_bundle(&info).await,
+    let assess_claimant = |claimant: &Claimant<'_>| {
+        assess(
+            claimant.existing.as_ref(),
+            run.ca,
+            &claimant.identity,
+            run.profile,
+            &claimant.rotation,
+            run.now,
+        )
+    };
+    let mut need = assess_claimant(&claimant);
+    if claimant.existing.is_none() && matches!(need, Need::Issue { .. }) {
+        // The cache holds only Secrets with rolemesh's label, so a Secret of that name without
+        // it is looked up before any token, STS or signer work is spent on a write that must
+        // not happen.
+        match read_secret(ctx, &claimant.namespace, &claimant.secret_name).await {
+            Ok(None) => {}
+            Ok(Some(found)) => {
+                if let Some(outcome) = not_ours(run, &claimant.name, &found).await {
+                    return outcome;
+                }
+                // Ours, written moments ago by another replica: the watch has not shown it yet.
+                claimant.existing = Some(found);
+                need = assess_claimant(&claimant);
+            }
+            Err(error) => {
+                warn!(%error, namespace = %claimant.namespace, service_account = %claimant.name, "failed to look up the certificate Secret");
+                return claimant.failed(error.reason(), error.to_string(), true);
+            }
+        }
+    }
+    match need {
+        Need::Nothing(info) => claimant.settled(&info, false).await,
+        Need::RefreshBundle(info) => claimant.settled(&info, true).await,
         Need::Issue { reason, detail } => claimant.issue(reason, &detail).await,
+    }
+}
+
+/// The outcome for a workload whose Secret name is held by a Secret this policy may not write,
+/// or `None` when the Secret is this policy's.
+async fn not_ours(run: &PolicyRun<'_>, service_account: &str, secret: &Secret) -> Option<Outcome> {
+    let namespace = secret.namespace().unwrap_or_default();
+    let secret_name = secret.name_any();
+    let policy = run.policy.name_any();
+    match secret_owner(secret, &run.owner.uid) {
+        SecretOwner::ThisPolicy => None,
+        SecretOwner::OtherPolicy(owner) => {
+            let reason = Reason::SecretOwnedByAnotherPolicy;
+            let message = if owner == policy {
+                format!(
+                    "Secret {namespace}/{secret_name} belongs to an earlier MTLSPolicy {owner} that was deleted; it is issued anew once garbage collection has removed it"
+                )
+            } else {
+                format!(
+                    "Secret {namespace}/{secret_name} belongs to MTLSPolicy {owner}; it is re-issued once that policy no longer covers {service_account}"
+                )
+            };
+            Some(Outcome::failed(
+                reason,
+                refused(service_account, reason, message, None),
+                false,
+            ))
+        }
+        SecretOwner::Foreign(why) => {
+            let reason = Reason::SecretNameTaken;
+            let message = format!(
+                "Secret {namespace}/{secret_name} holds the name of ServiceAccount {service_account}'s certificate Secret but is not one rolemesh created for MTLSPolicy {policy} and can write: {why}. rolemesh never overwrites it and issues no certificate for {service_account} while it is there. Rename or delete that Secret; the name is looked at again every {} s and the certificate is issued once it is free",
+                NAME_TAKEN_RECHECK.whole_seconds()
+            );
+            run.ctx.metrics.certificate_failed(reason);
+            let already_told = run.policy.status.as_ref().is_some_and(|s| {
+                s.workloads
+                    .iter()
+                    .any(|w| w.service_account == service_account && w.reason == reason.as_str())
+            });
+            if !already_told {
+                warn!(namespace = %namespace, service_account, secret = %secret_name, %why, "the certificate Secret's name is taken by a Secret rolemesh did not create; it is left alone and nothing is issued");
+                let event = PolicyEvent {
+                    type_: EventType::Warning,
+                    reason: reason.as_str(),
+                    action: "IssueCertificates",
+                    note: &message,
+                };
+                publish(run.ctx, run.policy, event).await;
+            }
+            let mut outcome = Outcome::failed(
+                reason,
+                refused(service_account, reason, message, None),
+                false,
+            );
+            outcome.renew_at = Some(run.now + NAME_TAKEN_RECHECK);
+            Some(outcome)
+        }
     }
 }

@@ -4,7 +4,7 @@
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::{
     Api, Resource, ResourceExt,
-    api::{DeleteParams, Patch, PatchParams, PostParams},
+    api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions},
     runtime::events::{Event, EventType},
 };
 use rolemesh_crds::{
@@ -18,6 +18,7 @@ use serde_json::json;
 use tracing::{info, warn};
 
 use crate::{
+    certificate::deletable_by,
     context::{AppliedBundle, Context},
     error::{Error, Result},
 };
@@ -27,61 +28,93 @@ pub const FIELD_MANAGER: &str = crate::CONTROLLER_NAME;
 /// reconcile that started from a cached policy older than a rotation cannot erase the record.
 const ROTATION_FIELD_MANAGER: &str = "rolemesh-controller-rotation";
 
-/// Writes a workload Secret. One that is not there yet is created: a create costs the API server
-/// much less than a server-side apply, and first issuance is the bulk of all writes (a policy
-/// covering many ServiceAccounts). One that exists (or turns out to) is server-side applied.
-pub async fn write_secret(ctx: &Context, secret: &Secret, exists: bool) -> Result<Secret> {
+/// Writes a workload Secret. One that is not there yet (`existing` is `None`) is created: a
+/// create costs the API server much less than a server-side apply, and first issuance is the bulk
+/// of all writes (a policy covering many ServiceAccounts). A create that finds the name taken
+/// fails: whoever took it meanwhile, the next reconcile looks at what is there before anything
+/// is issued again. `existing`, which the caller found to be this policy's, is server-side
+/// applied with its resourceVersion as a precondition, so a Secret replaced since it was looked
+/// at is never overwritten.
+pub async fn write_secret(
+    ctx: &Context,
+    secret: &Secret,
+    existing: Option<&Secret>,
+) -> Result<Secret> {
     let namespace = secret.metadata.namespace.clone().unwrap_or_default();
     let name = secret.metadata.name.clone().unwrap_or_default();
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
-    if !exists {
+    let Some(existing) = existing else {
         let params = PostParams {
             field_manager: Some(FIELD_MANAGER.to_string()),
             ..Default::default()
         };
-        match api.create(&params, secret).await {
-            Ok(written) => {
-                ctx.remember_written(written.clone());
-                return Ok(written);
-            }
-            // Created meanwhile by someone else (or our cache lags): apply over it.
-            Err(kube::Error::Api(response)) if response.code == 409 => {}
-            Err(error) => {
-                return Err(Error::kube(format!("create Secret {namespace}/{name}"))(
-                    error,
-                ));
-            }
-        }
-    }
+        let written = api
+            .create(&params, secret)
+            .await
+            .map_err(Error::kube(format!("create Secret {namespace}/{name}")))?;
+        ctx.remember_written(written.clone());
+        return Ok(written);
+    };
     let mut body =
         serde_json::to_value(secret).map_err(|e| Error::BuildCertificate(e.to_string()))?;
     body["apiVersion"] = json!("v1");
     body["kind"] = json!("Secret");
-    let written = api
+    if let Some(version) = &existing.metadata.resource_version {
+        body["metadata"]["resourceVersion"] = json!(version);
+    }
+    // Forced: the fields are rolemesh's even where someone edited them (a repair takes them back).
+    let written = match api
         .patch(
             &name,
             &PatchParams::apply(FIELD_MANAGER).force(),
             &Patch::Apply(body),
         )
         .await
-        .map_err(Error::kube(format!("write Secret {namespace}/{name}")))?;
+    {
+        Ok(written) => written,
+        Err(error) => {
+            // Our last write may be what `existing` was: the next look goes by the watch.
+            ctx.forget_written(&namespace, &name);
+            return Err(Error::kube(format!("write Secret {namespace}/{name}"))(
+                error,
+            ));
+        }
+    };
     ctx.remember_written(written.clone());
     Ok(written)
 }
 
-/// Deletes a workload Secret rolemesh wrote; one it did not write is left alone.
+/// Reads a Secret from the API server, for a name the cache (which holds only Secrets with
+/// rolemesh's label) does not show.
+pub async fn read_secret(ctx: &Context, namespace: &str, name: &str) -> Result<Option<Secret>> {
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
+    api.get_opt(name)
+        .await
+        .map_err(Error::kube(format!("read Secret {namespace}/{name}")))
+}
+
+/// Deletes a workload Secret rolemesh wrote for the policy with uid `policy_uid`; any other is
+/// left alone. The uid precondition keeps a Secret that replaced it meanwhile.
 pub async fn delete_workload_secret(
     ctx: &Context,
+    policy_uid: &str,
     namespace: &str,
     name: &str,
     existing: Option<&Secret>,
 ) {
     let Some(existing) = existing else { return };
-    if existing.labels().get(MANAGED_BY_LABEL).map(String::as_str) != Some(MANAGED_BY_VALUE) {
+    if !deletable_by(existing, policy_uid) {
         return;
     }
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
-    match api.delete(name, &DeleteParams::default()).await {
+    let params = DeleteParams {
+        preconditions: Some(Preconditions {
+            uid: existing.metadata.uid.clone(),
+            resource_version: None,
+        }),
+        ..Default::default()
+    };
+    match api.delete(name, &params).await {
         Ok(_) => info!(
             namespace,
             secret = name,
