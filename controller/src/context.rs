@@ -49,6 +49,8 @@ pub struct Context {
     written: Mutex<HashMap<(String, String), (Secret, Instant)>>,
     /// The trust bundle last applied per namespace, to skip no-op writes.
     bundles: Mutex<HashMap<String, String>>,
+    /// The peer rules last written per (namespace, ConfigMap key), to skip no-op writes.
+    rules: Mutex<HashMap<(String, String), String>>,
     /// Per policy (namespace, name): how many reconciles in a row ended with a transient
     /// failure, for the backoff of the next one.
     transient_streaks: Mutex<HashMap<(String, String), u32>>,
@@ -74,6 +76,7 @@ impl Context {
             issue_concurrency,
             written: Mutex::new(HashMap::new()),
             bundles: Mutex::new(HashMap::new()),
+            rules: Mutex::new(HashMap::new()),
             transient_streaks: Mutex::new(HashMap::new()),
         }
     }
@@ -158,6 +161,21 @@ impl Context {
     pub fn remember_bundle(&self, namespace: &str, bundle: &str) {
         if let Ok(mut bundles) = self.bundles.lock() {
             bundles.insert(namespace.to_string(), bundle.to_string());
+        }
+    }
+
+    /// Whether `rules` is what was last written to `namespace`'s trust bundle under `key`.
+    pub fn rules_applied(&self, namespace: &str, key: &str, rules: &str) -> bool {
+        self.rules.lock().ok().is_some_and(|r| {
+            r.get(&(namespace.to_string(), key.to_string()))
+                .map(String::as_str)
+                == Some(rules)
+        })
+    }
+
+    pub fn remember_rules(&self, namespace: &str, key: &str, rules: &str) {
+        if let Ok(mut written) = self.rules.lock() {
+            written.insert((namespace.to_string(), key.to_string()), rules.to_string());
         }
     }
 }

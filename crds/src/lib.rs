@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 mod coverage;
 pub mod names;
+mod rules;
 
 pub use coverage::{coverage_order, covering_policy};
 

@@ -54,6 +54,10 @@ pub fn workload_secret_name(service_account: &str) -> String {
 /// reads once kubelet mounts them, so they are defined once, next to the proxy configuration.
 pub use rolemesh_profile::proxy_config::{CA_CERT_KEY, TLS_CERT_KEY, TLS_PRIVATE_KEY_KEY};
 
+/// Each policy's peer rules are a key of the trust bundle ConfigMap (mounted into the proxy
+/// alone), so the controller writes no other ConfigMap than it already does.
+pub use rolemesh_profile::proxy_config::policy_rules_key;
+
 /// The trust bundle ConfigMap the controller keeps in every namespace a policy covers.
 pub const TRUST_BUNDLE_CONFIGMAP: &str = "rolemesh-trust-bundle";
 /// Key of the CA certificates (and CRLs) in the trust bundle ConfigMap, and the file name in the

@@ -391,6 +391,36 @@ async fn checks(ns: &TestNamespace, release: &str) -> Result<()> {
             .await
             .context("the controller creates, then updates, the trust bundle by apply")?;
     }
+    // Each policy's peer rules, a key of the same ConfigMap, by merge patch
+    // (controller/src/policy/writes.rs apply_peer_rules).
+    let rules = PatchParams {
+        field_manager: Some("rolemesh-controller-rules".into()),
+        ..PatchParams::default()
+    };
+    here.patch(
+        TRUST_BUNDLE,
+        &rules,
+        &Patch::Merge(json!({"data": {"policy.web.json": "{}"}})),
+    )
+    .await
+    .context("the controller writes a policy's peer rules into the trust bundle")?;
+    let written = here.get(TRUST_BUNDLE).await?.data.unwrap_or_default();
+    ensure!(
+        written.get("ca.crt").map(String::as_str) == Some("x")
+            && written.contains_key("policy.web.json"),
+        "the rules key is added beside ca.crt: {written:?}"
+    );
+    here.patch(TRUST_BUNDLE, &apply, &Patch::Apply(bundle(&ns.name)))
+        .await
+        .context("a later trust bundle apply")?;
+    ensure!(
+        here.get(TRUST_BUNDLE)
+            .await?
+            .data
+            .unwrap_or_default()
+            .contains_key("policy.web.json"),
+        "an apply of ca.crt keeps the rules keys another field manager wrote"
+    );
     let elsewhere: Api<ConfigMap> = Api::namespaced(as_controller.clone(), "default");
     let dry_apply = PatchParams::apply("rolemesh-controller").force().dry_run();
     elsewhere

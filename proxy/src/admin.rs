@@ -166,11 +166,21 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
 fn respond(readiness: &Readiness, metrics: &Metrics, path: &str) -> Response<Full<Bytes>> {
     let (status, content_type, body) = match path {
         "/live" => (StatusCode::OK, "text/plain", "ok\n".to_string()),
-        "/ready" if readiness.is_ready() => (StatusCode::OK, "text/plain", "ready\n".to_string()),
+        "/ready" if readiness.is_ready() => (
+            StatusCode::OK,
+            "text/plain",
+            format!(
+                "ready\npolicy generation {}\n",
+                readiness.rules_generation().unwrap_or(-1)
+            ),
+        ),
         "/ready" => (
             StatusCode::SERVICE_UNAVAILABLE,
             "text/plain",
-            "not ready\n".to_string(),
+            match readiness.rules_generation() {
+                None => "not ready: no peer rules loaded\n".to_string(),
+                Some(_) => "not ready\n".to_string(),
+            },
         ),
         "/metrics" => (
             StatusCode::OK,

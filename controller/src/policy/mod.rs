@@ -24,7 +24,7 @@ use kube::{
 };
 use rolemesh_crds::{
     MTLSPolicy, MTLSPolicyStatus, RotationRecord,
-    names::{POLICY_LABEL, ROTATE_ANNOTATION, SERVICE_ACCOUNT_LABEL},
+    names::{POLICY_LABEL, ROTATE_ANNOTATION, SERVICE_ACCOUNT_LABEL, policy_rules_key},
 };
 use time::OffsetDateTime;
 use tracing::warn;
@@ -34,8 +34,8 @@ use self::{
     summary::Summary,
     workload::{Outcome, PolicyRun, reconcile_service_account},
     writes::{
-        PolicyEvent, apply_last_rotation, apply_status, apply_trust_bundle, delete_workload_secret,
-        publish,
+        PolicyEvent, apply_last_rotation, apply_peer_rules, apply_status, apply_trust_bundle,
+        delete_workload_secret, publish,
     },
 };
 use crate::{
@@ -113,6 +113,16 @@ async fn reconcile_policy(policy: &MTLSPolicy, ctx: &Context) -> Result<Action> 
         }
     };
 
+    // The peer rules the proxies read; a policy whose rules they would refuse is not ready, and
+    // the rules in force stay those of the last valid generation.
+    let rules = match peer_rules_of(policy) {
+        Ok(rules) => rules,
+        Err(error) => {
+            not_ready(ctx, policy, error.reason(), error.to_string()).await?;
+            return Ok(Action::await_change());
+        }
+    };
+
     let owner = policy
         .controller_owner_ref(&())
         .ok_or_else(|| Error::InvalidPolicy("the policy has no uid yet".into()))?;
@@ -157,6 +167,8 @@ async fn reconcile_policy(policy: &MTLSPolicy, ctx: &Context) -> Result<Action> 
 
     if !coverage.covered.is_empty() {
         apply_trust_bundle(ctx, &namespace, &ca.bundle_pem).await?;
+        let (key, json) = &rules;
+        apply_peer_rules(ctx, &namespace, key, json).await?;
     }
 
     let summary = Summary::of(policy, &coverage, outcomes);
@@ -217,6 +229,22 @@ async fn reconcile_policy(policy: &MTLSPolicy, ctx: &Context) -> Result<Action> 
         renew_at,
         OffsetDateTime::now_utc(),
     ))
+}
+
+/// The key of the policy's peer rules in the trust bundle ConfigMap and their JSON.
+fn peer_rules_of(policy: &MTLSPolicy) -> Result<(String, String)> {
+    let name = policy.name_any();
+    let key = policy_rules_key(&name).ok_or_else(|| {
+        Error::InvalidPolicy(format!(
+            "the policy's name is longer than {} characters, too long for the key of its peer rules in ConfigMap {}; rename the policy",
+            rolemesh_profile::proxy_config::MAX_RULES_POLICY_NAME,
+            rolemesh_crds::names::TRUST_BUNDLE_CONFIGMAP
+        ))
+    })?;
+    let rules = policy
+        .peer_rules()
+        .map_err(|e| Error::InvalidPolicy(format!("its peer rules are invalid: {e}")))?;
+    Ok((key, rules.to_json()))
 }
 
 fn annotation(policy: &MTLSPolicy, key: &str) -> Option<String> {

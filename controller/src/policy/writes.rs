@@ -140,6 +140,37 @@ pub async fn apply_trust_bundle(ctx: &Context, namespace: &str, bundle: &str) ->
     Ok(())
 }
 
+/// Field manager of the peer rules keys of the trust bundle ConfigMap.
+const RULES_FIELD_MANAGER: &str = "rolemesh-controller-rules";
+
+/// Writes one policy's peer rules as key `key` of the namespace's trust bundle ConfigMap (which
+/// [`apply_trust_bundle`] has created). A merge patch of that key alone: policies of one namespace
+/// are reconciled concurrently, and each must change its own key without carrying (possibly older)
+/// copies of the others'.
+pub async fn apply_peer_rules(
+    ctx: &Context,
+    namespace: &str,
+    key: &str,
+    rules: &str,
+) -> Result<()> {
+    if ctx.rules_applied(namespace, key, rules) {
+        return Ok(());
+    }
+    let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), namespace);
+    let body = json!({ "data": { key: rules } });
+    let params = PatchParams {
+        field_manager: Some(RULES_FIELD_MANAGER.to_string()),
+        ..PatchParams::default()
+    };
+    api.patch(TRUST_BUNDLE_CONFIGMAP, &params, &Patch::Merge(body))
+        .await
+        .map_err(Error::kube(format!(
+            "write the peer rules {key} into ConfigMap {namespace}/{TRUST_BUNDLE_CONFIGMAP}"
+        )))?;
+    ctx.remember_rules(namespace, key, rules);
+    Ok(())
+}
+
 /// Writes the status unless it is what the policy already shows.
 pub async fn apply_status(
     ctx: &Context,
