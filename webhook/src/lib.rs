@@ -4,6 +4,7 @@
 //! HTTP layer ([`server`]) only decodes, calls it and encodes.
 
 pub mod error;
+pub mod fallback;
 pub mod inject;
 pub mod lookup;
 pub mod metrics;
