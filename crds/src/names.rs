@@ -29,6 +29,9 @@ pub const VERIFICATION_ANNOTATION: &str = "rolemesh.dev/verification";
 pub const INJECT_LABEL: &str = "rolemesh.dev/inject";
 /// Annotation recording the policy and generation a pod was injected from: `<policy>@<generation>`.
 pub const INJECTED_ANNOTATION: &str = "rolemesh.dev/injected";
+/// Annotation recording the mappings and ports the pod's proxy was started with
+/// ([`crate::MTLSPolicy::start_ports`]), so the controller can tell which pods need a restart.
+pub const PROXY_PORTS_ANNOTATION: &str = "rolemesh.dev/proxy-ports";
 /// Annotation recording the proxy image injected.
 pub const PROXY_IMAGE_ANNOTATION: &str = "rolemesh.dev/proxy-image";
 /// On a pod, `"true"`: also point `SSL_CERT_FILE` of its containers at the trust bundle. Opt-in,

@@ -9,6 +9,24 @@ use rolemesh_profile::{
 use crate::MTLSPolicy;
 
 impl MTLSPolicy {
+    /// What of this policy a proxy takes only when its pod is created: the mappings and their
+    /// ports, in a canonical text the webhook records on each pod
+    /// ([`crate::names::PROXY_PORTS_ANNOTATION`]) and the controller compares with the current
+    /// generation's to find pods that need a restart.
+    pub fn start_ports(&self) -> String {
+        let inbound = self
+            .spec
+            .inbound
+            .iter()
+            .map(|m| format!("in {} {}>{}", m.name, m.port, m.app_port));
+        let outbound = self
+            .spec
+            .outbound
+            .iter()
+            .map(|m| format!("out {} {}", m.name, m.local_port));
+        inbound.chain(outbound).collect::<Vec<_>>().join(", ")
+    }
+
     /// The peer rules of this policy's current generation, validated as the proxy will.
     pub fn peer_rules(&self) -> Result<PeerRules, ProfileError> {
         let patterns = |list: &[String]| {
@@ -82,6 +100,7 @@ mod tests {
             rules.outbound("db").map(|o| o.upstream.as_str()),
             Some("db.shop.svc:5432")
         );
+        assert_eq!(policy.start_ports(), "in http 8443>8080, out db 9000");
         policy.spec.inbound[0].allow = vec!["arn:aws:iam::*:role/frontend".into()];
         let error = policy.peer_rules().unwrap_err().to_string();
         assert!(error.contains("account field"), "{error}");

@@ -166,14 +166,7 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
 fn respond(readiness: &Readiness, metrics: &Metrics, path: &str) -> Response<Full<Bytes>> {
     let (status, content_type, body) = match path {
         "/live" => (StatusCode::OK, "text/plain", "ok\n".to_string()),
-        "/ready" if readiness.is_ready() => (
-            StatusCode::OK,
-            "text/plain",
-            format!(
-                "ready\npolicy generation {}\n",
-                readiness.rules_generation().unwrap_or(-1)
-            ),
-        ),
+        "/ready" if readiness.is_ready() => (StatusCode::OK, "text/plain", "ready\n".to_string()),
         "/ready" => (
             StatusCode::SERVICE_UNAVAILABLE,
             "text/plain",
@@ -199,5 +192,18 @@ fn respond(readiness: &Readiness, metrics: &Metrics, path: &str) -> Response<Ful
         header::CONTENT_TYPE,
         header::HeaderValue::from_static(content_type),
     );
+    // The generation of the policy whose peer rules are in force, beside the body that probes and
+    // scripts read as it always was.
+    if path == "/ready"
+        && let Some(generation) = readiness.rules_generation()
+    {
+        response.headers_mut().insert(
+            POLICY_GENERATION_HEADER,
+            header::HeaderValue::from(generation),
+        );
+    }
     response
 }
+
+/// Response header of `/ready` with the policy generation whose peer rules are in force.
+pub const POLICY_GENERATION_HEADER: &str = "x-rolemesh-policy-generation";

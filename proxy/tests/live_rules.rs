@@ -91,7 +91,11 @@ async fn removing_a_role_refuses_its_next_handshake_within_a_second_and_adding_i
     assert_eq!(generation_metric(&proxy), 2);
     let (status, body) = http_get(proxy.admin_port, "/ready").unwrap();
     assert_eq!(status, 200);
-    assert!(body.contains("policy generation 2"), "{body}");
+    assert!(
+        body.to_ascii_lowercase()
+            .contains("x-rolemesh-policy-generation: 2"),
+        "{body}"
+    );
     round_trip(&mut open, "after").await.unwrap();
 
     let changed = Instant::now();

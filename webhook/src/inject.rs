@@ -27,8 +27,8 @@ use rolemesh_crds::{
     MTLSPolicy,
     names::{
         INJECTED_ANNOTATION, PROTECT_APP_PORTS_ANNOTATION, PROXY_IMAGE_ANNOTATION,
-        SSL_CERT_FILE_ANNOTATION, TRUST_BUNDLE_CONFIGMAP, TRUST_BUNDLE_KEY, policy_rules_key,
-        workload_secret_name,
+        PROXY_PORTS_ANNOTATION, SSL_CERT_FILE_ANNOTATION, TRUST_BUNDLE_CONFIGMAP, TRUST_BUNDLE_KEY,
+        policy_rules_key, workload_secret_name,
     },
 };
 use rolemesh_profile::proxy_config::{
@@ -300,6 +300,7 @@ pub fn injection_patch(
     let marks = [
         (INJECTED_ANNOTATION, injected_marker(policy)),
         (PROXY_IMAGE_ANNOTATION, config.proxy_image.clone()),
+        (PROXY_PORTS_ANNOTATION, policy.start_ports()),
     ];
     match annotations {
         Some(existing) => {

@@ -5,6 +5,7 @@
 //! `summary` sums the outcomes up into the status, [`writes`] talks to the API server; this
 //! module puts them together.
 
+pub mod pods;
 pub mod select;
 mod summary;
 pub mod workload;
@@ -217,9 +218,24 @@ async fn reconcile_policy(policy: &MTLSPolicy, ctx: &Context) -> Result<Action> 
     if let Some(soonest) = &summary.status.soonest_not_after {
         ctx.metrics.set_soonest_expiry(soonest.0.as_second());
     }
-    let renew_at = summary.renew_at;
+    let mut renew_at = summary.renew_at;
     let streak = ctx.transient_streak(&namespace, &name, summary.transient);
-    apply_status(ctx, policy, summary.status).await?;
+    let mut status = summary.status;
+    status.pods = match pods::list_pods(ctx, &namespace).await {
+        Ok(listed) => Some(pods::pods_status(policy, &listed)),
+        Err(error) => {
+            // The pods' report is worth a warning, never the reconcile: keep the last one.
+            warn!(%error, namespace = %namespace, policy = %name, "cannot list the namespace's pods; the status keeps its last report of stale pods");
+            policy.status.as_ref().and_then(|s| s.pods.clone())
+        }
+    };
+    // Pods are not watched: while some are stale, look again soon, so that the report follows a
+    // rollout that replaces them.
+    if status.pods.as_ref().is_some_and(|p| p.stale_count > 0) {
+        let soon = OffsetDateTime::now_utc() + STALE_POD_RECHECK;
+        renew_at = Some(renew_at.map_or(soon, |at| at.min(soon)));
+    }
+    apply_status(ctx, policy, status).await?;
     if let Some(record) = last_rotation {
         apply_last_rotation(ctx, policy, record).await?;
     }
@@ -250,6 +266,9 @@ fn peer_rules_of(policy: &MTLSPolicy) -> Result<(String, String)> {
 fn annotation(policy: &MTLSPolicy, key: &str) -> Option<String> {
     policy.annotations().get(key).cloned()
 }
+
+/// How often a policy with stale pods lists its pods again.
+const STALE_POD_RECHECK: time::Duration = time::Duration::seconds(60);
 
 /// The first wait after a transient failure (STS throttled or unreachable, the signer down); it
 /// doubles with each further reconcile that fails so, up to [`TRANSIENT_MAX_BACKOFF`].
