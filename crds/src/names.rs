@@ -59,7 +59,7 @@ pub use rolemesh_profile::proxy_config::{CA_CERT_KEY, TLS_CERT_KEY, TLS_PRIVATE_
 
 /// Each policy's peer rules are a key of the trust bundle ConfigMap (mounted into the proxy
 /// alone), so the controller writes no other ConfigMap than it already does.
-pub use rolemesh_profile::proxy_config::policy_rules_key;
+pub use rolemesh_profile::proxy_config::{policy_rules_key, rules_field_manager};
 
 /// The trust bundle ConfigMap the controller keeps in every namespace a policy covers.
 pub const TRUST_BUNDLE_CONFIGMAP: &str = "rolemesh-trust-bundle";

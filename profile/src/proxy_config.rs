@@ -37,6 +37,17 @@ pub fn policy_rules_key(policy: &str) -> Option<String> {
         .then(|| format!("{RULES_KEY_PREFIX}{policy}{RULES_KEY_SUFFIX}"))
 }
 
+/// The field manager with which the controller server-side applies policy `policy`'s rules key:
+/// one per policy, so that one policy's apply never removes another's key (policies of a
+/// namespace are reconciled concurrently, and each must change its own key without carrying
+/// possibly older copies of the others'). A digest of the name: field managers are limited to
+/// 128 characters.
+pub fn rules_field_manager(policy: &str) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(policy.as_bytes());
+    format!("rolemesh-controller-rules-{}", hex::encode(&digest[..8]))
+}
+
 /// The proxy's plain-HTTP admin port (health, readiness, metrics).
 pub const DEFAULT_ADMIN_PORT: u16 = 15021;
 /// Admin path prefix of the app probes kubelet sends through the proxy:

@@ -167,9 +167,9 @@ async fn reconcile_policy(policy: &MTLSPolicy, ctx: &Context) -> Result<Action> 
     }
 
     if !coverage.covered.is_empty() {
-        apply_trust_bundle(ctx, &namespace, &ca.bundle_pem).await?;
         let (key, json) = &rules;
-        apply_peer_rules(ctx, &namespace, key, json).await?;
+        apply_peer_rules(ctx, &namespace, &name, key, json).await?;
+        apply_trust_bundle(ctx, &namespace, &ca.bundle_pem).await?;
     }
 
     let summary = Summary::of(policy, &coverage, outcomes);

@@ -499,6 +499,14 @@ fn peer_rules_are_written_under_the_policy_key_as_the_proxy_reads_them() {
     assert_eq!(error.reason(), Reason::InvalidPolicy);
     assert!(error.to_string().contains("account field"), "{error}");
 
+    // Each policy's key has its own field manager, within the API server's 128 characters.
+    let managers: std::collections::BTreeSet<_> = ["web", "api", &"p".repeat(241)]
+        .into_iter()
+        .map(rolemesh_crds::names::rules_field_manager)
+        .collect();
+    assert_eq!(managers.len(), 3);
+    assert!(managers.iter().all(|m| m.len() <= 128));
+
     policy.metadata.name = Some("p".repeat(300));
     let error = peer_rules_of(&policy).unwrap_err().to_string();
     assert!(error.contains("too long"), "{error}");

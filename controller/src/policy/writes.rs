@@ -9,7 +9,10 @@ use kube::{
 };
 use rolemesh_crds::{
     MTLSPolicy, MTLSPolicyStatus, RotationRecord,
-    names::{MANAGED_BY_LABEL, MANAGED_BY_VALUE, TRUST_BUNDLE_CONFIGMAP, TRUST_BUNDLE_KEY},
+    names::{
+        MANAGED_BY_LABEL, MANAGED_BY_VALUE, TRUST_BUNDLE_CONFIGMAP, TRUST_BUNDLE_KEY,
+        rules_field_manager,
+    },
 };
 use serde_json::json;
 use tracing::{info, warn};
@@ -140,16 +143,14 @@ pub async fn apply_trust_bundle(ctx: &Context, namespace: &str, bundle: &str) ->
     Ok(())
 }
 
-/// Field manager of the peer rules keys of the trust bundle ConfigMap.
-const RULES_FIELD_MANAGER: &str = "rolemesh-controller-rules";
-
-/// Writes one policy's peer rules as key `key` of the namespace's trust bundle ConfigMap (which
-/// [`apply_trust_bundle`] has created). A merge patch of that key alone: policies of one namespace
-/// are reconciled concurrently, and each must change its own key without carrying (possibly older)
-/// copies of the others'.
+/// Writes one policy's peer rules as key `key` of the namespace's trust bundle ConfigMap, by
+/// server-side apply as the policy's own field manager. It creates the ConfigMap if need be, and
+/// runs before [`apply_trust_bundle`]: kubelet mounts nothing of the ConfigMap before `ca.crt` is
+/// there, so a pod never starts its proxy with the bundle but without its rules.
 pub async fn apply_peer_rules(
     ctx: &Context,
     namespace: &str,
+    policy: &str,
     key: &str,
     rules: &str,
 ) -> Result<()> {
@@ -157,16 +158,21 @@ pub async fn apply_peer_rules(
         return Ok(());
     }
     let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), namespace);
-    let body = json!({ "data": { key: rules } });
-    let params = PatchParams {
-        field_manager: Some(RULES_FIELD_MANAGER.to_string()),
-        ..PatchParams::default()
-    };
-    api.patch(TRUST_BUNDLE_CONFIGMAP, &params, &Patch::Merge(body))
-        .await
-        .map_err(Error::kube(format!(
-            "write the peer rules {key} into ConfigMap {namespace}/{TRUST_BUNDLE_CONFIGMAP}"
-        )))?;
+    let body = json!({
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": { "name": TRUST_BUNDLE_CONFIGMAP },
+        "data": { key: rules },
+    });
+    api.patch(
+        TRUST_BUNDLE_CONFIGMAP,
+        &PatchParams::apply(&rules_field_manager(policy)).force(),
+        &Patch::Apply(body),
+    )
+    .await
+    .map_err(Error::kube(format!(
+        "write the peer rules {key} into ConfigMap {namespace}/{TRUST_BUNDLE_CONFIGMAP}"
+    )))?;
     ctx.remember_rules(namespace, key, rules);
     Ok(())
 }
