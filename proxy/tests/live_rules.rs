@@ -210,3 +210,106 @@ async fn without_a_rules_file_the_proxy_admits_no_one_and_is_not_ready() {
     );
     proxy.wait_ready();
 }
+
+/// `openssl s_server -rev` (answers each line reversed) presenting `leaf`, requiring a client
+/// certificate of `ca`.
+fn s_server(dir: &std::path::Path, name: &str, leaf: &Leaf, ca: &Ca) -> (u16, std::process::Child) {
+    let (cert, key, ca_file) = client_files(dir, name, leaf, &ca.pem);
+    let port = free_port();
+    let server = std::process::Command::new("openssl")
+        .args(["s_server", "-quiet", "-rev", "-tls1_3", "-accept"])
+        .arg(port.to_string())
+        .arg("-cert")
+        .arg(&cert)
+        .arg("-key")
+        .arg(&key)
+        .arg("-CAfile")
+        .arg(&ca_file)
+        .args(["-Verify", "1", "-verify_return_error"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("openssl is installed (dev/tools/install.sh)");
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (port, server)
+}
+
+/// Sends `olleh` through the outbound listener: whether `hello` comes back.
+fn through(local: u16) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", local)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(3)));
+    if stream.write_all(b"olleh\n").is_err() {
+        return false;
+    }
+    let mut got = Vec::new();
+    let mut buf = [0u8; 64];
+    while let Ok(n) = stream.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&buf[..n]);
+        if got.ends_with(b"\n") {
+            break;
+        }
+    }
+    String::from_utf8_lossy(&got).contains("hello")
+}
+
+/// The upstream and its expected identities are live too: the app's next connection dials the
+/// upstream the rules in force name and checks it against their `expect`.
+#[test]
+fn an_outbound_edit_moves_the_next_connection_to_the_new_upstream() {
+    let dir = temp_dir("live-rules-out");
+    let ca = Ca::new(TD);
+    const LEDGER_ROLE: &str = "arn:aws:iam::111122223333:role/ledger";
+    let (payments, mut payments_server) =
+        s_server(&dir, "payments", &ca.leaf("payments", SERVER_ROLE), &ca);
+    let (ledger, mut ledger_server) =
+        s_server(&dir, "ledger", &ca.leaf("ledger", LEDGER_ROLE), &ca);
+    let local = free_port();
+    let (mut proxy, _mounted) = Proxy::with_identity(
+        &dir,
+        &ca.leaf("frontend", CLIENT_ROLE),
+        &ca.pem,
+        json!({"outbound": [{"name": "upstream", "localPort": local,
+                             "upstream": format!("127.0.0.1:{payments}"), "expect": [SERVER_ROLE]}]}),
+    );
+    assert!(through(local), "{}", proxy.log_text());
+    let outbound = |generation: i64, port: u16, expect: &str| {
+        json!({"policy": "test", "generation": generation,
+               "outbound": [{"name": "upstream", "upstream": format!("127.0.0.1:{port}"), "expect": [expect]}]})
+        .to_string()
+    };
+    let mut rules_mount = proxy.rules.take().unwrap();
+
+    // Same upstream, another expected identity: refused as the wrong peer.
+    rules_mount.swap(&outbound(2, payments, LEDGER_ROLE));
+    let changed = Instant::now();
+    while through(local) {
+        assert!(changed.elapsed() < Duration::from_secs(1), "still admitted");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(proxy.failures("not_allowed") >= 1, "{}", proxy.metrics());
+
+    // The ledger as the upstream, expected as the ledger: the connection goes there.
+    rules_mount.swap(&outbound(3, ledger, LEDGER_ROLE));
+    let changed = Instant::now();
+    while !through(local) {
+        assert!(changed.elapsed() < Duration::from_secs(1), "not moved");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for server in [&mut payments_server, &mut ledger_server] {
+        let _ = server.kill();
+        let _ = server.wait();
+    }
+    proxy.rules = Some(rules_mount);
+}
