@@ -108,14 +108,6 @@ pub enum Error {
 }
 
 impl Error {
-    pub(crate) fn kube(action: impl Into<String>) -> impl FnOnce(kube::Error) -> Self {
-        let action = action.into();
-        move |source| Self::Kube {
-            action,
-            source: Arc::new(source),
-        }
-    }
-
     pub(crate) fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Self {
         let context = context.into();
         move |source| Self::Io { context, source }

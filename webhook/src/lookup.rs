@@ -50,6 +50,7 @@ struct Fallbacks {
     namespaces: Coalesce<Read<Option<BTreeMap<String, String>>>>,
     policies: Coalesce<Read<Arc<Vec<Arc<MTLSPolicy>>>>>,
     service_accounts: Coalesce<Read<Option<BTreeMap<String, String>>>>,
+    authority: Coalesce<Read<Option<String>>>,
 }
 
 /// The webhook's view of the cluster.
@@ -346,15 +347,26 @@ impl Lookups {
         }
         if !self.is_synced(AUTHORITIES) {
             let api = Api::<MTLSAuthority>::all(self.client.clone());
-            let found = api
-                .get_opt(&self.authority)
-                .await
-                .map_err(Error::kube(format!(
-                    "reading MTLSAuthority {}",
-                    self.authority
-                )))?;
-            if let Some(authority) = found {
-                return Ok(authority.spec.trust_domain);
+            let name = self.authority.as_str();
+            let read = self
+                .read(&self.fallbacks.authority, name, || async move {
+                    Ok(api.get_opt(name).await?.map(|a| a.spec.trust_domain))
+                })
+                .await;
+            match read {
+                Ok(Some(trust_domain)) => return Ok(trust_domain),
+                Ok(None) => {}
+                Err(ReadFailed::Throttled) => {
+                    return Err(Error::ApiBudgetSpent {
+                        what: format!("the trust domain of MTLSAuthority {name}"),
+                    });
+                }
+                Err(ReadFailed::Kube(source)) => {
+                    return Err(Error::Kube {
+                        action: format!("reading MTLSAuthority {name}"),
+                        source,
+                    });
+                }
             }
         }
         self.fallback_trust_domain
