@@ -41,7 +41,8 @@ pub enum Output {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Identities of the ServiceAccounts MTLSPolicies cover: role, verified, serial, expiry.
+    /// Identities of the ServiceAccounts MTLSPolicies cover: role, verified, serial, expiry; and
+    /// pods that need a restart to run their policy's current mappings and ports (--pods).
     Status(StatusArgs),
     /// Re-issue now with new keys: every ServiceAccount of a policy, or one.
     Rotate(RotateArgs),

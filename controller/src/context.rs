@@ -57,6 +57,8 @@ pub struct Context {
     /// The trust bundle last applied per namespace, to skip no-op writes, and the
     /// resourceVersion that write left, to tell a repair of someone else's edit from a no-op.
     bundles: Mutex<HashMap<String, AppliedBundle>>,
+    /// The peer rules last written per (namespace, ConfigMap key), to skip no-op writes.
+    rules: Mutex<HashMap<(String, String), String>>,
     /// Per policy (namespace, name): how many reconciles in a row ended with a transient
     /// failure, for the backoff of the next one.
     transient_streaks: Mutex<HashMap<(String, String), u32>>,
@@ -86,6 +88,7 @@ impl Context {
             issue_concurrency,
             written: Mutex::new(HashMap::new()),
             bundles: Mutex::new(HashMap::new()),
+            rules: Mutex::new(HashMap::new()),
             transient_streaks: Mutex::new(HashMap::new()),
             verified: Mutex::new(HashMap::new()),
         }
@@ -210,5 +213,20 @@ impl Context {
             .lock()
             .map(|b| b.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
             .unwrap_or_default()
+    }
+
+    /// Whether `rules` is what was last written to `namespace`'s trust bundle under `key`.
+    pub fn rules_applied(&self, namespace: &str, key: &str, rules: &str) -> bool {
+        self.rules.lock().ok().is_some_and(|r| {
+            r.get(&(namespace.to_string(), key.to_string()))
+                .map(String::as_str)
+                == Some(rules)
+        })
+    }
+
+    pub fn remember_rules(&self, namespace: &str, key: &str, rules: &str) {
+        if let Ok(mut written) = self.rules.lock() {
+            written.insert((namespace.to_string(), key.to_string()), rules.to_string());
+        }
     }
 }

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 mod coverage;
 pub mod names;
+mod rules;
 
 pub use coverage::{coverage_order, covering_policy};
 
@@ -209,6 +210,57 @@ pub struct MTLSPolicyStatus {
     /// The last rotation requested through the `rolemesh.dev/rotate` annotation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_rotation: Option<RotationRecord>,
+
+    /// The pods injected from this policy: which generation each was injected from, and those
+    /// whose proxy runs mappings or ports other than the current generation's. Peer rules
+    /// (`allow`, `expect`, `upstream`) reach running pods without a restart; mappings and ports
+    /// only when a pod is re-created.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pods: Option<PodsStatus>,
+}
+
+/// The pods injected from a policy.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct PodsStatus {
+    /// How many pods were injected from each generation of the policy.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub generations: Vec<GenerationPods>,
+
+    /// How many pods run a start configuration (mappings, ports) other than the current
+    /// generation's; re-create them (`kubectl rollout restart`) to apply it.
+    #[serde(default)]
+    pub stale_count: i32,
+
+    /// The stale pods, at most 100 (by name).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 100))]
+    pub stale: Vec<StalePod>,
+}
+
+/// Pods injected from one generation of a policy.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct GenerationPods {
+    /// The policy's `metadata.generation` the pods were injected from.
+    pub generation: i64,
+    /// How many pods.
+    pub pods: i32,
+}
+
+/// A pod whose proxy runs an older start configuration than the policy's current generation.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct StalePod {
+    /// The pod's name.
+    pub name: String,
+    /// The generation it was injected from.
+    pub generation: i64,
+    /// `PortsChanged` (its mappings or ports differ from the current generation's) or
+    /// `InjectedBeforeLiveRules` (its proxy has its peer rules in its environment and gets no
+    /// policy edit at all).
+    pub reason: String,
 }
 
 /// Identity and certificate of one covered ServiceAccount.

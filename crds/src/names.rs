@@ -31,6 +31,9 @@ pub const VERIFICATION_ANNOTATION: &str = "rolemesh.dev/verification";
 pub const INJECT_LABEL: &str = "rolemesh.dev/inject";
 /// Annotation recording the policy and generation a pod was injected from: `<policy>@<generation>`.
 pub const INJECTED_ANNOTATION: &str = "rolemesh.dev/injected";
+/// Annotation recording the mappings and ports the pod's proxy was started with
+/// ([`crate::MTLSPolicy::start_ports`]), so the controller can tell which pods need a restart.
+pub const PROXY_PORTS_ANNOTATION: &str = "rolemesh.dev/proxy-ports";
 /// Annotation recording the proxy image injected.
 pub const PROXY_IMAGE_ANNOTATION: &str = "rolemesh.dev/proxy-image";
 /// On a pod, `"true"`: also point `SSL_CERT_FILE` of its containers at the trust bundle. Opt-in,
@@ -55,6 +58,10 @@ pub fn workload_secret_name(service_account: &str) -> String {
 /// The keys of a workload Secret and of the trust bundle ConfigMap are the file names the proxy
 /// reads once kubelet mounts them, so they are defined once, next to the proxy configuration.
 pub use rolemesh_profile::proxy_config::{CA_CERT_KEY, TLS_CERT_KEY, TLS_PRIVATE_KEY_KEY};
+
+/// Each policy's peer rules are a key of the trust bundle ConfigMap (mounted into the proxy
+/// alone), so the controller writes no other ConfigMap than it already does.
+pub use rolemesh_profile::proxy_config::{policy_rules_key, rules_field_manager};
 
 /// The trust bundle ConfigMap the controller keeps in every namespace a policy covers.
 pub const TRUST_BUNDLE_CONFIGMAP: &str = "rolemesh-trust-bundle";

@@ -238,6 +238,12 @@ async fn install_upgrade_uninstall_and_least_privilege() -> Result<()> {
         ensure!(allowed(env, &controller_sa, "list", "", "secrets", Some("kube-system"), None).await?, "controller lists Secrets cluster-wide (documented)");
         ensure!(!allowed(env, &controller_sa, "patch", "", "serviceaccounts", Some("default"), None).await?, "controller never edits ServiceAccounts (their role annotation)");
         ensure!(!allowed(env, &controller_sa, "update", "rolemesh.dev", "mtlspolicies", Some("default"), None).await?, "controller never rewrites a policy's spec");
+        // Pods: listed (metadata only) to report stale pods in the policies' status; never read one
+        // by one, watched or changed.
+        ensure!(allowed(env, &controller_sa, "list", "", "pods", Some("default"), None).await?, "controller lists pods for the stale-pod report");
+        for verb in ["get", "watch", "patch", "delete"] {
+            ensure!(!allowed(env, &controller_sa, verb, "", "pods", Some("default"), None).await?, "controller must not {verb} pods");
+        }
 
         // Upgrade with a changed value.
         let upgrade = helm(&ns.env, &["upgrade", &release, &chart(), "-n", &ns.name, "--reuse-values", "--set", "controller.replicas=1"])?;

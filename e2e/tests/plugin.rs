@@ -44,7 +44,9 @@ async fn policy_with_status(ns: &TestNamespace) -> Result<()> {
               "notBefore": "2030-01-01T00:00:00Z", "notAfter": "2030-01-02T00:00:00Z" },
             { "serviceAccount": "api", "verified": false, "reason": "MissingRoleAnnotation",
               "message": "annotate the ServiceAccount with eks.amazonaws.com/role-arn" }
-        ]
+        ],
+        "pods": { "generations": [{ "generation": 1, "pods": 2 }], "staleCount": 1,
+                  "stale": [{ "name": "web-7f9", "generation": 1, "reason": "PortsChanged" }] }
     }});
     ns.api::<MTLSPolicy>()
         .patch_status("p", &PatchParams::default(), &Patch::Merge(&status))
@@ -89,6 +91,13 @@ async fn plugin_subcommands_and_exit_codes_on_hand_written_objects() -> Result<(
         let api = table.lines().find(|l| l.contains(" api ")).context(table.clone())?;
         ensure!(api.contains("false") && api.contains("MissingRoleAnnotation"), "{api}");
 
+        // Stale pods (their ports changed since injection) follow the identities, and alone with --pods.
+        let stale = table.lines().find(|l| l.contains("web-7f9")).context(table.clone())?;
+        ensure!(table.contains("STALE POD") && stale.contains("PortsChanged") && stale.contains(" 1 "), "{table}");
+        let (code, out, err) = kubectl_rolemesh(&ns, &["status", "-n", &ns.name, "--pods", "-o", "json"])?;
+        let pods: serde_json::Value = serde_json::from_str(&out).context(format!("{out}{err}"))?;
+        ensure!(code == 0 && pods.as_array().map(Vec::len) == Some(1), "{pods}");
+        ensure!(pods[0]["pod"] == "web-7f9" && pods[0]["generation"] == 1 && pods[0]["reason"] == "PortsChanged", "{pods}");
         let (code, out, _) = kubectl_rolemesh(&ns, &["status", "-n", &ns.name, "-o", "json"])?;
         let rows: serde_json::Value = serde_json::from_str(&out).context(out.clone())?;
         ensure!(code == 0 && rows.as_array().map(Vec::len) == Some(2), "{rows}");

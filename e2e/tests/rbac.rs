@@ -391,6 +391,49 @@ async fn checks(ns: &TestNamespace, release: &str) -> Result<()> {
             .await
             .context("the controller creates, then updates, the trust bundle by apply")?;
     }
+    // Each policy's peer rules, a key of the same ConfigMap, by server-side apply as the policy's
+    // own field manager (controller/src/policy/writes.rs apply_peer_rules), also where it creates
+    // the ConfigMap.
+    let rules = PatchParams::apply(&rolemesh_crds::names::rules_field_manager("web")).force();
+    let rules_body = |namespace: &str| {
+        json!({"apiVersion": "v1", "kind": "ConfigMap",
+               "metadata": {"name": TRUST_BUNDLE, "namespace": namespace}, "data": {"policy.web.json": "{}"}})
+    };
+    here.patch(TRUST_BUNDLE, &rules, &Patch::Apply(rules_body(&ns.name)))
+        .await
+        .context("the controller writes a policy's peer rules into the trust bundle")?;
+    elsewhere_rules(&as_controller, &rules, rules_body("default")).await?;
+    // Another policy's key, under its own manager, leaves the first in place.
+    let other = PatchParams::apply(&rolemesh_crds::names::rules_field_manager("api")).force();
+    here.patch(
+        TRUST_BUNDLE,
+        &other,
+        &Patch::Apply(json!({"apiVersion": "v1", "kind": "ConfigMap",
+                             "metadata": {"name": TRUST_BUNDLE}, "data": {"policy.api.json": "{}"}})),
+    )
+    .await
+    .context("a second policy's rules")?;
+    // Read as the test (the controller may not read ConfigMaps).
+    let admin: Api<ConfigMap> = ns.api();
+    let written = admin.get(TRUST_BUNDLE).await?.data.unwrap_or_default();
+    ensure!(
+        written.get("ca.crt").map(String::as_str) == Some("x")
+            && written.contains_key("policy.web.json")
+            && written.contains_key("policy.api.json"),
+        "each policy's rules key is added beside ca.crt: {written:?}"
+    );
+    here.patch(TRUST_BUNDLE, &apply, &Patch::Apply(bundle(&ns.name)))
+        .await
+        .context("a later trust bundle apply")?;
+    ensure!(
+        admin
+            .get(TRUST_BUNDLE)
+            .await?
+            .data
+            .unwrap_or_default()
+            .contains_key("policy.web.json"),
+        "an apply of ca.crt keeps the rules keys another field manager wrote"
+    );
     let elsewhere: Api<ConfigMap> = Api::namespaced(as_controller.clone(), "default");
     let dry_apply = PatchParams::apply("rolemesh-controller").force().dry_run();
     elsewhere
@@ -443,5 +486,21 @@ async fn checks(ns: &TestNamespace, release: &str) -> Result<()> {
         matches!(&written, Err(kube::Error::Api(status)) if status.code == 403),
         "the controller cannot write kube-system/aws-auth: {written:?}"
     );
+    Ok(())
+}
+
+/// A policy's rules applied where no trust bundle exists yet: the apply creates the ConfigMap
+/// (dry run, in a namespace the test does not own).
+async fn elsewhere_rules(
+    client: &kube::Client,
+    params: &PatchParams,
+    body: serde_json::Value,
+) -> Result<()> {
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    let mut dry = params.clone();
+    dry.dry_run = true;
+    api.patch(TRUST_BUNDLE, &dry, &Patch::Apply(body))
+        .await
+        .context("the controller's rules apply creates the trust bundle ConfigMap (dry run)")?;
     Ok(())
 }

@@ -1,5 +1,11 @@
-//! The proxy's configuration: written by the webhook (derived from the pod's MTLSPolicy) into the
-//! pod, read by the proxy at start. One definition for both sides.
+//! The proxy's configuration, in two parts with one definition for every side:
+//!
+//! - [`ProxyConfig`], written by the webhook into the pod at admission and read by the proxy at
+//!   start: what needs a restart to change (mapping names and ports, trust domain, admin port,
+//!   limits, rewritten app probes). It holds no peer rules, so an admission answer reveals none.
+//! - [`PeerRules`], written by the controller per policy into the namespace's trust bundle
+//!   ConfigMap (key [`policy_rules_key`]) and mounted into the proxy alone as [`RULES_FILE`]:
+//!   who may connect in, whom to dial and expect out. The proxy reloads it while it runs.
 
 use std::{collections::BTreeSet, path::PathBuf};
 
@@ -13,6 +19,35 @@ pub const CONFIG_ENV: &str = "ROLEMESH_PROXY_CONFIG";
 pub const DEFAULT_IDENTITY_DIR: &str = "/var/run/rolemesh/identity";
 /// Where the trust bundle ConfigMap is mounted in every container.
 pub const DEFAULT_TRUST_DIR: &str = "/var/run/rolemesh/trust";
+/// Where the policy's peer rules are mounted in the proxy container.
+pub const DEFAULT_RULES_DIR: &str = "/var/run/rolemesh/rules";
+/// File name of the peer rules in [`DEFAULT_RULES_DIR`].
+pub const RULES_FILE: &str = "rules.json";
+/// Prefix of a policy's peer rules key in the trust bundle ConfigMap; see [`policy_rules_key`].
+pub const RULES_KEY_PREFIX: &str = "policy.";
+/// Suffix of a policy's peer rules key in the trust bundle ConfigMap.
+pub const RULES_KEY_SUFFIX: &str = ".json";
+/// The longest policy name whose rules key fits a ConfigMap key (253 characters).
+pub const MAX_RULES_POLICY_NAME: usize = 253 - RULES_KEY_PREFIX.len() - RULES_KEY_SUFFIX.len();
+
+/// Key of policy `policy`'s [`PeerRules`] in the trust bundle ConfigMap, or `None` when the name
+/// is too long for a ConfigMap key (more than [`MAX_RULES_POLICY_NAME`] characters).
+pub fn policy_rules_key(policy: &str) -> Option<String> {
+    (policy.len() <= MAX_RULES_POLICY_NAME)
+        .then(|| format!("{RULES_KEY_PREFIX}{policy}{RULES_KEY_SUFFIX}"))
+}
+
+/// The field manager with which the controller server-side applies policy `policy`'s rules key:
+/// one per policy, so that one policy's apply never removes another's key (policies of a
+/// namespace are reconciled concurrently, and each must change its own key without carrying
+/// possibly older copies of the others'). A digest of the name: field managers are limited to
+/// 128 characters.
+pub fn rules_field_manager(policy: &str) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(policy.as_bytes());
+    format!("rolemesh-controller-rules-{}", hex::encode(&digest[..8]))
+}
+
 /// The proxy's plain-HTTP admin port (health, readiness, metrics).
 pub const DEFAULT_ADMIN_PORT: u16 = 15021;
 /// Admin path prefix of the app probes kubelet sends through the proxy:
@@ -31,6 +66,10 @@ pub struct ProxyConfig {
     /// PEM file of the CA certificates in force.
     #[serde(default = "default_trust_bundle")]
     pub trust_bundle: PathBuf,
+    /// JSON file of the [`PeerRules`] in force, reloaded when it changes. Until a valid one is
+    /// read the proxy admits no peer, dials no upstream and reports not ready.
+    #[serde(default = "default_rules_file")]
+    pub rules_file: PathBuf,
     #[serde(default = "default_admin_port")]
     pub admin_port: u16,
     /// Address the admin server binds (all interfaces so kubelet can probe it).
@@ -90,8 +129,6 @@ pub struct InboundListener {
     pub port: u16,
     /// The application's port on 127.0.0.1.
     pub app_port: u16,
-    /// Peers admitted; empty admits no one.
-    pub allow: Vec<PeerPattern>,
 }
 
 /// Plain TCP in on 127.0.0.1, mTLS out to the upstream.
@@ -100,10 +137,112 @@ pub struct InboundListener {
 pub struct OutboundListener {
     pub name: String,
     pub local_port: u16,
+}
+
+/// The peer rules of one policy generation: the part of the proxy's configuration that changes
+/// without a restart. Mappings are matched to the proxy's listeners by name; a listener the rules
+/// do not name admits no one (inbound) or refuses the app's connections (outbound), and rules for
+/// a mapping the proxy does not run wait for a restart.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PeerRules {
+    /// The MTLSPolicy these rules come from.
+    pub policy: String,
+    /// Its `metadata.generation`.
+    pub generation: i64,
+    #[serde(default)]
+    pub inbound: Vec<InboundRules>,
+    #[serde(default)]
+    pub outbound: Vec<OutboundRules>,
+}
+
+/// Whom one inbound mapping admits.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct InboundRules {
+    pub name: String,
+    /// Peers admitted; empty admits no one.
+    pub allow: Vec<PeerPattern>,
+}
+
+/// Where one outbound mapping dials and whom it expects there.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OutboundRules {
+    pub name: String,
     /// `host:port` of the upstream's mTLS port.
     pub upstream: String,
     /// Identities the upstream must present (at least one).
     pub expect: Vec<PeerPattern>,
+}
+
+impl PeerRules {
+    /// Parses and validates the JSON of a rules file.
+    pub fn from_json(text: &str) -> Result<Self, ProfileError> {
+        let rules: Self = serde_json::from_str(text)
+            .map_err(|e| ProfileError::InvalidProxyConfig(format!("not valid peer rules: {e}")))?;
+        rules.validate()?;
+        Ok(rules)
+    }
+
+    pub fn to_json(&self) -> String {
+        // Serialising plain structs of strings and numbers cannot fail.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// Checks what the types cannot: names unique, patterns valid, upstreams `host:port`, at
+    /// least one expected identity per upstream.
+    pub fn validate(&self) -> Result<(), ProfileError> {
+        let bad = |msg: String| Err(ProfileError::InvalidProxyConfig(msg));
+        let mut names = BTreeSet::new();
+        for mapping in &self.inbound {
+            if !names.insert(mapping.name.as_str()) {
+                return bad(format!("mapping name {} is used twice", mapping.name));
+            }
+            for pattern in &mapping.allow {
+                pattern.validate()?;
+            }
+        }
+        for mapping in &self.outbound {
+            if !names.insert(mapping.name.as_str()) {
+                return bad(format!("mapping name {} is used twice", mapping.name));
+            }
+            if mapping.expect.is_empty() {
+                return bad(format!(
+                    "outbound {}: expect lists no identity",
+                    mapping.name
+                ));
+            }
+            if mapping
+                .upstream
+                .rsplit_once(':')
+                .and_then(|(_, p)| p.parse::<u16>().ok())
+                .is_none()
+            {
+                return bad(format!(
+                    "outbound {}: upstream must be host:port",
+                    mapping.name
+                ));
+            }
+            for pattern in &mapping.expect {
+                pattern.validate()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The allow list of inbound mapping `name`; `None` when the rules do not name it.
+    pub fn allow(&self, name: &str) -> Option<&[PeerPattern]> {
+        self.inbound
+            .iter()
+            .find(|m| m.name == name)
+            .map(|m| m.allow.as_slice())
+    }
+
+    /// The rules of outbound mapping `name`, if the rules name it.
+    pub fn outbound(&self, name: &str) -> Option<&OutboundRules> {
+        self.outbound.iter().find(|m| m.name == name)
+    }
 }
 
 /// Connection limits protecting the proxy from slow or hostile peers.
@@ -142,6 +281,9 @@ fn default_identity_dir() -> PathBuf {
 fn default_trust_bundle() -> PathBuf {
     PathBuf::from(DEFAULT_TRUST_DIR).join(CA_CERT_KEY)
 }
+fn default_rules_file() -> PathBuf {
+    PathBuf::from(DEFAULT_RULES_DIR).join(RULES_FILE)
+}
 fn default_admin_port() -> u16 {
     DEFAULT_ADMIN_PORT
 }
@@ -163,7 +305,7 @@ impl ProxyConfig {
         serde_json::to_string(self).unwrap_or_default()
     }
 
-    /// Checks what the types cannot: ports distinct and non-zero, names unique, patterns valid.
+    /// Checks what the types cannot: ports distinct and non-zero, names unique, probes sound.
     pub fn validate(&self) -> Result<(), ProfileError> {
         let bad = |msg: String| Err(ProfileError::InvalidProxyConfig(msg));
         if self.trust_domain.is_empty() {
@@ -184,9 +326,6 @@ impl ProxyConfig {
             if !names.insert(listener.name.as_str()) {
                 return bad(format!("mapping name {} is used twice", listener.name));
             }
-            for pattern in &listener.allow {
-                pattern.validate()?;
-            }
         }
         for listener in &self.outbound {
             if listener.local_port == 0 {
@@ -203,26 +342,6 @@ impl ProxyConfig {
             }
             if !names.insert(listener.name.as_str()) {
                 return bad(format!("mapping name {} is used twice", listener.name));
-            }
-            if listener.expect.is_empty() {
-                return bad(format!(
-                    "outbound {}: expect lists no identity",
-                    listener.name
-                ));
-            }
-            if listener
-                .upstream
-                .rsplit_once(':')
-                .and_then(|(_, p)| p.parse::<u16>().ok())
-                .is_none()
-            {
-                return bad(format!(
-                    "outbound {}: upstream must be host:port",
-                    listener.name
-                ));
-            }
-            for pattern in &listener.expect {
-                pattern.validate()?;
             }
         }
         let app_ports: BTreeSet<u16> = self.inbound.iter().map(|l| l.app_port).collect();
@@ -452,12 +571,12 @@ mod tests {
             let error = PeerPattern::new(pattern).expect_err(pattern).to_string();
             assert!(error.contains(words), "{pattern}: {error}");
         }
-        // The same refusal when the proxy reads its configuration.
-        let json = r#"{"trustDomain":"rolemesh.local","inbound":[{"name":"http","port":8443,"appPort":8080,"allow":["arn:aws:iam::*:role/frontend"]}]}"#;
-        let error = ProxyConfig::from_json(json).unwrap_err().to_string();
+        // The same refusal when the proxy reads its peer rules.
+        let json = r#"{"policy":"p","generation":1,"inbound":[{"name":"http","allow":["arn:aws:iam::*:role/frontend"]}]}"#;
+        let error = PeerRules::from_json(json).unwrap_err().to_string();
         assert!(error.contains("account field"), "{error}");
-        let json = r#"{"trustDomain":"rolemesh.local","outbound":[{"name":"db","localPort":9000,"upstream":"db:5432","expect":["arn:aws*:iam::111122223333:role/db"]}]}"#;
-        let error = ProxyConfig::from_json(json).unwrap_err().to_string();
+        let json = r#"{"policy":"p","generation":1,"outbound":[{"name":"db","upstream":"db:5432","expect":["arn:aws*:iam::111122223333:role/db"]}]}"#;
+        let error = PeerRules::from_json(json).unwrap_err().to_string();
         assert!(error.contains("partition field"), "{error}");
         // Every partition written out, and wildcards in the role's path and name, stay valid.
         for pattern in [
@@ -527,21 +646,17 @@ mod tests {
             trust_domain: "rolemesh.local".into(),
             identity_dir: default_identity_dir(),
             trust_bundle: default_trust_bundle(),
+            rules_file: default_rules_file(),
             admin_port: DEFAULT_ADMIN_PORT,
             admin_address: default_admin_address(),
             inbound: vec![InboundListener {
                 name: "http".into(),
                 port: 8443,
                 app_port: 8080,
-                allow: vec![PeerPattern::new(ROLE).unwrap()],
             }],
             outbound: vec![OutboundListener {
                 name: "payments".into(),
                 local_port: 9000,
-                upstream: "payments.shop.svc:8443".into(),
-                expect: vec![
-                    PeerPattern::new("spiffe://rolemesh.local/ns/shop/sa/payments").unwrap(),
-                ],
             }],
             limits: Limits::default(),
             app_probes: vec![AppProbe {
@@ -593,5 +708,79 @@ mod tests {
         );
         let err = ProxyConfig::from_json(r#"{"trustDomain":"x","inbund":[]}"#).unwrap_err();
         assert!(err.to_string().contains("unknown field"), "{err}");
+    }
+
+    fn rules() -> PeerRules {
+        PeerRules {
+            policy: "shop".into(),
+            generation: 3,
+            inbound: vec![InboundRules {
+                name: "http".into(),
+                allow: vec![PeerPattern::new(ROLE).unwrap()],
+            }],
+            outbound: vec![OutboundRules {
+                name: "payments".into(),
+                upstream: "payments.shop.svc:8443".into(),
+                expect: vec![
+                    PeerPattern::new("spiffe://rolemesh.local/ns/shop/sa/payments").unwrap(),
+                ],
+            }],
+        }
+    }
+
+    #[test]
+    fn peer_rules_round_trip_and_validate() {
+        let rules = rules();
+        let parsed = PeerRules::from_json(&rules.to_json()).unwrap();
+        assert_eq!(parsed, rules);
+        assert_eq!(parsed.allow("http").map(<[_]>::len), Some(1));
+        assert_eq!(parsed.allow("payments"), None);
+        assert_eq!(
+            parsed.outbound("payments").map(|o| o.upstream.as_str()),
+            Some("payments.shop.svc:8443")
+        );
+
+        let mut no_expect = rules.clone();
+        no_expect.outbound[0].expect.clear();
+        let err = no_expect.validate().unwrap_err().to_string();
+        assert!(err.contains("expect lists no identity"), "{err}");
+        let mut no_port = rules.clone();
+        no_port.outbound[0].upstream = "payments.shop.svc".into();
+        let err = no_port.validate().unwrap_err().to_string();
+        assert!(err.contains("upstream must be host:port"), "{err}");
+        let mut twice = rules.clone();
+        twice.outbound[0].name = "http".into();
+        let err = twice.validate().unwrap_err().to_string();
+        assert!(err.contains("used twice"), "{err}");
+        let err = PeerRules::from_json(r#"{"policy":"p"}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("generation"), "{err}");
+        let err = PeerRules::from_json(r#"{"policy":"p","generation":1,"inbund":[]}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown field"), "{err}");
+    }
+
+    /// The configuration the webhook writes into the pod holds no peer rules: an admission
+    /// answer must not tell its caller whom a namespace admits or dials.
+    #[test]
+    fn the_start_configuration_refuses_peer_rules() {
+        for json in [
+            r#"{"trustDomain":"x","inbound":[{"name":"http","port":8443,"appPort":8080,"allow":[]}]}"#,
+            r#"{"trustDomain":"x","outbound":[{"name":"db","localPort":9000,"upstream":"db:5432"}]}"#,
+            r#"{"trustDomain":"x","outbound":[{"name":"db","localPort":9000,"expect":[]}]}"#,
+        ] {
+            let err = ProxyConfig::from_json(json).unwrap_err().to_string();
+            assert!(err.contains("unknown field"), "{json}: {err}");
+        }
+    }
+
+    #[test]
+    fn rules_keys_fit_a_configmap_key() {
+        assert_eq!(policy_rules_key("web").as_deref(), Some("policy.web.json"));
+        let longest = "a".repeat(MAX_RULES_POLICY_NAME);
+        assert_eq!(policy_rules_key(&longest).map(|k| k.len()), Some(253));
+        assert_eq!(policy_rules_key(&format!("{longest}a")), None);
     }
 }

@@ -170,7 +170,10 @@ fn respond(readiness: &Readiness, metrics: &Metrics, path: &str) -> Response<Ful
         "/ready" => (
             StatusCode::SERVICE_UNAVAILABLE,
             "text/plain",
-            "not ready\n".to_string(),
+            match readiness.rules_generation() {
+                None => "not ready: no peer rules loaded\n".to_string(),
+                Some(_) => "not ready\n".to_string(),
+            },
         ),
         "/metrics" => (
             StatusCode::OK,
@@ -189,5 +192,18 @@ fn respond(readiness: &Readiness, metrics: &Metrics, path: &str) -> Response<Ful
         header::CONTENT_TYPE,
         header::HeaderValue::from_static(content_type),
     );
+    // The generation of the policy whose peer rules are in force, beside the body that probes and
+    // scripts read as it always was.
+    if path == "/ready"
+        && let Some(generation) = readiness.rules_generation()
+    {
+        response.headers_mut().insert(
+            POLICY_GENERATION_HEADER,
+            header::HeaderValue::from(generation),
+        );
+    }
     response
 }
+
+/// Response header of `/ready` with the policy generation whose peer rules are in force.
+pub const POLICY_GENERATION_HEADER: &str = "x-rolemesh-policy-generation";

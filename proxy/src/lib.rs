@@ -1,8 +1,9 @@
 //! rolemesh's sidecar proxy. Inbound: a TLS 1.3 listener per mapping that admits only peers whose
 //! certificate chains to the trust bundle, follows the rolemesh profile and matches the mapping's
 //! allow list, spliced to the app on 127.0.0.1. Outbound: a plain listener on 127.0.0.1 per
-//! mapping that dials its upstream over mTLS and checks the upstream's identity. Certificates are
-//! reloaded from the mounted Secret without dropping connections; health and Prometheus metrics
+//! mapping that dials its upstream over mTLS and checks the upstream's identity. Certificates and
+//! the peer rules (allow lists, upstreams and their expected identities) are reloaded from their
+//! mounted files without dropping connections; health and Prometheus metrics
 //! are served on a separate plain-HTTP admin port.
 
 pub mod admin;
@@ -10,6 +11,7 @@ pub mod listeners;
 pub mod material;
 pub mod metrics;
 pub mod read_ahead;
+pub mod rules;
 pub mod splice;
 pub mod state;
 pub mod verify;
@@ -30,11 +32,12 @@ use crate::{
     listeners::Mapping,
     material::{MaterialPaths, Reloader},
     metrics::Metrics,
+    rules::RulesReloader,
     state::Shared,
 };
 
-/// How often the mounted files are compared with what is in use; well inside the one second in
-/// which new handshakes must use new material.
+/// How often the mounted files (certificates, trust bundle, peer rules) are compared with what is
+/// in use; well inside the one second in which new handshakes must use new material or rules.
 const RELOAD_POLL: Duration = Duration::from_millis(250);
 
 /// Everything that can stop the proxy or refuse a reload, named after the action that failed.
@@ -47,6 +50,8 @@ pub enum ProxyError {
     },
     #[error("invalid configuration: {0}")]
     ParseConfig(String),
+    #[error("invalid peer rules: {0}")]
+    ParseRules(String),
     #[error(
         "no configuration: pass --config-file or set {}",
         rolemesh_profile::proxy_config::CONFIG_ENV
@@ -82,13 +87,7 @@ pub fn load_config(file: Option<&Path>, inline: Option<&str>) -> Result<ProxyCon
         (None, Some(json)) => json.to_string(),
         (None, None) => return Err(ProxyError::MissingConfig),
     };
-    let config =
-        ProxyConfig::from_json(&text).map_err(|e| ProxyError::ParseConfig(e.to_string()))?;
-    for listener in &config.outbound {
-        upstream_server_name(&listener.upstream)
-            .map_err(|e| ProxyError::ParseConfig(format!("outbound {}: {e}", listener.name)))?;
-    }
-    Ok(config)
+    ProxyConfig::from_json(&text).map_err(|e| ProxyError::ParseConfig(e.to_string()))
 }
 
 /// The TLS name to send when dialling `upstream` (`host:port`). It is only SNI: the upstream is
@@ -143,10 +142,8 @@ pub async fn run(
             format!("127.0.0.1:{}", mapping.local_port),
         )
         .await?;
-        let server_name =
-            upstream_server_name(&mapping.upstream).map_err(ProxyError::ParseConfig)?;
         bound.push((
-            Mapping::Outbound { index, server_name },
+            Mapping::Outbound { index },
             listener,
             metrics.mapping(&mapping.name, "outbound"),
         ));
@@ -154,6 +151,8 @@ pub async fn run(
 
     let shared = Arc::new(Shared::new(config, provider, metrics));
     let mut reloader = Reloader::new(MaterialPaths::from_config(&shared.config));
+    let mut rules_reloader = RulesReloader::new(shared.config.rules_file.clone());
+    rules_reloader.poll(&shared);
     reloader.poll(&shared);
 
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -181,7 +180,10 @@ pub async fn run(
             interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
-                    _ = interval.tick() => reloader.poll(&shared),
+                    _ = interval.tick() => {
+                        rules_reloader.poll(&shared);
+                        reloader.poll(&shared);
+                    }
                     _ = stop.changed() => break,
                 }
             }

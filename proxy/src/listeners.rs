@@ -5,7 +5,6 @@
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use rolemesh_profile::inspect_certificate;
-use rustls_pki_types::ServerName;
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     net::{TcpListener, TcpStream},
@@ -32,11 +31,8 @@ type Refusal = (&'static str, String);
 pub enum Mapping {
     /// `config.inbound[index]`.
     Inbound { index: usize },
-    /// `config.outbound[index]`, whose upstream is dialled with this TLS name.
-    Outbound {
-        index: usize,
-        server_name: ServerName<'static>,
-    },
+    /// `config.outbound[index]`, whose upstream the peer rules in force name.
+    Outbound { index: usize },
 }
 
 /// Accepts connections until `stop` changes, each handled in a task of its own that counts as an
@@ -85,9 +81,7 @@ pub async fn serve(
                 Mapping::Inbound { index } => {
                     inbound(&shared, *index, &metrics, tcp, peer, permit).await
                 }
-                Mapping::Outbound { index, server_name } => {
-                    outbound(&shared, *index, server_name, &metrics, tcp, peer).await
-                }
+                Mapping::Outbound { index } => outbound(&shared, *index, &metrics, tcp, peer).await,
             };
             if let Err((reason, detail)) = result {
                 refuse(&metrics, peer, reason, &detail);
@@ -138,12 +132,11 @@ async fn inbound(
     Ok(())
 }
 
-/// The app connecting to an outbound mapping: its upstream is dialled over mTLS (which verifies
-/// the upstream), then the two are spliced.
+/// The app connecting to an outbound mapping: the upstream the rules in force name is dialled
+/// over mTLS (which verifies the upstream), then the two are spliced.
 async fn outbound(
     shared: &Shared,
     index: usize,
-    server_name: &ServerName<'static>,
     metrics: &MappingMetrics,
     local: TcpStream,
     peer: SocketAddr,
@@ -151,10 +144,21 @@ async fn outbound(
     let config = shared
         .with_tls(|c| c.outbound[index].clone())
         .ok_or_else(not_ready)?;
+    let upstream = shared
+        .rules
+        .load()
+        .as_deref()
+        .and_then(|rules| rules.outbound.get(index).cloned().flatten())
+        .ok_or_else(|| {
+            (
+                "no_rules",
+                "the peer rules in force name no upstream for this mapping".to_string(),
+            )
+        })?;
     let _ = local.set_nodelay(true);
-    let upstream = &shared.config.outbound[index].upstream;
+    let server_name = &upstream.server_name;
     let tls = within_handshake_timeout(shared, async {
-        let tcp = TcpStream::connect(upstream.as_str())
+        let tcp = TcpStream::connect(upstream.address.as_str())
             .await
             .map_err(|e| ("upstream_unreachable", e.to_string()))?;
         let _ = tcp.set_nodelay(true);

@@ -24,6 +24,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     ProxyError,
+    rules::RulesHandle,
     state::Shared,
     verify::{PeerClientVerifier, UpstreamVerifier},
 };
@@ -199,15 +200,17 @@ impl TlsConfigs {
         material: Material,
         config: &ProxyConfig,
         provider: &Arc<CryptoProvider>,
+        rules: &RulesHandle,
     ) -> Result<Self, ProxyError> {
         let build_err = |e: rustls::Error| ProxyError::BuildTls(e.to_string());
         let mut inbound = Vec::with_capacity(config.inbound.len());
-        for listener in &config.inbound {
+        for index in 0..config.inbound.len() {
             let verifier = PeerClientVerifier::new(
                 material.trust.clone(),
                 provider.clone(),
                 &config.trust_domain,
-                listener.allow.clone(),
+                rules.clone(),
+                index,
             );
             let mut server = ServerConfig::builder_with_provider(provider.clone())
                 .with_protocol_versions(&[&TLS13])
@@ -223,12 +226,13 @@ impl TlsConfigs {
             inbound.push(Arc::new(server));
         }
         let mut outbound = Vec::with_capacity(config.outbound.len());
-        for listener in &config.outbound {
+        for index in 0..config.outbound.len() {
             let verifier = UpstreamVerifier::new(
                 material.trust.clone(),
                 provider.clone(),
                 &config.trust_domain,
-                listener.expect.clone(),
+                rules.clone(),
+                index,
             );
             let mut client = ClientConfig::builder_with_provider(provider.clone())
                 .with_protocol_versions(&[&TLS13])
@@ -286,7 +290,9 @@ impl Reloader {
             return;
         }
         let result = Material::validate(&files, &shared.config.trust_domain, &shared.provider)
-            .and_then(|material| TlsConfigs::build(material, &shared.config, &shared.provider));
+            .and_then(|material| {
+                TlsConfigs::build(material, &shared.config, &shared.provider, &shared.rules)
+            });
         self.last_seen = Some(files);
         match result {
             Ok(configs) => {

@@ -43,6 +43,8 @@ pub struct Metrics {
     failures: Family<FailureLabels, Counter>,
     reloads: Family<ReloadLabels, Counter>,
     not_after: Gauge<i64, AtomicI64>,
+    rules_reloads: Family<ReloadLabels, Counter>,
+    policy_generation: Gauge<i64, AtomicI64>,
     admin_refused: Counter,
 }
 
@@ -94,6 +96,9 @@ impl Metrics {
         let reloads = Family::<ReloadLabels, Counter>::default();
         let not_after = Gauge::<i64, AtomicI64>::default();
         let admin_refused = Counter::default();
+        let rules_reloads = Family::<ReloadLabels, Counter>::default();
+        let policy_generation = Gauge::<i64, AtomicI64>::default();
+        policy_generation.set(-1);
         registry.register(
             "connections_open",
             "Connections currently spliced",
@@ -125,6 +130,16 @@ impl Metrics {
             not_after.clone(),
         );
         registry.register(
+            "rules_reloads",
+            "Peer rules files seen on disk, by whether they were taken into use",
+            rules_reloads.clone(),
+        );
+        registry.register(
+            "policy_generation",
+            "metadata.generation of the MTLSPolicy whose peer rules are in force; -1 before any",
+            policy_generation.clone(),
+        );
+        registry.register(
             "admin_connections_refused",
             "Admin-port connections closed on accept because the admin connection cap was reached",
             admin_refused.clone(),
@@ -137,6 +152,8 @@ impl Metrics {
             failures,
             reloads,
             not_after,
+            rules_reloads,
+            policy_generation,
             admin_refused,
         }
     }
@@ -171,6 +188,17 @@ impl Metrics {
     pub fn reload(&self, accepted: bool) {
         let result = if accepted { "accepted" } else { "rejected" };
         self.reloads.get_or_create(&ReloadLabels { result }).inc();
+    }
+
+    pub fn rules_reload(&self, accepted: bool) {
+        let result = if accepted { "accepted" } else { "rejected" };
+        self.rules_reloads
+            .get_or_create(&ReloadLabels { result })
+            .inc();
+    }
+
+    pub fn set_policy_generation(&self, generation: i64) {
+        self.policy_generation.set(generation);
     }
 
     pub fn admin_connection_refused(&self) {

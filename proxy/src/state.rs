@@ -2,7 +2,7 @@
 
 use std::sync::{
     Arc,
-    atomic::{AtomicBool, AtomicUsize, Ordering},
+    atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering},
 };
 
 use arc_swap::ArcSwapOption;
@@ -10,7 +10,11 @@ use rolemesh_profile::proxy_config::ProxyConfig;
 use rustls::crypto::CryptoProvider;
 use tokio::sync::Semaphore;
 
-use crate::{material::TlsConfigs, metrics::Metrics};
+use crate::{
+    material::TlsConfigs,
+    metrics::Metrics,
+    rules::{ActiveRules, RulesHandle},
+};
 
 /// State shared by every task of one proxy.
 pub struct Shared {
@@ -18,6 +22,8 @@ pub struct Shared {
     pub provider: Arc<CryptoProvider>,
     /// The TLS configurations in use; `None` until a certificate set has been loaded.
     tls: ArcSwapOption<TlsConfigs>,
+    /// The peer rules in force; `None` until a rules file has been loaded.
+    pub rules: RulesHandle,
     pub metrics: Arc<Metrics>,
     pub readiness: Readiness,
     /// Bounds the inbound handshakes in flight.
@@ -34,6 +40,7 @@ impl Shared {
             config,
             provider,
             tls: ArcSwapOption::empty(),
+            rules: Arc::new(ArcSwapOption::empty()),
             metrics,
             readiness: Readiness::default(),
             active: AtomicUsize::new(0),
@@ -44,6 +51,12 @@ impl Shared {
     pub fn use_tls(&self, configs: TlsConfigs) {
         self.tls.store(Some(Arc::new(configs)));
         self.readiness.set_loaded();
+    }
+
+    /// The rules every new handshake (and every new outbound dial) uses from now on.
+    pub fn use_rules(&self, rules: ActiveRules) {
+        self.readiness.set_rules(rules.generation);
+        self.rules.store(Some(Arc::new(rules)));
     }
 
     /// Something picked from the configurations in use, if any are loaded; the configurations
@@ -74,7 +87,8 @@ impl Drop for ActiveGuard<'_> {
     }
 }
 
-/// Whether the proxy takes traffic: a certificate set is loaded and it is not draining. Cloned
+/// Whether the proxy takes traffic: a certificate set and peer rules are loaded and it is not
+/// draining. Cloned
 /// into the admin server, which needs nothing else of the proxy's state.
 #[derive(Clone, Debug, Default)]
 pub struct Readiness(Arc<ReadinessState>);
@@ -83,11 +97,29 @@ pub struct Readiness(Arc<ReadinessState>);
 struct ReadinessState {
     loaded: AtomicBool,
     draining: AtomicBool,
+    /// Generation of the peer rules in force; meaningful once `rules_loaded`.
+    rules_generation: AtomicI64,
+    rules_loaded: AtomicBool,
 }
 
 impl Readiness {
     pub fn is_ready(&self) -> bool {
-        self.0.loaded.load(Ordering::Relaxed) && !self.0.draining.load(Ordering::Relaxed)
+        self.0.loaded.load(Ordering::Relaxed)
+            && self.0.rules_loaded.load(Ordering::Relaxed)
+            && !self.0.draining.load(Ordering::Relaxed)
+    }
+
+    /// The generation of the policy whose peer rules are in force, if any are.
+    pub fn rules_generation(&self) -> Option<i64> {
+        self.0
+            .rules_loaded
+            .load(Ordering::Acquire)
+            .then(|| self.0.rules_generation.load(Ordering::Relaxed))
+    }
+
+    fn set_rules(&self, generation: i64) {
+        self.0.rules_generation.store(generation, Ordering::Relaxed);
+        self.0.rules_loaded.store(true, Ordering::Release);
     }
 
     fn set_loaded(&self) {
@@ -110,7 +142,11 @@ mod tests {
         assert!(!readiness.is_ready());
         readiness.set_loaded();
         let seen_by_admin = readiness.clone();
+        assert!(!seen_by_admin.is_ready(), "no peer rules yet");
+        assert_eq!(seen_by_admin.rules_generation(), None);
+        readiness.set_rules(3);
         assert!(seen_by_admin.is_ready());
+        assert_eq!(seen_by_admin.rules_generation(), Some(3));
         readiness.set_draining();
         assert!(!seen_by_admin.is_ready());
     }

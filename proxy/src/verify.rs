@@ -18,6 +18,18 @@ use rustls::{
 };
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
+use crate::rules::RulesHandle;
+
+/// Which listener's patterns a verifier checks peers against, in the rules in force at the
+/// handshake: a rules reload changes whom the next handshake admits without rebuilding TLS.
+#[derive(Clone, Copy, Debug)]
+pub enum RulesFor {
+    /// The allow list of `config.inbound[index]`.
+    Inbound(usize),
+    /// The expected identities of `config.outbound[index]`.
+    Outbound(usize),
+}
+
 /// Why a peer that presented a valid chain was still refused.
 #[derive(Debug)]
 pub struct Rejection {
@@ -94,7 +106,8 @@ impl PeerClientVerifier {
         trust: Arc<TrustStore>,
         provider: Arc<CryptoProvider>,
         trust_domain: &str,
-        allowed: Vec<PeerPattern>,
+        rules: RulesHandle,
+        index: usize,
     ) -> Self {
         let root_hint_subjects = trust
             .anchors()
@@ -102,7 +115,13 @@ impl PeerClientVerifier {
             .map(|anchor| DistinguishedName::in_sequence(anchor.subject.as_ref()))
             .collect();
         Self {
-            peer: PeerCheck::new(trust, provider, trust_domain, allowed),
+            peer: PeerCheck::new(
+                trust,
+                provider,
+                trust_domain,
+                rules,
+                RulesFor::Inbound(index),
+            ),
             root_hint_subjects,
         }
     }
@@ -160,10 +179,17 @@ impl UpstreamVerifier {
         trust: Arc<TrustStore>,
         provider: Arc<CryptoProvider>,
         trust_domain: &str,
-        expected: Vec<PeerPattern>,
+        rules: RulesHandle,
+        index: usize,
     ) -> Self {
         Self {
-            peer: PeerCheck::new(trust, provider, trust_domain, expected),
+            peer: PeerCheck::new(
+                trust,
+                provider,
+                trust_domain,
+                rules,
+                RulesFor::Outbound(index),
+            ),
         }
     }
 }
@@ -212,7 +238,8 @@ struct PeerCheck {
     trust: Arc<TrustStore>,
     provider: Arc<CryptoProvider>,
     trust_domain: String,
-    allowed: Vec<PeerPattern>,
+    rules: RulesHandle,
+    rules_for: RulesFor,
 }
 
 impl PeerCheck {
@@ -220,13 +247,15 @@ impl PeerCheck {
         trust: Arc<TrustStore>,
         provider: Arc<CryptoProvider>,
         trust_domain: &str,
-        allowed: Vec<PeerPattern>,
+        rules: RulesHandle,
+        rules_for: RulesFor,
     ) -> Self {
         Self {
             trust,
             provider,
             trust_domain: trust_domain.to_string(),
-            allowed,
+            rules,
+            rules_for,
         }
     }
 
@@ -239,7 +268,27 @@ impl PeerCheck {
     ) -> Result<WorkloadIdentity, TlsError> {
         verify_chain(end_entity, intermediates, &self.trust, usage, now)
             .map_err(certificate_error)?;
-        Ok(check_peer(end_entity, &self.trust_domain, &self.allowed)?)
+        let rules = self.rules.load();
+        let Some(rules) = rules.as_deref() else {
+            return Err(Rejection {
+                reason: "no_rules",
+                detail: "no peer rules loaded yet".to_string(),
+            }
+            .into());
+        };
+        let allowed = match self.rules_for {
+            RulesFor::Inbound(index) => rules.inbound.get(index).map(Vec::as_slice),
+            RulesFor::Outbound(index) => rules
+                .outbound
+                .get(index)
+                .and_then(Option::as_ref)
+                .map(|upstream| upstream.expect.as_slice()),
+        };
+        Ok(check_peer(
+            end_entity,
+            &self.trust_domain,
+            allowed.unwrap_or_default(),
+        )?)
     }
 
     fn verify_tls12_signature(

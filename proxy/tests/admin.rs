@@ -74,7 +74,7 @@ fn a_probe_of_a_port_no_mapping_closes_is_refused_in_the_configuration() {
     let config = json!({
         "trustDomain": TD, "identityDir": identity, "trustBundle": identity.join("ca.crt"),
         "adminPort": free_port(), "adminAddress": "127.0.0.1",
-        "inbound": [{"name": "http", "port": free_port(), "appPort": 8080, "allow": [CLIENT_ROLE]}],
+        "inbound": [{"name": "http", "port": free_port(), "appPort": 8080}],
         "appProbes": [{"container": "app", "kind": "readiness", "port": 22, "timeoutSecs": 1}],
     });
     let path = dir.join("config.json");

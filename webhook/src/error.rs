@@ -1,7 +1,7 @@
 //! The crate's one error type. Variants that describe a pod the webhook refuses carry the message
 //! the person running `kubectl apply` reads, so they say what is wrong and what to do.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 /// Everything that can go wrong in the webhook.
 #[derive(Debug, thiserror::Error)]
@@ -90,9 +90,17 @@ pub enum Error {
     #[error("Kubernetes API error while {action}: {source}")]
     Kube {
         action: String,
+        /// Shared: one request may answer several coalesced lookups.
         #[source]
-        source: kube::Error,
+        source: Arc<kube::Error>,
     },
+
+    #[error(
+        "rolemesh could not check {what} with the Kubernetes API: the webhook's budget of API \
+         reads for lookups its caches cannot answer is spent (more of them than a cluster makes); \
+         retry in a moment"
+    )]
+    ApiBudgetSpent { what: String },
 
     #[error("rolemesh could not decide within {0:?} (Kubernetes API too slow); retry")]
     Timeout(Duration),
@@ -115,11 +123,6 @@ pub enum Error {
 }
 
 impl Error {
-    pub(crate) fn kube(action: impl Into<String>) -> impl FnOnce(kube::Error) -> Self {
-        let action = action.into();
-        move |source| Self::Kube { action, source }
-    }
-
     pub(crate) fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Self {
         let context = context.into();
         move |source| Self::Io { context, source }

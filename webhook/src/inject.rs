@@ -27,12 +27,14 @@ use rolemesh_crds::{
     MTLSPolicy,
     names::{
         INJECTED_ANNOTATION, PROTECT_APP_PORTS_ANNOTATION, PROXY_IMAGE_ANNOTATION,
-        SSL_CERT_FILE_ANNOTATION, TRUST_BUNDLE_CONFIGMAP, TRUST_BUNDLE_KEY, workload_secret_name,
+        PROXY_PORTS_ANNOTATION, SSL_CERT_FILE_ANNOTATION, TRUST_BUNDLE_CONFIGMAP, TRUST_BUNDLE_KEY,
+        policy_rules_key, workload_secret_name,
     },
 };
 use rolemesh_profile::proxy_config::{
     AppHttpProbe, AppProbe, CONFIG_ENV, DEFAULT_ADMIN_PORT, DEFAULT_IDENTITY_DIR,
-    DEFAULT_TRUST_DIR, InboundListener, Limits, OutboundListener, PeerPattern, ProxyConfig,
+    DEFAULT_RULES_DIR, DEFAULT_TRUST_DIR, InboundListener, Limits, OutboundListener, ProxyConfig,
+    RULES_FILE,
 };
 use serde_json::Value;
 
@@ -50,6 +52,9 @@ pub const NFT_PATH: &str = "/usr/sbin/nft";
 pub const IDENTITY_VOLUME: &str = "rolemesh-identity";
 /// Volume holding the trust bundle ConfigMap (mounted into every container).
 pub const TRUST_VOLUME: &str = "rolemesh-trust";
+/// Volume holding the policy's peer rules, one key of the trust bundle ConfigMap (mounted into the
+/// proxy only, so apps see no more of the ConfigMap than `ca.crt`).
+pub const RULES_VOLUME: &str = "rolemesh-rules";
 /// Environment variable of every container with the trust bundle's path, for apps that verify
 /// meshed peers themselves. The app's system trust stays as it is.
 pub const TRUST_BUNDLE_ENV: &str = "ROLEMESH_TRUST_BUNDLE";
@@ -116,9 +121,10 @@ pub fn injected_marker(policy: &MTLSPolicy) -> String {
     )
 }
 
-/// The proxy's configuration derived from the policy: one inbound listener per inbound mapping,
-/// one outbound listener per outbound mapping. Validated, so a policy the proxy would refuse is
-/// refused at admission instead of crash-looping the pod.
+/// The proxy's start configuration derived from the policy: one inbound listener per inbound
+/// mapping, one outbound listener per outbound mapping, and no peer rules (the proxy reads those
+/// from the file the controller keeps current, [`RULES_VOLUME`]). The rules are still validated,
+/// so a policy the proxy would refuse is refused at admission instead of leaving the pod unready.
 pub fn proxy_config(
     policy: &MTLSPolicy,
     trust_domain: &str,
@@ -129,41 +135,32 @@ pub fn proxy_config(
         policy: policy.metadata.name.clone().unwrap_or_default(),
         reason,
     };
-    let patterns = |list: &[String]| {
-        list.iter()
-            .map(|p| PeerPattern::new(p).map_err(|e| invalid(e.to_string())))
-            .collect::<Result<Vec<_>>>()
-    };
+    rules_key(policy)?;
+    policy.peer_rules().map_err(|e| invalid(e.to_string()))?;
     let inbound = policy
         .spec
         .inbound
         .iter()
-        .map(|m| {
-            Ok(InboundListener {
-                name: m.name.clone(),
-                port: m.port,
-                app_port: m.app_port,
-                allow: patterns(&m.allow)?,
-            })
+        .map(|m| InboundListener {
+            name: m.name.clone(),
+            port: m.port,
+            app_port: m.app_port,
         })
-        .collect::<Result<Vec<_>>>()?;
+        .collect();
     let outbound = policy
         .spec
         .outbound
         .iter()
-        .map(|m| {
-            Ok(OutboundListener {
-                name: m.name.clone(),
-                local_port: m.local_port,
-                upstream: m.upstream.clone(),
-                expect: patterns(&m.expect)?,
-            })
+        .map(|m| OutboundListener {
+            name: m.name.clone(),
+            local_port: m.local_port,
         })
-        .collect::<Result<Vec<_>>>()?;
+        .collect();
     let proxy = ProxyConfig {
         trust_domain: trust_domain.to_string(),
         identity_dir: DEFAULT_IDENTITY_DIR.into(),
         trust_bundle: trust_bundle_path().into(),
+        rules_file: format!("{DEFAULT_RULES_DIR}/{RULES_FILE}").into(),
         admin_port: config.admin_port,
         admin_address: "0.0.0.0".to_string(),
         inbound,
@@ -173,6 +170,18 @@ pub fn proxy_config(
     };
     proxy.validate().map_err(|e| invalid(e.to_string()))?;
     Ok(proxy)
+}
+
+/// The key of the policy's peer rules in the trust bundle ConfigMap.
+fn rules_key(policy: &MTLSPolicy) -> Result<String> {
+    let name = policy.metadata.name.clone().unwrap_or_default();
+    policy_rules_key(&name).ok_or_else(|| Error::InvalidPolicy {
+        reason: format!(
+            "its name is longer than {} characters, too long for the key of its peer rules in ConfigMap {TRUST_BUNDLE_CONFIGMAP}; rename the policy",
+            rolemesh_profile::proxy_config::MAX_RULES_POLICY_NAME
+        ),
+        policy: name,
+    })
 }
 
 /// The JSON patch that makes `pod` a member of the mesh under `policy`; empty when the pod
@@ -223,6 +232,9 @@ pub fn injection_patch(
     }
     if !volumes.iter().any(|v| v.name == TRUST_VOLUME) {
         new_volumes.push(trust_volume());
+    }
+    if !volumes.iter().any(|v| v.name == RULES_VOLUME) {
+        new_volumes.push(rules_volume(policy)?);
     }
     append_all(
         &mut ops,
@@ -290,6 +302,7 @@ pub fn injection_patch(
     let marks = [
         (INJECTED_ANNOTATION, injected_marker(policy)),
         (PROXY_IMAGE_ANNOTATION, config.proxy_image.clone()),
+        (PROXY_PORTS_ANNOTATION, policy.start_ports()),
     ];
     match annotations {
         Some(existing) => {
@@ -442,6 +455,14 @@ fn check_reserved_names(
                 "not rolemesh's trust bundle ConfigMap",
             ));
         }
+        // Rules of the pod's author's choosing would decide whom the proxy admits.
+        if volume.name == RULES_VOLUME && *volume != rules_volume(policy)? {
+            return Err(conflict(
+                "volume",
+                &volume.name,
+                "not the peer rules of the policy covering the pod",
+            ));
+        }
     }
     for container in &spec.containers {
         if container.name == PROXY_CONTAINER || container.name == NETFILTER_CONTAINER {
@@ -458,20 +479,22 @@ fn check_reserved_names(
         .flatten()
         .chain(&spec.containers)
     {
-        let mounts_identity = container
-            .volume_mounts
-            .iter()
-            .flatten()
-            .any(|m| m.name == IDENTITY_VOLUME);
-        if mounts_identity && container.name != PROXY_CONTAINER {
-            return Err(conflict(
-                "volume",
-                IDENTITY_VOLUME,
-                &format!(
-                    "mounted into container {:?}; only the proxy holds the key",
-                    container.name
-                ),
-            ));
+        for (volume, why) in [
+            (IDENTITY_VOLUME, "only the proxy holds the key"),
+            (RULES_VOLUME, "only the proxy reads the peer rules"),
+        ] {
+            let mounts = container
+                .volume_mounts
+                .iter()
+                .flatten()
+                .any(|m| m.name == volume);
+            if mounts && container.name != PROXY_CONTAINER {
+                return Err(conflict(
+                    "volume",
+                    volume,
+                    &format!("mounted into container {:?}; {why}", container.name),
+                ));
+            }
         }
     }
     for container in spec.init_containers.iter().flatten() {
@@ -753,6 +776,26 @@ fn trust_volume() -> Volume {
     }
 }
 
+/// The policy's rules key of the trust bundle ConfigMap as the file [`RULES_FILE`]. Optional, so
+/// that a pod created before the controller first wrote the rules still starts: its proxy admits
+/// no one and stays unready until kubelet delivers the file.
+fn rules_volume(policy: &MTLSPolicy) -> Result<Volume> {
+    Ok(Volume {
+        name: RULES_VOLUME.to_string(),
+        config_map: Some(ConfigMapVolumeSource {
+            name: TRUST_BUNDLE_CONFIGMAP.to_string(),
+            items: Some(vec![KeyToPath {
+                key: rules_key(policy)?,
+                path: RULES_FILE.to_string(),
+                mode: None,
+            }]),
+            default_mode: Some(0o444),
+            optional: Some(true),
+        }),
+        ..Volume::default()
+    })
+}
+
 fn trust_mount() -> VolumeMount {
     VolumeMount {
         name: TRUST_VOLUME.to_string(),
@@ -833,6 +876,12 @@ pub fn proxy_container(
                 ..VolumeMount::default()
             },
             trust_mount(),
+            VolumeMount {
+                name: RULES_VOLUME.to_string(),
+                mount_path: DEFAULT_RULES_DIR.to_string(),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            },
         ]),
         ..Container::default()
     })

@@ -5,6 +5,7 @@
 
 pub mod connections;
 pub mod error;
+pub mod fallback;
 pub mod inject;
 pub mod limits;
 pub mod lookup;

@@ -1,6 +1,9 @@
 //! Finding the MTLSPolicy that covers a pod's ServiceAccount, the namespace's labels and the trust
 //! domain. Served from reflector caches; before refusing a pod (or when a cache has not synced)
-//! the API server is asked, so a policy created a moment before the pod is never missed.
+//! the API server is asked, so a policy created a moment before the pod is never missed. Those
+//! reads are bounded ([`crate::fallback`]): concurrent ones for one key share a request, and all
+//! of them together spend from one budget; past it the caches answer, and where the cache's answer
+//! would admit a pod without its proxy the pod is refused instead (retried by its controller).
 
 use std::{
     collections::BTreeMap,
@@ -26,9 +29,29 @@ use tracing::{debug, warn};
 
 use crate::{
     error::{Error, Result},
+    fallback::{API_READS_BURST, API_READS_PER_SECOND, Budget, Coalesce, Ran},
     metrics::Metrics,
     selection::namespace_opted_in,
 };
+
+/// Why a read of the API server gave no answer; shared by coalesced lookups.
+#[derive(Clone, Debug)]
+enum ReadFailed {
+    /// The budget was spent: the caches answer.
+    Throttled,
+    Kube(Arc<kube::Error>),
+}
+
+type Read<T> = std::result::Result<T, ReadFailed>;
+
+/// The bounded reads of the API server, one coalescing map per kind of lookup.
+#[derive(Default)]
+struct Fallbacks {
+    namespaces: Coalesce<Read<Option<BTreeMap<String, String>>>>,
+    policies: Coalesce<Read<Arc<Vec<Arc<MTLSPolicy>>>>>,
+    service_accounts: Coalesce<Read<Option<BTreeMap<String, String>>>>,
+    authority: Coalesce<Read<Option<String>>>,
+}
 
 /// The webhook's view of the cluster.
 #[derive(Clone)]
@@ -42,6 +65,8 @@ pub struct Lookups {
     authority: String,
     fallback_trust_domain: Option<String>,
     metrics: Arc<Metrics>,
+    budget: Arc<Budget>,
+    fallbacks: Arc<Fallbacks>,
 }
 
 /// Objects per page of a cache's initial list (what is decoded at once).
@@ -114,7 +139,36 @@ impl Lookups {
             authority,
             fallback_trust_domain,
             metrics,
+            budget: Arc::new(Budget::new(API_READS_PER_SECOND, API_READS_BURST)),
+            fallbacks: Arc::new(Fallbacks::default()),
         }
+    }
+
+    /// Runs `request` against the API server for `key` if no lookup of the same key is in flight
+    /// (else shares its answer) and the budget has a token (else [`ReadFailed::Throttled`]).
+    /// Counted by how it was answered.
+    async fn read<T, F, Fut>(&self, coalesce: &Coalesce<Read<T>>, key: &str, request: F) -> Read<T>
+    where
+        T: Clone,
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<T, kube::Error>>,
+    {
+        let budget = self.budget.clone();
+        let (answer, ran) = coalesce
+            .run(key, || async move {
+                if !budget.try_take() {
+                    return Err(ReadFailed::Throttled);
+                }
+                request().await.map_err(|e| ReadFailed::Kube(Arc::new(e)))
+            })
+            .await;
+        let source = match (&answer, ran) {
+            (Err(ReadFailed::Throttled), _) => "throttled",
+            (_, Ran::Shared) => "coalesced",
+            (_, Ran::Itself) => "api",
+        };
+        self.metrics.lookup(source);
+        answer
     }
 
     /// Whether every cache has synced once.
@@ -128,7 +182,8 @@ impl Lookups {
 
     /// Whether namespace `namespace` opts its pods in. The cache answers yes at once; a no is
     /// read again from the API server, because a namespace labelled a moment ago may not have
-    /// reached the cache yet, and an opted-in pod must never be admitted without its proxy.
+    /// reached the cache yet, and an opted-in pod must never be admitted without its proxy. For
+    /// the same reason a no that cannot be read again (budget spent) refuses the pod.
     pub async fn namespace_opted_in(&self, namespace: &str) -> Result<bool> {
         if let Some(ns) = self.namespaces.get(&ObjectRef::new(namespace))
             && namespace_opted_in(ns.metadata.labels.as_ref())
@@ -136,13 +191,28 @@ impl Lookups {
             return Ok(true);
         }
         let api = Api::<Namespace>::all(self.client.clone());
-        let found = api
-            .get_metadata_opt(namespace)
-            .await
-            .map_err(Error::kube(format!("reading namespace {namespace}")))?;
-        Ok(found.is_some_and(|ns| namespace_opted_in(ns.metadata.labels.as_ref())))
+        let read = self
+            .read(&self.fallbacks.namespaces, namespace, || async move {
+                Ok(api
+                    .get_metadata_opt(namespace)
+                    .await?
+                    .and_then(|ns| ns.metadata.labels))
+            })
+            .await;
+        match read {
+            Ok(labels) => Ok(namespace_opted_in(labels.as_ref())),
+            Err(ReadFailed::Throttled) => Err(Error::ApiBudgetSpent {
+                what: format!("whether namespace {namespace} opts its pods in"),
+            }),
+            Err(ReadFailed::Kube(source)) => Err(Error::Kube {
+                action: format!("reading namespace {namespace}"),
+                source,
+            }),
+        }
     }
 
+    /// The ServiceAccount's labels; past the budget, none (so a selector does not select it, and
+    /// the pod is refused rather than injected under the wrong policy).
     async fn service_account_labels(
         &self,
         namespace: &str,
@@ -155,13 +225,23 @@ impl Lookups {
             return Ok(sa.metadata.labels.clone().unwrap_or_default());
         }
         let api = Api::<ServiceAccount>::namespaced(self.client.clone(), namespace);
-        let found = api
-            .get_metadata_opt(name)
-            .await
-            .map_err(Error::kube(format!(
-                "reading ServiceAccount {namespace}/{name}"
-            )))?;
-        Ok(found.and_then(|sa| sa.metadata.labels).unwrap_or_default())
+        let key = format!("{namespace}/{name}");
+        let read = self
+            .read(&self.fallbacks.service_accounts, &key, || async move {
+                Ok(api
+                    .get_metadata_opt(name)
+                    .await?
+                    .and_then(|sa| sa.metadata.labels))
+            })
+            .await;
+        match read {
+            Ok(labels) => Ok(labels.unwrap_or_default()),
+            Err(ReadFailed::Throttled) => Ok(BTreeMap::new()),
+            Err(ReadFailed::Kube(source)) => Err(Error::Kube {
+                action: format!("reading ServiceAccount {namespace}/{name}"),
+                source,
+            }),
+        }
     }
 
     /// The MTLSPolicy covering `service_account` (by the one coverage rule, the controller's),
@@ -188,12 +268,31 @@ impl Lookups {
                 service_account, "no covering policy in cache; asking the API server"
             );
         }
-        self.metrics.lookup("api");
-        let listed = Api::<MTLSPolicy>::namespaced(self.client.clone(), namespace)
-            .list(&ListParams::default())
-            .await
-            .map_err(Error::kube(format!("listing MTLSPolicies in {namespace}")))?;
-        let listed = listed.items.into_iter().map(Arc::new).collect();
+        let api = Api::<MTLSPolicy>::namespaced(self.client.clone(), namespace);
+        let read = self
+            .read(&self.fallbacks.policies, namespace, || async move {
+                let listed = api.list(&ListParams::default()).await?;
+                Ok(Arc::new(
+                    listed.items.into_iter().map(Arc::new).collect::<Vec<_>>(),
+                ))
+            })
+            .await;
+        let listed = match read {
+            Ok(listed) => listed.as_ref().clone(),
+            // Past the budget the cache's answer stands: none covers the pod, so it is refused.
+            Err(ReadFailed::Throttled) if self.is_synced(POLICIES) => Vec::new(),
+            Err(ReadFailed::Throttled) => {
+                return Err(Error::ApiBudgetSpent {
+                    what: format!("which MTLSPolicy in {namespace} covers {service_account}"),
+                });
+            }
+            Err(ReadFailed::Kube(source)) => {
+                return Err(Error::Kube {
+                    action: format!("listing MTLSPolicies in {namespace}"),
+                    source,
+                });
+            }
+        };
         let covering = self
             .filter_covering(listed, namespace, service_account)
             .await?;
@@ -248,15 +347,26 @@ impl Lookups {
         }
         if !self.is_synced(AUTHORITIES) {
             let api = Api::<MTLSAuthority>::all(self.client.clone());
-            let found = api
-                .get_opt(&self.authority)
-                .await
-                .map_err(Error::kube(format!(
-                    "reading MTLSAuthority {}",
-                    self.authority
-                )))?;
-            if let Some(authority) = found {
-                return Ok(authority.spec.trust_domain);
+            let name = self.authority.as_str();
+            let read = self
+                .read(&self.fallbacks.authority, name, || async move {
+                    Ok(api.get_opt(name).await?.map(|a| a.spec.trust_domain))
+                })
+                .await;
+            match read {
+                Ok(Some(trust_domain)) => return Ok(trust_domain),
+                Ok(None) => {}
+                Err(ReadFailed::Throttled) => {
+                    return Err(Error::ApiBudgetSpent {
+                        what: format!("the trust domain of MTLSAuthority {name}"),
+                    });
+                }
+                Err(ReadFailed::Kube(source)) => {
+                    return Err(Error::Kube {
+                        action: format!("reading MTLSAuthority {name}"),
+                        source,
+                    });
+                }
             }
         }
         self.fallback_trust_domain

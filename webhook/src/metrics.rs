@@ -44,7 +44,7 @@ impl Metrics {
         let lookups = Family::<Labels, Counter>::default();
         registry.register(
             "policy_lookups",
-            "MTLSPolicy lookups, by source (cache or api)",
+            "Lookups of covering MTLSPolicies (and the API reads behind them: namespaces, ServiceAccounts), by how they were answered: cache, api, coalesced (shared a concurrent lookup's API read) or throttled (the API read budget was spent)",
             lookups.clone(),
         );
         let duration = Histogram::new(exponential_buckets(0.000_125, 2.0, 16));

@@ -193,6 +193,27 @@ async fn the_api_server_calls_the_webhook_over_tls() -> Result<()> {
             let (code, body) = curl(wrong_kind.to_string().as_bytes())?;
             ensure!(code == "200" && body.contains("\"allowed\":false") && body.contains("expected a Pod"), "{code} {body}");
 
+            // A review crafted by anyone who reaches the endpoint, for a pod of the policy: the
+            // answer (patch included) names no peer, upstream or pattern of the namespace.
+            let crafted = json!({
+                "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+                "request": {
+                    "uid": "2", "kind": { "group": "", "version": "v1", "kind": "Pod" },
+                    "resource": { "group": "", "version": "v1", "resource": "pods" },
+                    "operation": "CREATE", "userInfo": {}, "namespace": ns.name,
+                    "object": { "metadata": { "name": "crafted", "namespace": ns.name, "labels": { "rolemesh.dev/inject": "true" } },
+                                "spec": { "serviceAccountName": "web", "containers": [{ "name": "app", "image": "app:1" }] } },
+                },
+            });
+            let (code, body) = curl(crafted.to_string().as_bytes())?;
+            let answer: serde_json::Value = serde_json::from_str(&body)?;
+            ensure!(code == "200" && answer["response"]["allowed"] == json!(true), "{code} {body}");
+            let patch = answer["response"]["patch"].as_str().context("a patch")?;
+            let patch = String::from_utf8(base64::Engine::decode(&base64::engine::general_purpose::STANDARD, patch)?)?;
+            for secret in ["arn:aws", "spiffe://", "\"allow\"", "\"expect\"", "\"upstream\"", ".svc:8443"] {
+                ensure!(!body.contains(secret) && !patch.contains(secret), "{secret} in the answer: {patch}");
+            }
+
             // An opted-in pod is stored with the sidecar, mounts and config.
             rolemesh_testkit::expect_success("kubectl", &["apply"], &ns.env.kubectl_apply(&ns.name, &pod_manifest("web-1", "web", Some("true")))?)?;
             let pods: Api<Pod> = ns.api();
@@ -208,12 +229,20 @@ async fn the_api_server_calls_the_webhook_over_tls() -> Result<()> {
             let config = rolemesh_profile::proxy_config::ProxyConfig::from_json(&config_json)?;
             ensure!(config.trust_domain == "mesh.test" && config.inbound[0].port == 8443 && config.inbound[0].app_port == 8080);
             ensure!(config.outbound[0].local_port == 9001);
+            // The stored pod (what the webhook answered) names no peer, upstream or pattern: the
+            // proxy reads those from the policy's key of the trust bundle, mounted into it alone.
+            let stored_json = serde_json::to_string(&stored)?;
+            for field in ["\"allow\"", "\"expect\"", "\"upstream\"", "arn:aws", "spiffe://"] {
+                ensure!(!stored_json.contains(field), "{field} in the injected pod: {stored_json}");
+            }
+            ensure!(proxy.volume_mounts.clone().unwrap_or_default().iter().any(|m| m.name == "rolemesh-rules" && m.mount_path == "/var/run/rolemesh/rules"));
             let volumes = spec.volumes.clone().unwrap_or_default();
             ensure!(volumes.iter().any(|v| v.secret.as_ref().and_then(|s| s.secret_name.as_deref()) == Some("web-rolemesh-tls")));
             ensure!(volumes.iter().any(|v| v.config_map.as_ref().map(|c| c.name.as_str()) == Some("rolemesh-trust-bundle")));
             let app = &spec.containers[0];
             ensure!(app.volume_mounts.clone().unwrap_or_default().iter().any(|m| m.mount_path == "/var/run/rolemesh/trust" && m.read_only == Some(true)));
             ensure!(!app.volume_mounts.clone().unwrap_or_default().iter().any(|m| m.name == "rolemesh-identity"), "the key is mounted into the proxy only");
+            ensure!(!app.volume_mounts.clone().unwrap_or_default().iter().any(|m| m.name == "rolemesh-rules"), "the rules are mounted into the proxy only");
             let app_env = app.env.clone().unwrap_or_default();
             ensure!(app_env.iter().any(|e| e.name == "ROLEMESH_TRUST_BUNDLE" && e.value.as_deref() == Some("/var/run/rolemesh/trust/ca.crt")), "{app_env:?}");
             ensure!(!app_env.iter().any(|e| e.name == "SSL_CERT_FILE"), "the app's system trust is left alone: {app_env:?}");

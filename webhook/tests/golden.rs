@@ -360,7 +360,7 @@ fn probes_the_proxy_cannot_send_are_refused_with_the_way_out() {
 #[test]
 fn a_pod_cannot_bring_its_own_proxy_identity_or_rules() {
     type Tamper = fn(&mut k8s_openapi::api::core::v1::PodSpec);
-    let cases: [(&str, &str, Tamper); 7] = [
+    let cases: [(&str, &str, Tamper); 9] = [
         (
             "another Secret behind the identity volume",
             "rolemesh-identity",
@@ -379,13 +379,46 @@ fn a_pod_cannot_bring_its_own_proxy_identity_or_rules() {
         ("another proxy image", "rolemesh-proxy", |spec| {
             spec.init_containers.as_mut().expect("init")[1].image = Some("evil/proxy:1".into());
         }),
-        ("a proxy that admits anyone", "rolemesh-proxy", |spec| {
-            let proxy = &mut spec.init_containers.as_mut().expect("init")[1];
-            let env = &mut proxy.env.as_mut().expect("env")[0];
-            let mut config: Value =
-                serde_json::from_str(env.value.as_deref().expect("value")).expect("json");
-            config["inbound"][0]["allow"] = json!(["spiffe://mesh.test/*"]);
-            env.value = Some(config.to_string());
+        (
+            "a proxy reading rules of its own",
+            "rolemesh-proxy",
+            |spec| {
+                let proxy = &mut spec.init_containers.as_mut().expect("init")[1];
+                let env = &mut proxy.env.as_mut().expect("env")[0];
+                let mut config: Value =
+                    serde_json::from_str(env.value.as_deref().expect("value")).expect("json");
+                config["rulesFile"] = json!("/var/run/rolemesh/trust/ca.crt");
+                env.value = Some(config.to_string());
+            },
+        ),
+        (
+            "another policy's rules behind the rules volume",
+            "rolemesh-rules",
+            |spec| {
+                let volume = spec
+                    .volumes
+                    .as_mut()
+                    .expect("volumes")
+                    .iter_mut()
+                    .find(|v| v.name == "rolemesh-rules")
+                    .expect("rules volume");
+                volume.config_map.as_mut().expect("configMap").items =
+                    Some(vec![k8s_openapi::api::core::v1::KeyToPath {
+                        key: "policy.open-to-all.json".into(),
+                        path: "rules.json".into(),
+                        mode: None,
+                    }]);
+            },
+        ),
+        ("the rules mounted into the app", "rolemesh-rules", |spec| {
+            spec.containers[0]
+                .volume_mounts
+                .get_or_insert_with(Vec::new)
+                .push(k8s_openapi::api::core::v1::VolumeMount {
+                    name: "rolemesh-rules".into(),
+                    mount_path: "/rules".into(),
+                    ..Default::default()
+                });
         }),
         (
             "a proxy run with another command",
@@ -509,4 +542,41 @@ fn reinvocation_after_serviceaccount_admission_is_a_no_op() {
         });
     let error = injection_patch(&pod, &policy(), "mesh.test", &config()).expect_err("refused");
     assert!(error.to_string().contains("rolemesh-proxy"), "{error}");
+}
+
+/// Whoever sends the webhook a review (the endpoint is reachable from every pod) gets back the
+/// patch: it must hold the policy's mapping names and ports only, never whom the namespace admits,
+/// dials or expects. Those reach the proxy through the rules file the controller writes.
+#[test]
+fn the_answer_names_no_peer_upstream_or_pattern_of_the_policy() {
+    let patch = injection_patch(&injected_pod_input(), &policy(), "mesh.test", &config())
+        .expect("injection succeeds");
+    let answer = serde_json::to_string(&patch).expect("patch encodes");
+    let spec = &policy().spec;
+    let secrets = spec
+        .inbound
+        .iter()
+        .flat_map(|m| m.allow.iter())
+        .chain(spec.outbound.iter().flat_map(|m| m.expect.iter()))
+        .chain(spec.outbound.iter().map(|m| &m.upstream));
+    for secret in secrets {
+        assert!(!answer.contains(secret.as_str()), "{secret} in {answer}");
+    }
+    for field in [
+        "\"allow\"",
+        "\"expect\"",
+        "\"upstream\"",
+        "arn:aws",
+        "spiffe://",
+    ] {
+        assert!(!answer.contains(field), "{field} in {answer}");
+    }
+    // The rules arrive instead as the policy's key of the trust bundle ConfigMap, in the proxy only.
+    assert!(answer.contains("policy.payments.json"), "{answer}");
+}
+
+fn injected_pod_input() -> Pod {
+    pod(
+        json!({ "serviceAccountName": "payments", "containers": [{ "name": "app", "image": "app:1" }] }),
+    )
 }

@@ -451,9 +451,13 @@ fn start_proxy(
     dir: &Path,
     name: &str,
     config: serde_json::Value,
+    rules: serde_json::Value,
 ) -> anyhow::Result<Guard> {
     let path = dir.join(format!("{name}.json"));
     std::fs::write(&path, config.to_string())?;
+    if let Some(rules_file) = config["rulesFile"].as_str() {
+        std::fs::write(rules_file, rules.to_string())?;
+    }
     let child = Command::new(bin)
         .arg("--config-file")
         .arg(&path)
@@ -522,8 +526,11 @@ async fn run(
             "identityDir": dir.join("server"),
             "trustBundle": dir.join("server/ca.crt"),
             "adminPort": server_admin, "adminAddress": "127.0.0.1",
-            "inbound": [{"name": "echo", "port": server_port, "appPort": echo_port, "allow": [CLIENT_ROLE]}],
+            "rulesFile": dir.join("server-rules.json"),
+            "inbound": [{"name": "echo", "port": server_port, "appPort": echo_port}],
         }),
+        serde_json::json!({"policy": "bench", "generation": 1,
+            "inbound": [{"name": "echo", "allow": [CLIENT_ROLE]}]}),
     )?;
     let client = start_proxy(
         &proxy,
@@ -534,9 +541,11 @@ async fn run(
             "identityDir": dir.join("client"),
             "trustBundle": dir.join("client/ca.crt"),
             "adminPort": client_admin, "adminAddress": "127.0.0.1",
-            "outbound": [{"name": "echo", "localPort": client_port,
-                          "upstream": format!("127.0.0.1:{server_port}"), "expect": [SERVER_ROLE]}],
+            "rulesFile": dir.join("client-rules.json"),
+            "outbound": [{"name": "echo", "localPort": client_port}],
         }),
+        serde_json::json!({"policy": "bench", "generation": 1,
+            "outbound": [{"name": "echo", "upstream": format!("127.0.0.1:{server_port}"), "expect": [SERVER_ROLE]}]}),
     )?;
     let (st_server_port, st_client_port) = (free_port()?, free_port()?);
     let tls_opts = |name: &str| {

@@ -1,4 +1,5 @@
-//! `status`: the identities of the ServiceAccounts MTLSPolicies cover, from the policies' status.
+//! `status`: the identities of the ServiceAccounts MTLSPolicies cover, and the pods that run an
+//! older start configuration (mappings, ports) than their policy's, from the policies' status.
 
 use anyhow::{Context as _, Result};
 use kube::{Api, Client, ResourceExt, api::ListParams};
@@ -16,6 +17,21 @@ pub struct StatusArgs {
     all_namespaces: bool,
     #[arg(short, long, value_enum, default_value = "table")]
     output: Output,
+    /// List the stale pods (ports or mappings changed since they were injected; re-create them)
+    /// instead of the identities.
+    #[arg(long)]
+    pods: bool,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct PodRow {
+    namespace: String,
+    policy: String,
+    pod: String,
+    generation: i64,
+    current_generation: i64,
+    reason: String,
 }
 
 #[derive(Serialize)]
@@ -40,6 +56,7 @@ pub async fn status(client: Client, args: StatusArgs) -> Result<()> {
         namespace,
         all_namespaces: all,
         output,
+        pods,
     } = args;
     let api: Api<MTLSPolicy> = if all {
         Api::all(client.clone())
@@ -54,7 +71,25 @@ pub async fn status(client: Client, args: StatusArgs) -> Result<()> {
         .await
         .context("listing MTLSPolicies (are rolemesh's CRDs installed?)")?;
     let mut rows = Vec::new();
+    let mut stale = Vec::new();
+    let mut unlisted = 0;
     for policy in &policies.items {
+        let report = policy.status.as_ref().and_then(|s| s.pods.as_ref());
+        for pod in report.map(|p| p.stale.as_slice()).unwrap_or_default() {
+            stale.push(PodRow {
+                namespace: policy.namespace().unwrap_or_default(),
+                policy: policy.name_any(),
+                pod: pod.name.clone(),
+                generation: pod.generation,
+                current_generation: policy.metadata.generation.unwrap_or(0),
+                reason: pod.reason.clone(),
+            });
+        }
+        unlisted += report.map_or(0, |p| {
+            usize::try_from(p.stale_count)
+                .unwrap_or_default()
+                .saturating_sub(p.stale.len())
+        });
         for workload in policy
             .status
             .as_ref()
@@ -79,6 +114,13 @@ pub async fn status(client: Client, args: StatusArgs) -> Result<()> {
     }
     if policies.items.is_empty() {
         return Err(NotFound("no MTLSPolicy found".into()).into());
+    }
+    if pods {
+        match output {
+            Output::Table => stale_table(&stale, unlisted),
+            other => print(&stale, other)?,
+        }
+        return Ok(());
     }
     match output {
         Output::Table => table(
@@ -110,5 +152,48 @@ pub async fn status(client: Client, args: StatusArgs) -> Result<()> {
         ),
         other => print(&rows, other)?,
     }
+    if matches!(output, Output::Table) && !stale.is_empty() {
+        println!();
+        stale_table(&stale, unlisted);
+    }
     Ok(())
+}
+
+/// The stale pods, and what to do about them.
+fn stale_table(stale: &[PodRow], unlisted: usize) {
+    if stale.is_empty() {
+        println!("No stale pods: every injected pod runs its policy's current mappings and ports.");
+        return;
+    }
+    table(
+        &[
+            "NAMESPACE",
+            "POLICY",
+            "STALE POD",
+            "INJECTED AT",
+            "CURRENT",
+            "REASON",
+        ],
+        &stale
+            .iter()
+            .map(|r| {
+                vec![
+                    r.namespace.clone(),
+                    r.policy.clone(),
+                    r.pod.clone(),
+                    r.generation.to_string(),
+                    r.current_generation.to_string(),
+                    r.reason.clone(),
+                ]
+            })
+            .collect::<Vec<_>>(),
+    );
+    if unlisted > 0 {
+        println!("... and {unlisted} more (the status lists at most 100 per policy)");
+    }
+    println!(
+        "Re-create stale pods to apply their policy (kubectl rollout restart): PortsChanged pods get \
+         peer rule edits live but keep their old mappings and ports, InjectedBeforeLiveRules pods \
+         get no policy edit at all."
+    );
 }

@@ -5,6 +5,7 @@
 //! `summary` sums the outcomes up into the status, [`writes`] talks to the API server; this
 //! module puts them together.
 
+pub mod pods;
 pub mod select;
 mod summary;
 pub mod workload;
@@ -24,7 +25,7 @@ use kube::{
 };
 use rolemesh_crds::{
     MTLSPolicy, MTLSPolicyStatus, RotationRecord,
-    names::{POLICY_LABEL, ROTATE_ANNOTATION, SERVICE_ACCOUNT_LABEL},
+    names::{POLICY_LABEL, ROTATE_ANNOTATION, SERVICE_ACCOUNT_LABEL, policy_rules_key},
 };
 use time::OffsetDateTime;
 use tracing::warn;
@@ -34,8 +35,8 @@ use self::{
     summary::Summary,
     workload::{Outcome, PolicyRun, reconcile_service_account},
     writes::{
-        PolicyEvent, apply_last_rotation, apply_status, apply_trust_bundle, delete_workload_secret,
-        publish,
+        PolicyEvent, apply_last_rotation, apply_peer_rules, apply_status, apply_trust_bundle,
+        delete_workload_secret, publish,
     },
 };
 use crate::{
@@ -113,6 +114,16 @@ async fn reconcile_policy(policy: &MTLSPolicy, ctx: &Context) -> Result<Action> 
         }
     };
 
+    // The peer rules the proxies read; a policy whose rules they would refuse is not ready, and
+    // the rules in force stay those of the last valid generation.
+    let rules = match peer_rules_of(policy) {
+        Ok(rules) => rules,
+        Err(error) => {
+            not_ready(ctx, policy, error.reason(), error.to_string()).await?;
+            return Ok(Action::await_change());
+        }
+    };
+
     let owner = policy
         .controller_owner_ref(&())
         .ok_or_else(|| Error::InvalidPolicy("the policy has no uid yet".into()))?;
@@ -163,6 +174,8 @@ async fn reconcile_policy(policy: &MTLSPolicy, ctx: &Context) -> Result<Action> 
     }
 
     if !coverage.covered.is_empty() {
+        let (key, json) = &rules;
+        apply_peer_rules(ctx, &namespace, &name, key, json).await?;
         apply_trust_bundle(ctx, &namespace, &ca.bundle_pem).await?;
     }
 
@@ -212,9 +225,24 @@ async fn reconcile_policy(policy: &MTLSPolicy, ctx: &Context) -> Result<Action> 
     if let Some(soonest) = &summary.status.soonest_not_after {
         ctx.metrics.set_soonest_expiry(soonest.0.as_second());
     }
-    let renew_at = summary.renew_at;
+    let mut renew_at = summary.renew_at;
     let streak = ctx.transient_streak(&namespace, &name, summary.transient);
-    apply_status(ctx, policy, summary.status).await?;
+    let mut status = summary.status;
+    status.pods = match pods::list_pods(ctx, &namespace).await {
+        Ok(listed) => Some(pods::pods_status(policy, &listed)),
+        Err(error) => {
+            // The pods' report is worth a warning, never the reconcile: keep the last one.
+            warn!(%error, namespace = %namespace, policy = %name, "cannot list the namespace's pods; the status keeps its last report of stale pods");
+            policy.status.as_ref().and_then(|s| s.pods.clone())
+        }
+    };
+    // Pods are not watched: while some are stale, look again soon, so that the report follows a
+    // rollout that replaces them.
+    if status.pods.as_ref().is_some_and(|p| p.stale_count > 0) {
+        let soon = OffsetDateTime::now_utc() + STALE_POD_RECHECK;
+        renew_at = Some(renew_at.map_or(soon, |at| at.min(soon)));
+    }
+    apply_status(ctx, policy, status).await?;
     if let Some(record) = last_rotation {
         apply_last_rotation(ctx, policy, record).await?;
     }
@@ -226,9 +254,28 @@ async fn reconcile_policy(policy: &MTLSPolicy, ctx: &Context) -> Result<Action> 
     ))
 }
 
+/// The key of the policy's peer rules in the trust bundle ConfigMap and their JSON.
+fn peer_rules_of(policy: &MTLSPolicy) -> Result<(String, String)> {
+    let name = policy.name_any();
+    let key = policy_rules_key(&name).ok_or_else(|| {
+        Error::InvalidPolicy(format!(
+            "the policy's name is longer than {} characters, too long for the key of its peer rules in ConfigMap {}; rename the policy",
+            rolemesh_profile::proxy_config::MAX_RULES_POLICY_NAME,
+            rolemesh_crds::names::TRUST_BUNDLE_CONFIGMAP
+        ))
+    })?;
+    let rules = policy
+        .peer_rules()
+        .map_err(|e| Error::InvalidPolicy(format!("its peer rules are invalid: {e}")))?;
+    Ok((key, rules.to_json()))
+}
+
 fn annotation(policy: &MTLSPolicy, key: &str) -> Option<String> {
     policy.annotations().get(key).cloned()
 }
+
+/// How often a policy with stale pods lists its pods again.
+const STALE_POD_RECHECK: time::Duration = time::Duration::seconds(60);
 
 /// The first wait after a transient failure (STS throttled or unreachable, the signer down); it
 /// doubles with each further reconcile that fails so, up to [`TRANSIENT_MAX_BACKOFF`].

@@ -102,6 +102,8 @@ impl Summary {
                 .min_by_key(|t| t.0),
             workloads,
             last_rotation: None,
+            // Filled in by the reconciler, which lists the pods.
+            pods: None,
         };
         summary
     }

@@ -17,7 +17,7 @@ use serde_json::json;
 use time::OffsetDateTime;
 
 use super::{
-    next_reconcile,
+    next_reconcile, peer_rules_of,
     select::{Coverage, Overlap, policies_for_service_account, profile_of},
     summary::{conflicted_condition, readiness},
     transient_backoff,
@@ -537,4 +537,43 @@ fn only_the_controllers_own_record_makes_a_certificate_verified() {
             "{case}"
         );
     }
+}
+
+/// The rules the controller writes for the proxies: the policy's key of the trust bundle and the
+/// JSON the proxy parses; a policy whose rules the proxy would refuse gets a clear error instead.
+#[test]
+fn peer_rules_are_written_under_the_policy_key_as_the_proxy_reads_them() {
+    let mut policy: MTLSPolicy = serde_json::from_value(json!({
+        "apiVersion": "rolemesh.dev/v1alpha1", "kind": "MTLSPolicy",
+        "metadata": { "name": "web", "namespace": "shop", "generation": 5 },
+        "spec": {
+            "serviceAccounts": { "names": ["web"] },
+            "inbound": [{ "name": "http", "port": 8443, "appPort": 8080,
+                          "allow": ["arn:aws:iam::111122223333:role/frontend"] }],
+        },
+    }))
+    .expect("policy fixture");
+    let (key, json) = peer_rules_of(&policy).expect("valid rules");
+    assert_eq!(key, "policy.web.json");
+    let rules =
+        rolemesh_profile::proxy_config::PeerRules::from_json(&json).expect("proxy reads it");
+    assert_eq!((rules.policy.as_str(), rules.generation), ("web", 5));
+    assert_eq!(rules.allow("http").map(<[_]>::len), Some(1));
+
+    policy.spec.inbound[0].allow = vec!["arn:aws:iam::*:role/frontend".into()];
+    let error = peer_rules_of(&policy).unwrap_err();
+    assert_eq!(error.reason(), Reason::InvalidPolicy);
+    assert!(error.to_string().contains("account field"), "{error}");
+
+    // Each policy's key has its own field manager, within the API server's 128 characters.
+    let managers: std::collections::BTreeSet<_> = ["web", "api", &"p".repeat(241)]
+        .into_iter()
+        .map(rolemesh_crds::names::rules_field_manager)
+        .collect();
+    assert_eq!(managers.len(), 3);
+    assert!(managers.iter().all(|m| m.len() <= 128));
+
+    policy.metadata.name = Some("p".repeat(300));
+    let error = peer_rules_of(&policy).unwrap_err().to_string();
+    assert!(error.contains("too long"), "{error}");
 }

@@ -9,7 +9,10 @@ use kube::{
 };
 use rolemesh_crds::{
     MTLSPolicy, MTLSPolicyStatus, RotationRecord,
-    names::{MANAGED_BY_LABEL, MANAGED_BY_VALUE, TRUST_BUNDLE_CONFIGMAP, TRUST_BUNDLE_KEY},
+    names::{
+        MANAGED_BY_LABEL, MANAGED_BY_VALUE, TRUST_BUNDLE_CONFIGMAP, TRUST_BUNDLE_KEY,
+        rules_field_manager,
+    },
 };
 use std::time::Duration;
 
@@ -263,6 +266,40 @@ pub async fn maintain_trust_bundles(ctx: std::sync::Arc<Context>) {
             ctx.metrics.trust_bundles_repaired(repaired);
         }
     }
+}
+
+/// Writes one policy's peer rules as key `key` of the namespace's trust bundle ConfigMap, by
+/// server-side apply as the policy's own field manager. It creates the ConfigMap if need be, and
+/// runs before [`apply_trust_bundle`]: kubelet mounts nothing of the ConfigMap before `ca.crt` is
+/// there, so a pod never starts its proxy with the bundle but without its rules.
+pub async fn apply_peer_rules(
+    ctx: &Context,
+    namespace: &str,
+    policy: &str,
+    key: &str,
+    rules: &str,
+) -> Result<()> {
+    if ctx.rules_applied(namespace, key, rules) {
+        return Ok(());
+    }
+    let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), namespace);
+    let body = json!({
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": { "name": TRUST_BUNDLE_CONFIGMAP },
+        "data": { key: rules },
+    });
+    api.patch(
+        TRUST_BUNDLE_CONFIGMAP,
+        &PatchParams::apply(&rules_field_manager(policy)).force(),
+        &Patch::Apply(body),
+    )
+    .await
+    .map_err(Error::kube(format!(
+        "write the peer rules {key} into ConfigMap {namespace}/{TRUST_BUNDLE_CONFIGMAP}"
+    )))?;
+    ctx.remember_rules(namespace, key, rules);
+    Ok(())
 }
 
 /// Writes the status unless it is what the policy already shows.

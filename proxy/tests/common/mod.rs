@@ -65,6 +65,79 @@ impl MountedSecret {
     }
 }
 
+/// A directory laid out as kubelet mounts the proxy's rules volume (one ConfigMap key as
+/// `rules.json`), swapped the same way as [`MountedSecret`].
+pub struct MountedRules {
+    pub dir: PathBuf,
+    generation: u32,
+}
+
+impl MountedRules {
+    pub fn new(dir: &Path, rules: &str) -> MountedRules {
+        std::fs::create_dir_all(dir).unwrap();
+        let mut mounted = MountedRules {
+            dir: dir.to_path_buf(),
+            generation: 0,
+        };
+        mounted.swap(rules);
+        std::os::unix::fs::symlink("..data/rules.json", dir.join("rules.json")).unwrap();
+        mounted
+    }
+
+    pub fn file(&self) -> PathBuf {
+        self.dir.join("rules.json")
+    }
+
+    /// Writes `rules` as a new generation and swaps `..data` atomically, as kubelet does.
+    pub fn swap(&mut self, rules: &str) {
+        self.generation += 1;
+        let generation = format!(
+            "..2026_11_24_00_00_{:02}.{}",
+            self.generation, self.generation
+        );
+        let target = self.dir.join(&generation);
+        std::fs::create_dir_all(&target).unwrap();
+        std::fs::write(target.join("rules.json"), rules).unwrap();
+        let tmp = self.dir.join("..data_tmp");
+        let _ = std::fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(&generation, &tmp).unwrap();
+        std::fs::rename(&tmp, self.dir.join("..data")).unwrap();
+    }
+}
+
+/// Moves the peer rules out of a test's listener JSON (`allow` of inbound mappings, `upstream`
+/// and `expect` of outbound ones), where tests write them for brevity, into the rules file the
+/// proxy reads (policy `test`, generation 1).
+pub fn split_rules(config: &mut serde_json::Value) -> serde_json::Value {
+    let mut inbound = Vec::new();
+    for listener in config
+        .get_mut("inbound")
+        .and_then(|l| l.as_array_mut())
+        .into_iter()
+        .flatten()
+    {
+        let listener = listener.as_object_mut().unwrap();
+        if let Some(allow) = listener.remove("allow") {
+            inbound.push(serde_json::json!({"name": listener["name"], "allow": allow}));
+        }
+    }
+    let mut outbound = Vec::new();
+    for listener in config
+        .get_mut("outbound")
+        .and_then(|l| l.as_array_mut())
+        .into_iter()
+        .flatten()
+    {
+        let listener = listener.as_object_mut().unwrap();
+        if let (Some(upstream), Some(expect)) =
+            (listener.remove("upstream"), listener.remove("expect"))
+        {
+            outbound.push(serde_json::json!({"name": listener["name"], "upstream": upstream, "expect": expect}));
+        }
+    }
+    serde_json::json!({"policy": "test", "generation": 1, "inbound": inbound, "outbound": outbound})
+}
+
 /// An app on 127.0.0.1 that greets with [`BANNER`] and echoes lines until it reads `quit`.
 pub fn echo_app() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -128,6 +201,8 @@ pub struct Proxy {
     child: Child,
     pub admin_port: u16,
     pub log: PathBuf,
+    /// The mounted rules file, for tests that change the rules under the running proxy.
+    pub rules: Option<MountedRules>,
 }
 
 impl Proxy {
@@ -156,8 +231,20 @@ impl Proxy {
         (Proxy::start(dir, config), mounted)
     }
 
-    /// Starts the binary with `config` (JSON) in a file and waits until /ready says 200.
-    pub fn start(dir: &Path, config: serde_json::Value) -> Proxy {
+    /// Starts the binary with `config` (JSON) in a file, its peer rules ([`split_rules`]) in a
+    /// kubelet-style mounted rules file, and waits until /ready says 200.
+    pub fn start(dir: &Path, mut config: serde_json::Value) -> Proxy {
+        let rules = split_rules(&mut config);
+        let mounted = MountedRules::new(&dir.join("rules"), &rules.to_string());
+        config["rulesFile"] = serde_json::json!(mounted.file());
+        let mut proxy = Proxy::spawn(dir, config);
+        proxy.rules = Some(mounted);
+        proxy.wait_ready();
+        proxy
+    }
+
+    /// Starts the binary with `config` (JSON, its `rulesFile` as given) and returns at once.
+    pub fn spawn(dir: &Path, config: serde_json::Value) -> Proxy {
         let admin_port = config["adminPort"].as_u64().unwrap() as u16;
         let path = dir.join("config.json");
         std::fs::write(&path, config.to_string()).unwrap();
@@ -170,14 +257,19 @@ impl Proxy {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
-        let proxy = Proxy {
+        Proxy {
             child,
             admin_port,
             log,
-        };
+            rules: None,
+        }
+    }
+
+    /// Waits until /ready says 200.
+    pub fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            if let Some((status, _)) = http_get(admin_port, "/ready")
+            if let Some((status, _)) = http_get(self.admin_port, "/ready")
                 && status == 200
             {
                 break;
@@ -185,11 +277,10 @@ impl Proxy {
             assert!(
                 Instant::now() < deadline,
                 "proxy not ready: {}",
-                proxy.log_text()
+                self.log_text()
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        proxy
     }
 
     pub fn metrics(&self) -> String {
