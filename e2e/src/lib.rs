@@ -460,3 +460,85 @@ impl Drop for FaultyEndpoint {
         self.task.abort();
     }
 }
+
+/// The namespace the tests that run the chart as pods install it into, as docs/development.md shows.
+pub const RELEASE_NAMESPACE: &str = "rolemesh";
+
+fn helm(env: &ClusterEnv, args: &[&str]) -> Result<String> {
+    let output = env.run("helm", args, None)?;
+    rolemesh_testkit::expect_success("helm", args, &output)
+}
+
+/// Installs the chart as release `rolemesh` with the command docs/development.md shows for the
+/// local cluster (its values file, `authority.create=true`), the trust domain given, and `extra`
+/// `--set` values; waits for its pods. One such release runs at a time: the test files that use it
+/// are separate binaries, which `cargo test` runs one after another.
+pub fn install_release(env: &ClusterEnv, trust_domain: &str, extra: &[&str]) -> Result<()> {
+    // A release left by an interrupted run would refuse the install.
+    let _ = env.run(
+        "helm",
+        &["uninstall", "rolemesh", "-n", RELEASE_NAMESPACE, "--wait"],
+        None,
+    );
+    // A namespace being deleted refuses new content until it is gone.
+    let deadline = std::time::Instant::now() + Duration::from_secs(180);
+    while env
+        .run(
+            "kubectl",
+            &[
+                "get",
+                "namespace",
+                RELEASE_NAMESPACE,
+                "-o",
+                "jsonpath={.status.phase}",
+            ],
+            None,
+        )?
+        .stdout
+        .starts_with(b"Terminating")
+    {
+        if std::time::Instant::now() > deadline {
+            bail!("namespace {RELEASE_NAMESPACE} is still terminating");
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let chart = rolemesh_testkit::repo_root().join("charts/rolemesh");
+    let values = env.chart_values()?;
+    let trust_domain = format!("authority.trustDomain={trust_domain}");
+    let mut args = vec![
+        "install",
+        "rolemesh",
+        chart.to_str().context("chart path")?,
+        "--namespace",
+        RELEASE_NAMESPACE,
+        "--create-namespace",
+        "-f",
+        values.to_str().context("values path")?,
+        "--set",
+        "authority.create=true",
+        "--set",
+        &trust_domain,
+    ];
+    for value in extra {
+        args.extend(["--set", value]);
+    }
+    args.extend(["--wait", "--timeout", "3m"]);
+    helm(env, &args)?;
+    Ok(())
+}
+
+/// Uninstalls the release and deletes its namespace, waiting for both.
+pub fn uninstall_release(env: &ClusterEnv) -> Result<()> {
+    helm(
+        env,
+        &["uninstall", "rolemesh", "-n", RELEASE_NAMESPACE, "--wait"],
+    )?;
+    env.kubectl(&[
+        "delete",
+        "namespace",
+        RELEASE_NAMESPACE,
+        "--ignore-not-found",
+        "--wait=true",
+    ])?;
+    Ok(())
+}

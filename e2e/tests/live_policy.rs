@@ -18,12 +18,10 @@ use std::{
 };
 
 use anyhow::{Context, Result, ensure};
-use rolemesh_testkit::{
-    ClusterEnv, TestNamespace, eventually, in_namespace, node_ready, repo_root,
-};
+use rolemesh_e2e::{install_release, uninstall_release};
+use rolemesh_testkit::{TestNamespace, eventually, in_namespace, node_ready};
 
 const BUSYBOX: &str = "rolemesh.local/busybox:1.35.0";
-const RELEASE_NAMESPACE: &str = "rolemesh";
 const TRUST_DOMAIN: &str = "live.rolemesh.test";
 const MTLS_PORT: u16 = 8443;
 const APP_PORT: u16 = 8080;
@@ -35,63 +33,12 @@ const KUBELET_PROPAGATION: Duration = Duration::from_secs(150);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn policy_edits_reach_running_pods_and_port_changes_list_stale_pods() -> Result<()> {
     let env = node_ready().await?;
-    install_release(&env).context("installing the chart as docs/development.md shows")?;
+    install_release(&env, TRUST_DOMAIN, &[])
+        .context("installing the chart as docs/development.md shows")?;
     let outcome = in_namespace("live", |ns| async move { live_policy_phase(&ns).await }).await;
     let uninstall = uninstall_release(&env);
     outcome?;
     uninstall
-}
-
-fn helm(env: &ClusterEnv, args: &[&str]) -> Result<String> {
-    let output = env.run("helm", args, None)?;
-    rolemesh_testkit::expect_success("helm", args, &output)
-}
-
-fn install_release(env: &ClusterEnv) -> Result<()> {
-    let _ = env.run(
-        "helm",
-        &["uninstall", "rolemesh", "-n", RELEASE_NAMESPACE, "--wait"],
-        None,
-    );
-    let chart = repo_root().join("charts/rolemesh");
-    let values = env.chart_values()?;
-    let trust_domain = format!("authority.trustDomain={TRUST_DOMAIN}");
-    helm(
-        env,
-        &[
-            "install",
-            "rolemesh",
-            chart.to_str().context("chart path")?,
-            "--namespace",
-            RELEASE_NAMESPACE,
-            "--create-namespace",
-            "-f",
-            values.to_str().context("values path")?,
-            "--set",
-            "authority.create=true",
-            "--set",
-            &trust_domain,
-            "--wait",
-            "--timeout",
-            "3m",
-        ],
-    )?;
-    Ok(())
-}
-
-fn uninstall_release(env: &ClusterEnv) -> Result<()> {
-    helm(
-        env,
-        &["uninstall", "rolemesh", "-n", RELEASE_NAMESPACE, "--wait"],
-    )?;
-    env.kubectl(&[
-        "delete",
-        "namespace",
-        RELEASE_NAMESPACE,
-        "--ignore-not-found",
-        "--wait=true",
-    ])?;
-    Ok(())
 }
 
 fn now_unix() -> u64 {

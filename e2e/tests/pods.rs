@@ -27,14 +27,12 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use rolemesh_testkit::{
-    ClusterEnv, TestNamespace, eventually, in_namespace, node_ready, repo_root,
-};
+use rolemesh_e2e::{RELEASE_NAMESPACE, install_release, uninstall_release};
+use rolemesh_testkit::{ClusterEnv, TestNamespace, eventually, in_namespace, node_ready};
 
 const BUSYBOX: &str = "rolemesh.local/busybox:1.35.0";
 /// OpenSSL's client with Debian's trust store layout (dev/images/openssl.image).
 const OPENSSL: &str = "rolemesh.local/openssl:test";
-const RELEASE_NAMESPACE: &str = "rolemesh";
 const TRUST_DOMAIN: &str = "pods.rolemesh.test";
 /// The server's inbound mapping (proxy) and its app's plain port.
 const MTLS_PORT: u16 = 8443;
@@ -45,7 +43,8 @@ const OUTBOUND_PORT: u16 = 9001;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_chart_runs_as_pods_and_meshes_injected_pods() -> Result<()> {
     let env = node_ready().await?;
-    install_release(&env).context("installing the chart as docs/development.md shows")?;
+    install_release(&env, TRUST_DOMAIN, &[])
+        .context("installing the chart as docs/development.md shows")?;
     let outcome = in_namespace("pods", |ns| async move {
         let mesh = Mesh::deploy(&ns).await.context("deploying the mesh")?;
         timed("injection", mesh.injection()).await?;
@@ -78,82 +77,6 @@ async fn timed(phase: &str, work: impl Future<Output = Result<()>>) -> Result<()
         "phase {phase}: passed in {:.1}s",
         started.elapsed().as_secs_f64()
     );
-    Ok(())
-}
-
-fn helm(env: &ClusterEnv, args: &[&str]) -> Result<String> {
-    let output = env.run("helm", args, None)?;
-    rolemesh_testkit::expect_success("helm", args, &output)
-}
-
-fn install_release(env: &ClusterEnv) -> Result<()> {
-    // A release left by an interrupted run would refuse the install.
-    let _ = env.run(
-        "helm",
-        &["uninstall", "rolemesh", "-n", RELEASE_NAMESPACE, "--wait"],
-        None,
-    );
-    // A namespace another test is deleting refuses new content until it is gone.
-    let deadline = Instant::now() + Duration::from_secs(180);
-    while env
-        .run(
-            "kubectl",
-            &[
-                "get",
-                "namespace",
-                RELEASE_NAMESPACE,
-                "-o",
-                "jsonpath={.status.phase}",
-            ],
-            None,
-        )?
-        .stdout
-        .starts_with(b"Terminating")
-    {
-        ensure!(
-            Instant::now() < deadline,
-            "namespace {RELEASE_NAMESPACE} is still terminating"
-        );
-        std::thread::sleep(Duration::from_secs(1));
-    }
-    let chart = repo_root().join("charts/rolemesh");
-    let values = env.chart_values()?;
-    let trust_domain = format!("authority.trustDomain={TRUST_DOMAIN}");
-    helm(
-        env,
-        &[
-            "install",
-            "rolemesh",
-            chart.to_str().context("chart path")?,
-            "--namespace",
-            RELEASE_NAMESPACE,
-            "--create-namespace",
-            "-f",
-            values.to_str().context("values path")?,
-            "--set",
-            "authority.create=true",
-            "--set",
-            &trust_domain,
-            "--wait",
-            "--timeout",
-            "3m",
-        ],
-    )?;
-    Ok(())
-}
-
-fn uninstall_release(env: &ClusterEnv) -> Result<()> {
-    helm(
-        env,
-        &["uninstall", "rolemesh", "-n", RELEASE_NAMESPACE, "--wait"],
-    )?;
-    env.kubectl(&[
-        "delete",
-        "namespace",
-        RELEASE_NAMESPACE,
-        "--ignore-not-found",
-        "--wait=true",
-    ])?;
     Ok(())
 }
 

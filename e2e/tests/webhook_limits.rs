@@ -16,7 +16,8 @@ use std::{
 use anyhow::{Context, Result, bail, ensure};
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use kube::Api;
-use rolemesh_testkit::{ClusterEnv, TestNamespace, in_namespace, node_ready, repo_root};
+use rolemesh_e2e::{RELEASE_NAMESPACE, install_release, uninstall_release};
+use rolemesh_testkit::{ClusterEnv, TestNamespace, in_namespace, node_ready};
 use rustls_pki_types::{CertificateDer, ServerName, pem::PemObject as _};
 use serde_json::{Value, json};
 use tokio::{
@@ -26,7 +27,6 @@ use tokio::{
 use tokio_rustls::TlsConnector;
 
 const BUSYBOX: &str = "rolemesh.local/busybox:1.35.0";
-const RELEASE_NAMESPACE: &str = "rolemesh";
 const TRUST_DOMAIN: &str = "limits.rolemesh.test";
 const WEBHOOK_PORT: u16 = 8443;
 const SERVER_NAME: &str = "rolemesh-webhook.rolemesh.svc";
@@ -39,7 +39,7 @@ const SLACK: Duration = Duration::from_secs(2);
 async fn the_chart_webhook_survives_slow_clients_and_a_review_of_empty_containers() -> Result<()> {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let env = node_ready().await?;
-    install_release(&env).context("installing the chart")?;
+    install_release(&env, TRUST_DOMAIN, &["webhook.replicas=1"]).context("installing the chart")?;
     let outcome = in_namespace("whlimits", |ns| async move { attack(&ns).await }).await;
     let uninstall = uninstall_release(&env);
     outcome?;
@@ -357,59 +357,4 @@ fn memory_limit_kib(env: &ClusterEnv) -> Result<u64> {
         other => bail!("memory limit {limit:?}: unit {other:?} not understood"),
     };
     Ok(kib)
-}
-
-fn helm(env: &ClusterEnv, args: &[&str]) -> Result<String> {
-    let output = env.run("helm", args, None)?;
-    rolemesh_testkit::expect_success("helm", args, &output)
-}
-
-fn install_release(env: &ClusterEnv) -> Result<()> {
-    // A release left by an interrupted run would refuse the install.
-    let _ = env.run(
-        "helm",
-        &["uninstall", "rolemesh", "-n", RELEASE_NAMESPACE, "--wait"],
-        None,
-    );
-    let chart = repo_root().join("charts/rolemesh");
-    let values = env.chart_values()?;
-    let trust_domain = format!("authority.trustDomain={TRUST_DOMAIN}");
-    helm(
-        env,
-        &[
-            "install",
-            "rolemesh",
-            chart.to_str().context("chart path")?,
-            "--namespace",
-            RELEASE_NAMESPACE,
-            "--create-namespace",
-            "-f",
-            values.to_str().context("values path")?,
-            "--set",
-            "authority.create=true",
-            "--set",
-            &trust_domain,
-            "--set",
-            "webhook.replicas=1",
-            "--wait",
-            "--timeout",
-            "3m",
-        ],
-    )?;
-    Ok(())
-}
-
-fn uninstall_release(env: &ClusterEnv) -> Result<()> {
-    helm(
-        env,
-        &["uninstall", "rolemesh", "-n", RELEASE_NAMESPACE, "--wait"],
-    )?;
-    env.kubectl(&[
-        "delete",
-        "namespace",
-        RELEASE_NAMESPACE,
-        "--ignore-not-found",
-        "--wait=true",
-    ])?;
-    Ok(())
 }
