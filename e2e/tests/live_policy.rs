@@ -315,7 +315,7 @@ spec:
         - -c
         - |
           while true; do
-            if wget -qO- -T 2 http://127.0.0.1:{OUTBOUND_PORT}/index.html >/dev/null 2>&1; then echo "ok $(date +%s)"; else echo "fail $(date +%s)"; fi
+            if busybox timeout 2 wget -qO- http://127.0.0.1:{OUTBOUND_PORT}/index.html >/dev/null 2>&1; then echo "ok $(date +%s)"; else echo "fail $(date +%s)"; fi
             sleep 0.2
           done
 "#
