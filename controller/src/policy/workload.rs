@@ -109,7 +109,7 @@ pub fn recorded_verification(
         entry
             .verified_at
             .as_ref()
-            .map_or(OffsetDateTime::UNIX_EPOCH, |t| from_time(t)),
+            .map_or(OffsetDateTime::UNIX_EPOCH, from_time),
     )
 }
 
