@@ -45,7 +45,6 @@ pub fn reverify_due(
     for (slot, byte) in first.iter_mut().zip(serial.iter()) {
         *slot = *byte;
     }
-    #[allow(clippy::cast_precision_loss)]
     let unit = u64::from_be_bytes(first) as f64 / u64::MAX as f64;
     let factor = 1.0 + JITTER_FRACTION * (2.0 * unit - 1.0);
     let wait =
