@@ -29,6 +29,7 @@ use rolemesh_crds::names::{CA_CERT_KEY, MANAGED_BY_LABEL, MANAGED_BY_VALUE};
 use crate::{
     error::{Error, Result},
     metrics::Metrics,
+    reverify::reverify_interval,
     signer::{KmsSigner, LocalSigner, RcgenKey, Signer},
 };
 
@@ -50,6 +51,8 @@ pub struct CaState {
     pub verification: IdentityVerification,
     /// The AWS accounts whose roles may be certified (`spec.allowedAccounts`); `None`: any.
     pub allowed_accounts: Option<BTreeSet<String>>,
+    /// How often STS is asked again about a workload it confirmed (`spec.reverifyInterval`).
+    pub reverify_interval: Duration,
     pub fingerprint: String,
     pub not_after: OffsetDateTime,
     /// The MTLSAuthority generation this state was built from.
@@ -195,6 +198,8 @@ pub async fn establish_ca(
         name: name.clone(),
         message,
     };
+    let reverify_interval =
+        reverify_interval(authority.spec.reverify_interval.as_deref()).map_err(&invalid)?;
 
     let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
     let existing = api
@@ -310,6 +315,7 @@ pub async fn establish_ca(
             trust_domain,
             verification: authority.spec.identity_verification,
             allowed_accounts: allowed_accounts(authority),
+            reverify_interval,
             generation: authority.metadata.generation,
             refused,
         });
@@ -346,6 +352,7 @@ pub async fn establish_ca(
             trust_domain,
             verification: authority.spec.identity_verification,
             allowed_accounts: allowed_accounts(authority),
+            reverify_interval,
             generation: authority.metadata.generation,
             refused,
         });
@@ -383,6 +390,7 @@ pub async fn establish_ca(
         trust_domain,
         verification: authority.spec.identity_verification,
         allowed_accounts: allowed_accounts(authority),
+        reverify_interval,
         generation: authority.metadata.generation,
         refused,
     })

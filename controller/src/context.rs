@@ -17,6 +17,7 @@ use kube::{
     },
 };
 use rolemesh_crds::MTLSPolicy;
+use time::OffsetDateTime;
 
 use crate::{ca::CaState, metrics::Metrics, status::Reason};
 
@@ -63,9 +64,9 @@ pub struct Context {
     /// failure, for the backoff of the next one.
     transient_streaks: Mutex<HashMap<(String, String), u32>>,
     /// Per workload (namespace, ServiceAccount): the serial of the certificate whose role this
-    /// process verified with STS. The policy status records the same, but the cached policy
-    /// may not show our last status write yet.
-    verified: Mutex<HashMap<(String, String), String>>,
+    /// process verified with STS, and when STS last confirmed it. The policy status records the
+    /// same, but the cached policy may not show our last status write yet.
+    verified: Mutex<HashMap<(String, String), (String, OffsetDateTime)>>,
 }
 
 impl Context {
@@ -163,22 +164,35 @@ impl Context {
         }
     }
 
-    /// Records that STS verified the role of the certificate with `serial` of the workload.
-    pub fn remember_verified(&self, namespace: &str, service_account: &str, serial: &str) {
+    /// Records that STS verified, `at`, the role of the certificate with `serial` of the workload.
+    pub fn remember_verified(
+        &self,
+        namespace: &str,
+        service_account: &str,
+        serial: &str,
+        at: OffsetDateTime,
+    ) {
         if let Ok(mut verified) = self.verified.lock() {
             verified.insert(
                 (namespace.to_string(), service_account.to_string()),
-                serial.to_string(),
+                (serial.to_string(), at),
             );
         }
     }
 
-    /// Whether this process verified the role of the workload's certificate with `serial`.
-    pub fn verified_here(&self, namespace: &str, service_account: &str, serial: &str) -> bool {
-        self.verified.lock().ok().is_some_and(|v| {
-            v.get(&(namespace.to_string(), service_account.to_string()))
-                .is_some_and(|s| s == serial)
-        })
+    /// When this process last verified the role of the workload's certificate with `serial`,
+    /// if it did.
+    pub fn verified_here(
+        &self,
+        namespace: &str,
+        service_account: &str,
+        serial: &str,
+    ) -> Option<OffsetDateTime> {
+        let verified = self.verified.lock().ok()?;
+        verified
+            .get(&(namespace.to_string(), service_account.to_string()))
+            .filter(|(s, _)| s == serial)
+            .map(|(_, at)| *at)
     }
 
     pub fn forget_verified(&self, namespace: &str, service_account: &str) {

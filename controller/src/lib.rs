@@ -12,6 +12,7 @@ pub mod identity;
 pub mod leader;
 pub mod metrics;
 pub mod policy;
+pub mod reverify;
 pub mod signer;
 pub mod status;
 pub mod webhook_tls;

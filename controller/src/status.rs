@@ -156,6 +156,11 @@ pub fn to_time(t: OffsetDateTime) -> Time {
     Time(Timestamp::from_second(t.unix_timestamp()).unwrap_or(Timestamp::UNIX_EPOCH))
 }
 
+/// The instant a status time names, to the second; the Unix epoch when it is out of range.
+pub fn from_time(t: &Time) -> OffsetDateTime {
+    OffsetDateTime::from_unix_timestamp(t.0.as_second()).unwrap_or(OffsetDateTime::UNIX_EPOCH)
+}
+
 /// A condition as wanted now; see [`keep_transition_time`].
 pub fn condition(
     type_: &str,

@@ -168,10 +168,11 @@ pub struct OutboundMapping {
 #[x_kube(validation = Rule::new("duration(has(self.renewBefore) ? self.renewBefore : '0s') < duration(has(self.duration) ? self.duration : '24h')").message("certificate.renewBefore must be shorter than certificate.duration (duration defaults to 24h)").field_path(".renewBefore"))]
 pub struct CertificateSettings {
     /// How long each certificate is valid, as a Go duration (`24h`, `90m`). Default `24h`;
-    /// between 10m and 2160h.
+    /// between 10m and 720h (30 days): a certificate cannot be revoked, so its lifetime bounds
+    /// how long a stolen key stays usable.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = DURATION_PATTERN), length(max = 32))]
-    #[x_kube(validation = Rule::new("duration(self) >= duration('10m') && duration(self) <= duration('2160h')").message("certificate.duration must be between 10m and 2160h"))]
+    #[x_kube(validation = Rule::new("duration(self) >= duration('10m') && duration(self) <= duration('720h')").message("certificate.duration must be between 10m and 720h"))]
     pub duration: Option<String>,
 
     /// How long before expiry a certificate is renewed, as a Go duration. Default: one third of
@@ -285,6 +286,10 @@ pub struct WorkloadStatus {
     /// the namespace's users can edit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verified_with: Option<String>,
+    /// When STS last confirmed the role of the certificate `serial` names. The controller asks
+    /// again every `reverifyInterval` of its MTLSAuthority.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verified_at: Option<Time>,
     /// Machine-readable reason for the current state, e.g. `Issued`, `RoleAnnotationMissing`,
     /// `StsDenied`, `VerificationDisabled`, `SignerUnavailable`.
     pub reason: String,
@@ -377,6 +382,15 @@ pub struct MTLSAuthoritySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = DURATION_PATTERN), length(max = 32))]
     pub ca_duration: Option<String>,
+
+    /// How often, under identityVerification `sts`, the controller asks STS again whether each
+    /// ServiceAccount may still assume its role, as a Go duration between 1m and 24h. Default
+    /// 1h, spread by ±10% per certificate. When the role no longer trusts the ServiceAccount its
+    /// Secret is deleted; a re-verification that passes signs nothing and writes no Secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION_PATTERN), length(max = 32))]
+    #[x_kube(validation = Rule::new("duration(self) >= duration('1m') && duration(self) <= duration('24h')").message("reverifyInterval must be between 1m and 24h"))]
+    pub reverify_interval: Option<String>,
 }
 
 /// The CA signing backend.

@@ -1,7 +1,8 @@
-//! Forged or borrowed identities, on the local control plane and the local AWS endpoint: wildcard accounts refused by
-//! the API server, roles of accounts outside `allowedAccounts` given nothing, an STS throttle
-//! during a rotation that keeps the Secret, foreign CAs planted in a trust bundle dropped or
-//! undone, certificates issued without verification verified when it is switched on, and Secrets
+//! Forged or borrowed identities, on the local control plane and the local AWS endpoint:
+//! wildcard accounts refused by the API server, roles of accounts outside `allowedAccounts` given
+//! nothing, an STS throttle during a rotation that keeps the Secret, foreign CAs planted in a
+//! trust bundle dropped or undone, certificates issued without verification verified when it is
+//! switched on, a role's removed trust noticed within the re-verify interval, and Secrets
 //! rolemesh did not create left alone (docs/security-model.md names these tests).
 
 use std::time::Duration;
@@ -548,6 +549,89 @@ async fn switching_verification_on_re_verifies_certificates_issued_without_it() 
             Ok(())
         },
     )
+    .await
+}
+
+/// A role whose trust policy stops trusting its ServiceAccount costs the workload its Secret
+/// within `reverifyInterval` (plus its 10% spread and a reconcile), not at the next renewal;
+/// a workload whose role still trusts it is re-verified in place: new `verifiedAt`, same
+/// certificate, no Sign.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removed_trust_ends_the_identity_within_the_reverify_interval() -> Result<()> {
+    let mut spec = local_authority_spec("reverify.test", "sts");
+    spec["reverifyInterval"] = json!("1m");
+    in_namespace_with_authority("sec-reverify", spec, |ns, authority| async move {
+        let kept_role = unique("kept");
+        let dropped_role = unique("dropped");
+        let kept = ns.env.create_irsa_role(&kept_role, &ns.name, "kept").await?;
+        let dropped = ns
+            .env
+            .create_irsa_role(&dropped_role, &ns.name, "dropped")
+            .await?;
+        apply_service_account(&ns, "kept", Some(&kept)).await?;
+        apply_service_account(&ns, "dropped", Some(&dropped)).await?;
+        apply_policy(
+            &ns,
+            "p",
+            json!({ "serviceAccounts": { "names": ["kept", "dropped"] } }),
+        )
+        .await?;
+        let controller = ControllerProcess::start(&ns, &authority, "replica-a", &[])?;
+        let (_, kept_info) = wait_for_secret(&ns, "kept-rolemesh-tls", None).await?;
+        wait_for_secret(&ns, "dropped-rolemesh-tls", None).await?;
+        let first = wait_for_workload(&ns, "p", "kept", |w| {
+            w.reason == "Issued" && w.verified && w.verified_at.is_some()
+        })
+        .await?;
+        wait_for_workload(&ns, "p", "dropped", |w| w.reason == "Issued" && w.verified).await?;
+        let signs_after_issuance = controller
+            .metric("rolemesh_signer_sign_calls_total{signer=\"local\"}")
+            .await?;
+
+        // The annotation stays; the role's trust goes.
+        ns.env
+            .set_irsa_trust(&dropped_role, &ns.name, "someone-else")
+            .await?;
+        let secrets: Api<Secret> = ns.api();
+        // 1m + 10% spread, plus a reconcile and the watch.
+        let bound = Duration::from_secs(66 + 30);
+        eventually("the Secret of the untrusted workload to go", bound, || async {
+            Ok(secrets
+                .get_opt("dropped-rolemesh-tls")
+                .await?
+                .is_none()
+                .then_some(()))
+        })
+        .await?;
+        let refused = wait_for_workload(&ns, "p", "dropped", |w| w.reason == "StsRefused").await?;
+        ensure!(!refused.verified && refused.serial.is_none(), "{refused:?}");
+
+        let again = wait_for_workload(&ns, "p", "kept", |w| {
+            w.verified && w.verified_at.as_ref().map(|t| t.0) > first.verified_at.as_ref().map(|t| t.0)
+        })
+        .await?;
+        ensure!(
+            again.serial.as_deref() == Some(kept_info.serial_hex.as_str()),
+            "re-verified in place, not re-issued: {again:?}"
+        );
+        let secret = secrets.get("kept-rolemesh-tls").await?;
+        ensure!(leaf_of(&secret)?.serial_hex == kept_info.serial_hex);
+        let signs = controller
+            .metric("rolemesh_signer_sign_calls_total{signer=\"local\"}")
+            .await?;
+        ensure!(
+            signs == signs_after_issuance,
+            "re-verification must not sign: {signs_after_issuance} Sign calls after issuance, {signs} now"
+        );
+        let confirmed = controller
+            .metric("rolemesh_sts_verifications_total{result=\"verified\"}")
+            .await?;
+        ensure!(
+            confirmed >= 3.0,
+            "two issuances and at least one re-verification confirmed by STS: {confirmed}"
+        );
+        Ok(())
+    })
     .await
 }
 

@@ -18,7 +18,9 @@ pub mod spiffe;
 pub mod verify;
 
 pub use inspect::{CertificateInfo, SvidRule, inspect_certificate};
-pub use profile::{CertificateProfile, IssuedCertificate, WorkloadIdentity};
+pub use profile::{
+    CertificateProfile, IssuedCertificate, MAX_DURATION, MIN_DURATION, WorkloadIdentity,
+};
 pub use spiffe::SpiffeId;
 pub use verify::{ChainError, TrustStore, Usage, self_signed_by, verify_chain, verify_chain_der};
 

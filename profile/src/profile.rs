@@ -20,6 +20,12 @@ use crate::{ProfileError, ROLE_ARN_OID, SpiffeId, validate_role_arn};
 
 /// Default certificate lifetime.
 pub const DEFAULT_DURATION: Duration = Duration::from_secs(24 * 3600);
+/// The shortest workload certificate lifetime a policy may ask for.
+pub const MIN_DURATION: Duration = Duration::from_secs(10 * 60);
+/// The longest workload certificate lifetime a policy may ask for: 30 days. Nothing revokes a
+/// certificate, so this bounds how long a key copied out of a Secret stays usable
+/// (docs/security-model.md gives the reasoning).
+pub const MAX_DURATION: Duration = Duration::from_secs(720 * 3600);
 /// How far notBefore is set in the past, so peers whose clocks run a little behind accept a
 /// certificate the moment it is issued.
 pub const BACKDATE: Duration = Duration::from_secs(5 * 60);

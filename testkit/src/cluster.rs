@@ -134,22 +134,10 @@ impl ClusterEnv {
         service_account: &str,
     ) -> Result<String> {
         let iam = aws_sdk_iam::Client::new(&self.aws_config().await);
-        let trust = serde_json::json!({
-            "Version": "2012-10-17",
-            "Statement": [{
-                "Effect": "Allow",
-                "Principal": {"Federated": "arn:aws:iam::123456789012:oidc-provider/localkube"},
-                "Action": "sts:AssumeRoleWithWebIdentity",
-                "Condition": {"StringEquals": {
-                    "localkube:sub": format!("system:serviceaccount:{namespace}:{service_account}"),
-                    "localkube:aud": "sts.amazonaws.com",
-                }},
-            }],
-        });
         let created = iam
             .create_role()
             .role_name(role_name)
-            .assume_role_policy_document(trust.to_string())
+            .assume_role_policy_document(irsa_trust(namespace, service_account))
             .send()
             .await
             .with_context(|| format!("creating IAM role {role_name}"))?;
@@ -157,6 +145,24 @@ impl ClusterEnv {
             .role()
             .map(|r| r.arn().to_string())
             .unwrap_or_default())
+    }
+
+    /// Replaces the trust policy of IAM role `role_name` with one that admits only
+    /// `namespace/service_account`, as an administrator taking a role away from a workload does.
+    pub async fn set_irsa_trust(
+        &self,
+        role_name: &str,
+        namespace: &str,
+        service_account: &str,
+    ) -> Result<()> {
+        let iam = aws_sdk_iam::Client::new(&self.aws_config().await);
+        iam.update_assume_role_policy()
+            .role_name(role_name)
+            .policy_document(irsa_trust(namespace, service_account))
+            .send()
+            .await
+            .with_context(|| format!("updating the trust policy of IAM role {role_name}"))?;
+        Ok(())
     }
 
     /// Creates a P-256 signing key in the local KMS, as a KMS signer's CA key is; returns its ARN
@@ -478,4 +484,21 @@ where
         Err(join) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
         Err(join) => Err(join.into()),
     }
+}
+
+/// An IRSA trust policy admitting web-identity tokens of exactly `namespace/service_account`.
+fn irsa_trust(namespace: &str, service_account: &str) -> String {
+    serde_json::json!({
+        "Version": "2012-10-17",
+        "Statement": [{
+            "Effect": "Allow",
+            "Principal": {"Federated": "arn:aws:iam::123456789012:oidc-provider/localkube"},
+            "Action": "sts:AssumeRoleWithWebIdentity",
+            "Condition": {"StringEquals": {
+                "localkube:sub": format!("system:serviceaccount:{namespace}:{service_account}"),
+                "localkube:aud": "sts.amazonaws.com",
+            }},
+        }],
+    })
+    .to_string()
 }

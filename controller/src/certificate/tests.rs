@@ -45,6 +45,7 @@ fn test_ca(trust_domain: &str) -> CaState {
         trust_domain: trust_domain.into(),
         verification: IdentityVerification::Sts,
         allowed_accounts: None,
+        reverify_interval: crate::reverify::DEFAULT_REVERIFY_INTERVAL,
         generation: Some(1),
         refused: Vec::new(),
     }

@@ -6,7 +6,7 @@ use std::{collections::BTreeSet, sync::Arc};
 use k8s_openapi::api::core::v1::ServiceAccount;
 use kube::{ResourceExt, runtime::reflector::ObjectRef};
 use rolemesh_crds::{MTLSPolicy, covering_policy};
-use rolemesh_profile::{CertificateProfile, parse_duration};
+use rolemesh_profile::{CertificateProfile, MAX_DURATION, MIN_DURATION, parse_duration};
 
 use crate::error::{Error, Result};
 
@@ -118,6 +118,12 @@ pub fn profile_of(policy: &MTLSPolicy) -> Result<CertificateProfile> {
         if let Some(duration) = &settings.duration {
             profile.duration = parse_duration(duration)
                 .map_err(|e| Error::InvalidPolicy(format!("certificate.duration: {e}")))?;
+            // The CRD schema says the same; this holds for policies stored before it did.
+            if !(MIN_DURATION..=MAX_DURATION).contains(&profile.duration) {
+                return Err(Error::InvalidPolicy(format!(
+                    "certificate.duration {duration} is out of range: set it between 10m and 720h (30 days)"
+                )));
+            }
         }
         if let Some(before) = &settings.renew_before {
             let before = parse_duration(before)

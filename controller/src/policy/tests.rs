@@ -246,6 +246,21 @@ fn profile_of_reads_the_certificate_settings() {
             json!({ "renewBefore": "soon" }),
             Err("certificate.renewBefore"),
         ),
+        (
+            "the longest lifetime",
+            json!({ "duration": "720h" }),
+            Ok((hours(720), None)),
+        ),
+        (
+            "longer than 30 days (stored before the schema capped it)",
+            json!({ "duration": "2160h" }),
+            Err("between 10m and 720h"),
+        ),
+        (
+            "shorter than 10m",
+            json!({ "duration": "5m" }),
+            Err("between 10m and 720h"),
+        ),
     ];
     for (case, settings, expected) in rows {
         let got = profile_of(&with_certificate(settings));
@@ -537,6 +552,43 @@ fn only_the_controllers_own_record_makes_a_certificate_verified() {
             "{case}"
         );
     }
+}
+
+#[test]
+fn the_status_gives_when_sts_last_confirmed_a_role() {
+    use super::workload::{VERIFIED_WITH_STS, recorded_verification};
+
+    let at = time::OffsetDateTime::from_unix_timestamp(1_700_000_000).expect("time");
+    let entry = |verified_at: Option<time::OffsetDateTime>| WorkloadStatus {
+        service_account: "web".into(),
+        verified: true,
+        verified_with: Some(VERIFIED_WITH_STS.into()),
+        verified_at: verified_at.map(crate::status::to_time),
+        serial: Some("aa01".into()),
+        reason: "Issued".into(),
+        ..Default::default()
+    };
+    let policy_with = |workloads: Vec<WorkloadStatus>| {
+        let mut policy = with_certificate(json!({}));
+        policy.status = Some(rolemesh_crds::MTLSPolicyStatus {
+            workloads,
+            ..Default::default()
+        });
+        policy
+    };
+    assert_eq!(
+        recorded_verification(&policy_with(vec![entry(Some(at))]), "web", "aa01"),
+        Some(at)
+    );
+    // Verified before the time was recorded: due again at once rather than never.
+    assert_eq!(
+        recorded_verification(&policy_with(vec![entry(None)]), "web", "aa01"),
+        Some(time::OffsetDateTime::UNIX_EPOCH)
+    );
+    assert_eq!(
+        recorded_verification(&policy_with(vec![entry(Some(at))]), "web", "ffff"),
+        None
+    );
 }
 
 /// The rules the controller writes for the proxies: the policy's key of the trust bundle and the

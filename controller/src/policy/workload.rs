@@ -25,7 +25,8 @@ use crate::{
     },
     context::Context,
     identity::{Refusal, check_account, claimed_role, verify_with_sts},
-    status::{Reason, to_time},
+    reverify::reverify_due,
+    status::{Reason, from_time, to_time},
 };
 
 /// What one reconcile of a policy works with, the same for each of its ServiceAccounts.
@@ -86,14 +87,30 @@ pub const VERIFIED_WITH_STS: &str = "sts";
 /// the role of `service_account`'s certificate with serial `serial_hex`. Nothing the namespace's
 /// users can write (the Secret, its annotations) takes part in this verdict.
 pub fn recorded_as_verified(policy: &MTLSPolicy, service_account: &str, serial_hex: &str) -> bool {
-    policy.status.as_ref().is_some_and(|status| {
-        status.workloads.iter().any(|w| {
-            w.service_account == service_account
-                && w.verified
-                && w.verified_with.as_deref() == Some(VERIFIED_WITH_STS)
-                && w.serial.as_deref() == Some(serial_hex)
-        })
-    })
+    recorded_verification(policy, service_account, serial_hex).is_some()
+}
+
+/// When, by the policy's status, STS last confirmed the role of `service_account`'s certificate
+/// with serial `serial_hex`, if the status records it as verified at all. A status written
+/// before `verifiedAt` existed gives the Unix epoch: verified, and due again now.
+pub fn recorded_verification(
+    policy: &MTLSPolicy,
+    service_account: &str,
+    serial_hex: &str,
+) -> Option<OffsetDateTime> {
+    let status = policy.status.as_ref()?;
+    let entry = status.workloads.iter().find(|w| {
+        w.service_account == service_account
+            && w.verified
+            && w.verified_with.as_deref() == Some(VERIFIED_WITH_STS)
+            && w.serial.as_deref() == Some(serial_hex)
+    })?;
+    Some(
+        entry
+            .verified_at
+            .as_ref()
+            .map_or(OffsetDateTime::UNIX_EPOCH, from_time),
+    )
 }
 
 /// How often a workload whose Secret name a foreign Secret holds is looked at again. That Secret
@@ -148,8 +165,17 @@ struct Claimant<'a> {
 }
 
 impl Claimant<'_> {
-    /// The status entry of a good certificate; `verified` when STS confirmed its role.
-    fn issued(&self, validity: &Validity, verified: bool) -> Outcome {
+    /// The status entry of a good certificate; `verified_at` when STS last confirmed its role.
+    fn issued(&self, validity: &Validity, verified_at: Option<OffsetDateTime>) -> Outcome {
+        let verified = verified_at.is_some();
+        let renewal = self.run.profile.renewal_time(
+            validity.not_before,
+            validity.not_after,
+            &validity.serial,
+        );
+        // Under `sts` the workload is looked at again when its role is due to be asked about.
+        let reverify =
+            verified_at.map(|at| reverify_due(at, self.run.ca.reverify_interval, &validity.serial));
         let reason = if verified {
             Reason::Issued
         } else {
@@ -163,6 +189,7 @@ impl Claimant<'_> {
                 spiffe_id: Some(self.identity.spiffe_id.to_string()),
                 verified,
                 verified_with: verified.then(|| VERIFIED_WITH_STS.to_string()),
+                verified_at: verified_at.map(to_time),
                 reason: reason.as_str().into(),
                 message: (!verified).then(|| {
                     "identity verification is off (MTLSAuthority identityVerification: none): the role annotation was not checked with STS".to_string()
@@ -172,11 +199,7 @@ impl Claimant<'_> {
                 not_before: Some(to_time(validity.not_before)),
                 not_after: Some(to_time(validity.not_after)),
             },
-            renew_at: Some(self.run.profile.renewal_time(
-                validity.not_before,
-                validity.not_after,
-                &validity.serial,
-            )),
+            renew_at: Some(reverify.map_or(renewal, |at| at.min(renewal))),
             issued: None,
             transient: false,
         }
@@ -190,13 +213,15 @@ impl Claimant<'_> {
         )
     }
 
-    /// Whether the role of the certificate with `serial_hex` was verified with STS, by the
-    /// controller's own record (its memory, or the policy status it wrote).
-    fn verified_before(&self, serial_hex: &str) -> bool {
-        self.run
+    /// When STS last confirmed the role of the certificate with `serial_hex`, by the
+    /// controller's own record (its memory, or the policy status it wrote), if it ever did.
+    fn verified_before(&self, serial_hex: &str) -> Option<OffsetDateTime> {
+        let here = self
+            .run
             .ctx
-            .verified_here(&self.namespace, &self.name, serial_hex)
-            || recorded_as_verified(self.run.policy, &self.name, serial_hex)
+            .verified_here(&self.namespace, &self.name, serial_hex);
+        let recorded = recorded_verification(self.run.policy, &self.name, serial_hex);
+        here.max(recorded)
     }
 
     /// Asks STS whether the ServiceAccount may assume its annotated role, and counts the answer.
@@ -218,25 +243,40 @@ impl Claimant<'_> {
         result
     }
 
-    /// A certificate that is good but whose role this controller has not verified with STS (it
-    /// was issued under identityVerification `none`, or before the controller recorded its
-    /// verdict in status): under `sts` it is verified before it counts as verified, and loses
-    /// its Secret if STS refuses, as at issuance.
+    /// A certificate that is good. Under `sts` its role is verified with STS when this
+    /// controller never did (it was issued under identityVerification `none`, or before the
+    /// controller recorded its verdict in status) and again each `reverifyInterval`: the trust
+    /// of a role can be taken away at any time, and a certificate cannot be revoked. A refusal
+    /// deletes its Secret, as at issuance; a verification that passes signs nothing and writes
+    /// no Secret, only the status' `verifiedAt`.
     async fn settled(&self, info: &CertificateInfo, refresh: bool) -> Outcome {
         let sts = self.run.ca.verification == IdentityVerification::Sts;
-        if sts && !self.verified_before(&info.serial_hex) {
-            info!(namespace = %self.namespace, service_account = %self.name, serial = %info.serial_hex, "verifying with STS the role of a certificate not verified by this controller");
-            if let Err(refusal) = self.verify().await {
-                return self.verification_failed(&refusal).await;
+        let mut verified_at = None;
+        if sts {
+            let last = self.verified_before(&info.serial_hex);
+            let due = last.map(|at| reverify_due(at, self.run.ca.reverify_interval, &info.serial));
+            if due.is_none_or(|due| due <= self.run.now) {
+                if last.is_some() {
+                    info!(namespace = %self.namespace, service_account = %self.name, serial = %info.serial_hex, "re-verifying with STS that the ServiceAccount may still assume its role");
+                } else {
+                    info!(namespace = %self.namespace, service_account = %self.name, serial = %info.serial_hex, "verifying with STS the role of a certificate not verified by this controller");
+                }
+                if let Err(refusal) = self.verify().await {
+                    return self.verification_failed(&refusal).await;
+                }
+                let at = OffsetDateTime::now_utc();
+                self.run
+                    .ctx
+                    .remember_verified(&self.namespace, &self.name, &info.serial_hex, at);
+                verified_at = Some(at);
+            } else {
+                verified_at = last;
             }
-            self.run
-                .ctx
-                .remember_verified(&self.namespace, &self.name, &info.serial_hex);
         }
         if refresh {
-            return self.refresh_bundle(info, sts).await;
+            return self.refresh_bundle(info, verified_at).await;
         }
-        self.issued(&info.into(), sts)
+        self.issued(&info.into(), verified_at)
     }
 
     fn secret_context(&self) -> SecretContext<'_> {
@@ -251,7 +291,11 @@ impl Claimant<'_> {
     }
 
     /// Re-writes the Secret with the trust bundle in force, keeping its certificate.
-    async fn refresh_bundle(&self, info: &CertificateInfo, verified: bool) -> Outcome {
+    async fn refresh_bundle(
+        &self,
+        info: &CertificateInfo,
+        verified_at: Option<OffsetDateTime>,
+    ) -> Outcome {
         let ctx = self.run.ctx;
         let Some((chain, key)) = self.existing.as_ref().and_then(existing_pems) else {
             return self.failed(
@@ -275,7 +319,7 @@ impl Claimant<'_> {
             warn!(%error, namespace = %self.namespace, service_account = %self.name, "failed to refresh the trust bundle in a Secret");
             return self.failed(error.reason(), error.to_string(), true);
         }
-        self.issued(&info.into(), verified)
+        self.issued(&info.into(), verified_at)
     }
 
     /// The outcome of a verification that did not succeed: a refusal deletes the Secret, a
@@ -342,6 +386,7 @@ impl Claimant<'_> {
         if sts && let Err(refusal) = self.verify().await {
             return self.verification_failed(&refusal).await;
         }
+        let verified_at = OffsetDateTime::now_utc();
         let issued = match issue_certificate(ca, &self.identity, self.run.profile).await {
             Ok(issued) => issued,
             Err(error) => {
@@ -373,10 +418,11 @@ impl Claimant<'_> {
         }
         info!(namespace = %namespace, service_account = %name, serial = %issued.serial_hex, reason = why.as_str(), detail = %detail, "issued a certificate");
         ctx.metrics.certificate_issued(why);
-        if sts {
-            ctx.remember_verified(namespace, name, &issued.serial_hex);
+        let verified_at = sts.then_some(verified_at);
+        if let Some(at) = verified_at {
+            ctx.remember_verified(namespace, name, &issued.serial_hex, at);
         }
-        let mut outcome = self.issued(&(&issued).into(), sts);
+        let mut outcome = self.issued(&(&issued).into(), verified_at);
         outcome.issued = Some(why);
         outcome
     }
