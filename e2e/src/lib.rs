@@ -542,3 +542,22 @@ pub fn uninstall_release(env: &ClusterEnv) -> Result<()> {
     ])?;
     Ok(())
 }
+
+/// The injected proxy's admin port (probes, `/ready`, `/metrics`).
+pub const PROXY_ADMIN_PORT: u16 = 15021;
+
+/// GET `path` on the admin port of the pod at `ip`, from the node (pod IPs are routed on the
+/// host); the whole answer, status line included.
+pub fn admin_get(ip: &str, path: &str) -> Result<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect((ip, PROXY_ADMIN_PORT))
+        .with_context(|| format!("connecting to {ip}:{PROXY_ADMIN_PORT}"))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {ip}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text)?;
+    Ok(text)
+}

@@ -12,13 +12,10 @@
 //! 4. Changing the server's inbound port: the running pod is listed as stale (`PortsChanged`) in
 //!    the policy's status and by `kubectl rolemesh status`; once re-created, it is not.
 
-use std::{
-    io::{Read, Write},
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
-};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, ensure};
-use rolemesh_e2e::{install_release, uninstall_release};
+use rolemesh_e2e::{admin_get, install_release, uninstall_release};
 use rolemesh_testkit::{TestNamespace, eventually, in_namespace, node_ready};
 
 const BUSYBOX: &str = "rolemesh.local/busybox:1.35.0";
@@ -26,7 +23,6 @@ const TRUST_DOMAIN: &str = "live.rolemesh.test";
 const MTLS_PORT: u16 = 8443;
 const APP_PORT: u16 = 8080;
 const OUTBOUND_PORT: u16 = 9001;
-const ADMIN_PORT: u16 = 15021;
 /// kubelet's ConfigMap volume refresh: its pod sync (a minute, with jitter) plus its cache.
 const KUBELET_PROPAGATION: Duration = Duration::from_secs(150);
 
@@ -62,19 +58,6 @@ spec:
     - {{name: http, port: {port}, appPort: {APP_PORT}, allow: ["{allow}"]}}
 "#
     )
-}
-
-/// GET on the admin port of a pod, from the node.
-fn admin_get(ip: &str, path: &str) -> Result<String> {
-    let mut stream = std::net::TcpStream::connect((ip, ADMIN_PORT))?;
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {ip}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut text = String::new();
-    stream.read_to_string(&mut text)?;
-    Ok(text)
 }
 
 fn proxy_generation(ip: &str) -> Result<i64> {

@@ -92,7 +92,12 @@ async fn attack(ns: &TestNamespace) -> Result<()> {
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     // Meanwhile, a 1 MiB review of empty containers straight to the pod: refused by name.
-    let (code, answer) = post(&connector, &address, &empty_containers_review(1024 * 1024)).await?;
+    let (code, answer) = post(
+        &connector,
+        &address,
+        &rolemesh_testkit::empty_containers_review("default", 1024 * 1024),
+    )
+    .await?;
     ensure!(
         code == 200,
         "the big review is answered as a review: {code} {answer}"
@@ -149,7 +154,7 @@ async fn attack(ns: &TestNamespace) -> Result<()> {
     );
 
     let sampled_kib = sampling.await?;
-    let peak_kib = status_kib(webhook.pid, "VmHWM:");
+    let peak_kib = rolemesh_testkit::procfs::status_kib(webhook.pid, "VmHWM:");
     println!(
         "webhook RSS: peak {} MiB (sampled {} MiB) of a {} MiB limit",
         peak_kib / 1024,
@@ -233,22 +238,6 @@ async fn post(connector: &TlsConnector, address: &str, body: &[u8]) -> Result<(u
 }
 
 /// A review of about `size` bytes for a pod whose containers are all `{}`.
-fn empty_containers_review(size: usize) -> Vec<u8> {
-    let head = json!({
-        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
-        "request": {
-            "uid": "big-1", "kind": { "group": "", "version": "v1", "kind": "Pod" },
-            "resource": { "group": "", "version": "v1", "resource": "pods" },
-            "operation": "CREATE", "userInfo": {}, "namespace": "default",
-            "object": { "metadata": { "name": "big" }, "spec": { "containers": "HERE" } },
-        },
-    })
-    .to_string();
-    let count = size.saturating_sub(head.len()) / 3;
-    let containers = format!("[{}]", vec!["{}"; count].join(","));
-    head.replace("\"HERE\"", &containers).into_bytes()
-}
-
 /// Trusts the webhook's serving CA as the API server does: from the caBundle the controller
 /// keeps in the MutatingWebhookConfiguration.
 async fn connector(ns: &TestNamespace) -> Result<TlsConnector> {
@@ -292,42 +281,14 @@ impl WebhookPod {
         let lines: Vec<&str> = out.lines().filter(|l| !l.trim().is_empty()).collect();
         ensure!(lines.len() == 1, "one webhook pod expected: {out:?}");
         let (uid, ip) = lines[0].trim().split_once(' ').context("pod uid and IP")?;
-        let pid = webhook_pid(uid).with_context(|| format!("the process of pod {uid}"))?;
+        let pid = rolemesh_testkit::procfs::pod_process(uid, "rolemesh-webhook")
+            .with_context(|| format!("no rolemesh-webhook process of pod {uid} in /proc"))?;
         Ok(Self {
             uid: uid.to_string(),
             ip: ip.to_string(),
             pid,
         })
     }
-}
-
-/// The rolemesh-webhook process whose cgroup is the pod's (the cgroupfs driver names it
-/// `pod<uid>`, the systemd driver `pod<uid with underscores>`).
-fn webhook_pid(uid: &str) -> Result<u32> {
-    let names = [format!("pod{uid}"), format!("pod{}", uid.replace('-', "_"))];
-    for entry in std::fs::read_dir("/proc")? {
-        let Ok(pid) = entry?.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-        if !comm.trim().starts_with("rolemesh-webhoo") {
-            continue;
-        }
-        let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
-        if names.iter().any(|name| cgroup.contains(name.as_str())) {
-            return Ok(pid);
-        }
-    }
-    bail!("no rolemesh-webhook process in the cgroup of pod {uid}")
-}
-
-fn status_kib(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|line| line.strip_prefix(field))
-        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
 }
 
 /// The webhook container's memory limit as the chart set it, in KiB.

@@ -13,19 +13,22 @@ use std::{
 use http_body_util::{Empty, Full};
 use hyper::{Request, Response, StatusCode, body::Bytes, header, service::service_fn};
 use hyper_util::rt::TokioIo;
+use rolemesh_connections::{ConnectionLimits, Connections, Watched};
 use rolemesh_profile::proxy_config::{APP_HEALTH_PREFIX, AppHttpProbe, AppProbe};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::{metrics::Metrics, state::Readiness};
 
-/// Admin requests are tiny; a client that holds a connection longer is dropped.
-const ADMIN_CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
-/// A request's headers must arrive within this; a silent or trickling client frees its slot.
-const ADMIN_HEADER_TIMEOUT: Duration = Duration::from_secs(2);
-/// Admin connections served at once (kubelet's probes and a Prometheus scrape need a handful).
-/// Past this, a new connection is closed as soon as it is accepted: the port is open to every
-/// pod, and each held connection would cost a file descriptor and buffers on the thread the data
-/// plane runs on.
+/// A request's headers must arrive within this (from the accept, or from the first byte of a
+/// request on a kept-alive connection); a silent or trickling client frees its slot.
+const ADMIN_REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// A kept-alive connection (a Prometheus scrape's) may wait this long for its next request.
+const ADMIN_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Admin connections open at once (kubelet's probes and a Prometheus scrape need a handful). The
+/// port is open to every pod, and each held connection costs a file descriptor and buffers on the
+/// thread the data plane runs on. At the cap a new connection evicts the oldest one that is not
+/// being answered, so a pod that floods the port without sending requests cannot keep kubelet's
+/// probes out: a probe sends its request as soon as it connects, and once read it is not evicted.
 pub const ADMIN_MAX_CONNECTIONS: usize = 64;
 
 pub async fn serve(
@@ -34,7 +37,11 @@ pub async fn serve(
     metrics: Arc<Metrics>,
     app_probes: Arc<[AppProbe]>,
 ) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(ADMIN_MAX_CONNECTIONS));
+    let connections = Connections::new(ConnectionLimits {
+        max_connections: ADMIN_MAX_CONNECTIONS,
+        request_timeout: ADMIN_REQUEST_TIMEOUT,
+        idle_timeout: ADMIN_IDLE_TIMEOUT,
+    });
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
@@ -44,18 +51,24 @@ pub async fn serve(
                 continue;
             }
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            metrics.admin_connection_refused();
+        // A flood of connects must not keep the thread from the data plane's tasks.
+        tokio::task::yield_now().await;
+        let Some(lease) = connections.admit() else {
+            metrics.admin_connection_closed("refused");
             drop(stream);
-            // A flood of connects must not keep the thread from the data plane's tasks.
-            tokio::task::yield_now().await;
             continue;
         };
         let readiness = readiness.clone();
         let metrics = metrics.clone();
         let app_probes = app_probes.clone();
         tokio::spawn(async move {
+            let slot = lease.slot().clone();
+            let for_requests = slot.clone();
+            let closed_metrics = metrics.clone();
             let service = service_fn(move |request: Request<hyper::body::Incoming>| {
+                // The head is in (admin requests have no body worth waiting for): from here the
+                // slot is neither timed out nor evicted until the answer is written.
+                let answering = for_requests.busy();
                 let path = request.uri().path().to_string();
                 let readiness = readiness.clone();
                 let metrics = metrics.clone();
@@ -66,15 +79,20 @@ pub async fn serve(
                     } else {
                         respond(&readiness, &metrics, &path)
                     };
+                    drop(answering);
                     Ok::<_, Infallible>(response)
                 }
             });
+            // The slot's deadlines bound the head and the idle time; hyper's header timer would
+            // also cut kept-alive connections early.
             let connection = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(ADMIN_HEADER_TIMEOUT)
-                .serve_connection(TokioIo::new(stream), service);
-            let _ = tokio::time::timeout(ADMIN_CONNECTION_TIMEOUT, connection).await;
-            drop(slot);
+                .header_read_timeout(None::<Duration>)
+                .serve_connection(TokioIo::new(Watched::new(stream, slot.clone())), service);
+            if let Err(closed) = slot.watch(connection).await {
+                closed_metrics.admin_connection_closed(closed.as_str());
+            }
+            drop(lease);
         });
     }
 }

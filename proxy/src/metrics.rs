@@ -31,6 +31,11 @@ struct FailureLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClosedLabels {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReloadLabels {
     result: &'static str,
 }
@@ -45,7 +50,7 @@ pub struct Metrics {
     not_after: Gauge<i64, AtomicI64>,
     rules_reloads: Family<ReloadLabels, Counter>,
     policy_generation: Gauge<i64, AtomicI64>,
-    admin_refused: Counter,
+    admin_closed: Family<ClosedLabels, Counter>,
 }
 
 /// The handles one mapping's connections update.
@@ -95,7 +100,7 @@ impl Metrics {
         let failures = Family::<FailureLabels, Counter>::default();
         let reloads = Family::<ReloadLabels, Counter>::default();
         let not_after = Gauge::<i64, AtomicI64>::default();
-        let admin_refused = Counter::default();
+        let admin_closed = Family::<ClosedLabels, Counter>::default();
         let rules_reloads = Family::<ReloadLabels, Counter>::default();
         let policy_generation = Gauge::<i64, AtomicI64>::default();
         policy_generation.set(-1);
@@ -140,9 +145,11 @@ impl Metrics {
             policy_generation.clone(),
         );
         registry.register(
-            "admin_connections_refused",
-            "Admin-port connections closed on accept because the admin connection cap was reached",
-            admin_refused.clone(),
+            "admin_connections_closed",
+            "Admin-port connections the proxy closed itself, by reason: evicted (a newer connection \
+             took its slot at the cap), request_timeout, idle_timeout, refused (at the cap with \
+             every connection being answered)",
+            admin_closed.clone(),
         );
         Self {
             registry,
@@ -154,7 +161,7 @@ impl Metrics {
             not_after,
             rules_reloads,
             policy_generation,
-            admin_refused,
+            admin_closed,
         }
     }
 
@@ -201,8 +208,10 @@ impl Metrics {
         self.policy_generation.set(generation);
     }
 
-    pub fn admin_connection_refused(&self) {
-        self.admin_refused.inc();
+    pub fn admin_connection_closed(&self, reason: &'static str) {
+        self.admin_closed
+            .get_or_create(&ClosedLabels { reason })
+            .inc();
     }
 
     pub fn set_not_after(&self, unix_seconds: i64) {

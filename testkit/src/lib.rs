@@ -165,6 +165,35 @@ pub fn metric_sum(exposition: &str, name: &str, labels: &str) -> f64 {
         .sum()
 }
 
+/// An AdmissionReview of a Pod CREATE in `namespace` with `spec`, as the API server sends one.
+pub fn pod_review(namespace: &str, spec: serde_json::Value) -> Vec<u8> {
+    serde_json::json!({
+        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+        "request": {
+            "uid": "review-1",
+            "kind": { "group": "", "version": "v1", "kind": "Pod" },
+            "resource": { "group": "", "version": "v1", "resource": "pods" },
+            "operation": "CREATE", "userInfo": { "username": "someone" }, "namespace": namespace,
+            "object": { "apiVersion": "v1", "kind": "Pod", "metadata": { "name": "p" }, "spec": spec },
+        },
+    })
+    .to_string()
+    .into_bytes()
+}
+
+/// A Pod review of about `size` bytes whose containers are all `{}`: tiny JSON that decodes into
+/// a full `Container` struct each.
+pub fn empty_containers_review(namespace: &str, size: usize) -> Vec<u8> {
+    let head = String::from_utf8_lossy(&pod_review(
+        namespace,
+        serde_json::json!({ "containers": "HERE" }),
+    ))
+    .into_owned();
+    let count = size.saturating_sub(head.len()) / 3;
+    let containers = format!("[{}]", vec!["{}"; count].join(","));
+    head.replace("\"HERE\"", &containers).into_bytes()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

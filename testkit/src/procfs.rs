@@ -2,15 +2,53 @@
 
 /// Resident set size of a process in KiB, from /proc; 0 once it is gone.
 pub fn rss_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmRSS:")
+}
+
+/// A KiB figure of /proc/PID/status (`VmRSS:`, `VmHWM:`, ...); 0 once the process is gone.
+pub fn status_kib(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|status| {
             status
                 .lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .find_map(|l| l.strip_prefix(field))
                 .and_then(|v| v.split_whitespace().next()?.parse().ok())
         })
         .unwrap_or(0)
+}
+
+/// File descriptors a process holds open; 0 once it is gone.
+pub fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|entries| entries.count())
+        .unwrap_or(0)
+}
+
+/// The process of a pod's container running `binary`, found in the host's /proc (the node runs
+/// on this host) by its cgroup, which names the pod (the cgroupfs driver `pod<uid>`, the systemd
+/// driver `pod<uid with underscores>`) and its command's file name.
+pub fn pod_process(uid: &str, binary: &str) -> Option<u32> {
+    let names = [format!("pod{uid}"), format!("pod{}", uid.replace('-', "_"))];
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let argv0 = cmdline.split(|b| *b == 0).next().unwrap_or_default();
+        if std::path::Path::new(&*String::from_utf8_lossy(argv0)).file_name()
+            != Some(std::ffi::OsStr::new(binary))
+        {
+            continue;
+        }
+        let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+        if names.iter().any(|name| cgroup.contains(name.as_str())) {
+            return Some(pid);
+        }
+    }
+    None
 }
 
 /// /proc counts CPU time in USER_HZ ticks, 100 per second on x86-64 and arm64.

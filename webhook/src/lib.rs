@@ -3,7 +3,6 @@
 //! answers with a JSON patch. The decision is [`inject::injection_patch`], a pure function; the
 //! HTTP layer ([`server`]) only decodes, calls it and encodes.
 
-pub mod connections;
 pub mod error;
 pub mod fallback;
 pub mod inject;

@@ -20,6 +20,7 @@ use k8s_openapi::api::core::v1::{
     Container, EnvVar, EphemeralContainer, TopologySpreadConstraint, Volume, VolumeMount,
     VolumeProjection, WeightedPodAffinityTerm,
 };
+use rolemesh_connections::ConnectionLimits;
 use serde::de::{self, DeserializeSeed, MapAccess, SeqAccess, Visitor};
 
 use crate::error::Error;
@@ -66,6 +67,17 @@ pub mod defaults {
     /// Real pods have a handful; Kubernetes sets no limit of its own.
     pub const MAX_CONTAINERS: usize = 256;
     pub const MAX_VOLUMES: usize = 1024;
+}
+
+impl Limits {
+    /// The connection table's share of these bounds.
+    pub fn connections(&self) -> ConnectionLimits {
+        ConnectionLimits {
+            max_connections: self.max_connections,
+            request_timeout: self.request_timeout,
+            idle_timeout: self.idle_timeout,
+        }
+    }
 }
 
 impl Default for Limits {

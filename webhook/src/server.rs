@@ -20,6 +20,7 @@ use kube::core::{
     DynamicObject, GroupVersionKind, TypeMeta,
     admission::{AdmissionRequest, AdmissionResponse, AdmissionReview},
 };
+use rolemesh_connections::{Connections, Slot, Watched};
 use tokio::{
     net::TcpListener,
     sync::{OwnedSemaphorePermit, Semaphore},
@@ -28,7 +29,6 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, warn};
 
 use crate::{
-    connections::{Connections, Slot, Watched},
     error::{Error, Result},
     inject::{InjectorConfig, injection_patch},
     limits::{Limits, ReviewShape, inspect_review},
@@ -433,7 +433,7 @@ pub async fn serve_tls(
     let acceptor = TlsAcceptor::from(server_config(resolver)?);
     let limits = state.limits.clone();
     let metrics = state.metrics.clone();
-    let connections = Connections::new((*limits).clone());
+    let connections = Connections::new(limits.connections());
     let router = admission_router(state);
     loop {
         let (stream, peer) = match listener.accept().await {

@@ -201,17 +201,7 @@ async fn closed_after<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
 }
 
 fn review(namespace: &str, spec: Value) -> Vec<u8> {
-    serde_json::to_vec(&json!({
-        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
-        "request": {
-            "uid": "review-1",
-            "kind": { "group": "", "version": "v1", "kind": "Pod" },
-            "resource": { "group": "", "version": "v1", "resource": "pods" },
-            "operation": "CREATE", "userInfo": { "username": "someone" }, "namespace": namespace,
-            "object": { "apiVersion": "v1", "kind": "Pod", "metadata": { "name": "p" }, "spec": spec },
-        },
-    }))
-    .expect("review encodes")
+    rolemesh_testkit::pod_review(namespace, spec)
 }
 
 /// A review the webhook answers without the API server: pods in kube-system are never injected.
@@ -222,32 +212,12 @@ fn skipped_review() -> Vec<u8> {
     )
 }
 
-/// A review of `size` bytes whose pod's containers are all `{}`.
 fn empty_containers_review(size: usize) -> Vec<u8> {
-    let head = review("shop", json!({ "containers": [] }));
-    let text = String::from_utf8(head).expect("utf-8");
-    let (before, after) = text
-        .split_once("\"containers\":[]")
-        .expect("containers in the review");
-    let count = (size - text.len()) / 3;
-    let mut out = String::with_capacity(size + 8);
-    out.push_str(before);
-    out.push_str("\"containers\":[");
-    for i in 0..count {
-        out.push_str(if i == 0 { "{}" } else { ",{}" });
-    }
-    out.push(']');
-    out.push_str(after);
-    out.into_bytes()
+    rolemesh_testkit::empty_containers_review("shop", size)
 }
 
 fn status_kib(field: &str) -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|line| line.strip_prefix(field))
-        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
+    rolemesh_testkit::procfs::status_kib(std::process::id(), field)
 }
 
 fn short_deadlines() -> Limits {

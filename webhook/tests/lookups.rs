@@ -137,3 +137,98 @@ async fn lookups_of_many_namespaces_spend_a_bounded_budget() -> Result<()> {
     ensure!(lists.load(Ordering::SeqCst) == before + 1);
     Ok(())
 }
+
+/// A fake API server whose caches sync with a stale view: every cluster-wide LIST answers the
+/// namespaces as they were before `shop` opted in (`shop` without labels) and its watches never
+/// deliver an event, while a GET of a namespace answers as the namespace is now (`shop` labelled
+/// `rolemesh.dev/inject: enabled`). Counts those GETs.
+async fn stale_cache_api_server() -> Result<(String, Arc<AtomicUsize>)> {
+    let reads = Arc::new(AtomicUsize::new(0));
+    let counted = reads.clone();
+    let app = Router::new().fallback(move |request: Request| {
+        let counted = counted.clone();
+        async move {
+            let path = request.uri().path().to_string();
+            let query = request.uri().query().unwrap_or_default().to_string();
+            if query.contains("watch=true") {
+                // The watch that would have brought the label never does.
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+                return StatusCode::GATEWAY_TIMEOUT.into_response();
+            }
+            let json = |body: String| {
+                (StatusCode::OK, [("content-type", "application/json")], body).into_response()
+            };
+            let list = |kind: &str, items: &str| {
+                json(format!(
+                    r#"{{"apiVersion":"v1","kind":"{kind}","metadata":{{"resourceVersion":"7"}},"items":[{items}]}}"#
+                ))
+            };
+            match path.as_str() {
+                "/api/v1/namespaces" => list(
+                    "PartialObjectMetadataList",
+                    r#"{"apiVersion":"meta.k8s.io/v1","kind":"PartialObjectMetadata","metadata":{"name":"shop","resourceVersion":"5"}},
+                       {"apiVersion":"meta.k8s.io/v1","kind":"PartialObjectMetadata","metadata":{"name":"elsewhere","resourceVersion":"6"}}"#,
+                ),
+                "/api/v1/namespaces/shop" => {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    json(r#"{"apiVersion":"meta.k8s.io/v1","kind":"PartialObjectMetadata","metadata":{"name":"shop","resourceVersion":"8","labels":{"rolemesh.dev/inject":"enabled"}}}"#.into())
+                }
+                "/api/v1/namespaces/elsewhere" => {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    json(r#"{"apiVersion":"meta.k8s.io/v1","kind":"PartialObjectMetadata","metadata":{"name":"elsewhere","resourceVersion":"6"}}"#.into())
+                }
+                "/api/v1/serviceaccounts" => list("PartialObjectMetadataList", ""),
+                "/apis/rolemesh.dev/v1alpha1/mtlspolicies" => list("MTLSPolicyList", ""),
+                "/apis/rolemesh.dev/v1alpha1/mtlsauthorities" => list("MTLSAuthorityList", ""),
+                _ => StatusCode::NOT_FOUND.into_response(),
+            }
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok((url, reads))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_namespace_that_opted_in_after_the_cache_synced_is_read_from_the_api_server() -> Result<()>
+{
+    let (url, reads) = stale_cache_api_server().await?;
+    let (lookups, metrics) = lookups(&url).await?;
+    rolemesh_testkit::eventually(
+        "the caches to sync with the stale view",
+        Duration::from_secs(10),
+        || async { Ok(lookups.synced().then_some(())) },
+    )
+    .await?;
+    // The cache says `shop` has not opted in; the API server says it has: its pods get the proxy.
+    ensure!(
+        lookups.namespace_opted_in("shop").await?,
+        "a namespace opted in after the cache synced was taken as not opted in: its pods would be \
+         admitted without their proxy"
+    );
+    ensure!(
+        reads.load(Ordering::SeqCst) == 1,
+        "one GET of the namespace"
+    );
+    ensure!(lookups_by(&metrics, "api") >= 1.0, "{}", metrics.encode());
+    // A namespace that has not opted in, by the API server's word too, stays out.
+    ensure!(!lookups.namespace_opted_in("elsewhere").await?);
+    ensure!(reads.load(Ordering::SeqCst) == 2);
+    // Past the read budget, a no the API server cannot confirm refuses the pod, never admits it
+    // unmutated.
+    let mut refused = false;
+    for _ in 0..100 {
+        match lookups.namespace_opted_in("elsewhere").await {
+            Ok(false) => {}
+            Err(Error::ApiBudgetSpent { what }) => {
+                ensure!(what.contains("elsewhere"), "{what}");
+                refused = true;
+                break;
+            }
+            other => anyhow::bail!("unexpected answer {other:?}"),
+        }
+    }
+    ensure!(refused, "the budget was never spent by 100 reads");
+    Ok(())
+}

@@ -1,13 +1,14 @@
-//! The connections the TLS listener holds, each under a deadline, and the cap on how many.
+//! The connections a listener open to every pod holds (the webhook's, the proxy's admin port),
+//! each under a deadline, and the cap on how many.
 //!
 //! A connection is *pending* from its accept until it has delivered a whole request, *busy* while
-//! the webhook answers, and *idle* between requests. Pending has [`Limits::request_timeout`]
+//! it is answered, and *idle* between requests. Pending has [`ConnectionLimits::request_timeout`]
 //! (counted from the accept, or from the first byte of a request on a kept-alive connection),
-//! idle has [`Limits::idle_timeout`], busy has none (the handler bounds its own time). At the cap,
-//! a new connection takes the slot of the oldest connection that is not busy: a client that
-//! holds connections open without finishing requests can delay the API server's requests by
-//! no more than the moment it takes to evict one, where waiting in the accept queue behind it
-//! would let it starve them.
+//! idle has [`ConnectionLimits::idle_timeout`], busy has none (the handler bounds its own time).
+//! At the cap, a new connection takes the slot of the oldest connection that is not busy: a
+//! client that holds connections open without finishing requests can delay the requests that
+//! matter (the API server's admission reviews, kubelet's probes) by no more than the moment it
+//! takes to evict one, where waiting in the accept queue behind it would let it starve them.
 
 use std::{
     collections::BTreeMap,
@@ -17,6 +18,7 @@ use std::{
         atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering},
     },
     task::{Context, Poll},
+    time::Duration,
 };
 
 use tokio::{
@@ -25,13 +27,22 @@ use tokio::{
     time::Instant,
 };
 
-use crate::limits::Limits;
+/// The cap and the deadlines of one listener.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnectionLimits {
+    /// Connections open at once.
+    pub max_connections: usize,
+    /// Time for a whole request from its first byte (for a new connection, from the accept).
+    pub request_timeout: Duration,
+    /// Time a kept-alive connection may wait for its next request.
+    pub idle_timeout: Duration,
+}
 
 const PENDING: u8 = 0;
 const BUSY: u8 = 1;
 const IDLE: u8 = 2;
 
-/// Why a connection was closed by the webhook rather than by its client.
+/// Why a connection was closed by the listener rather than by its client.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Closed {
     /// It had not delivered a whole request within the request timeout.
@@ -54,7 +65,7 @@ impl Closed {
 
 /// All open connections.
 pub struct Connections {
-    limits: Limits,
+    limits: ConnectionLimits,
     table: Mutex<Table>,
 }
 
@@ -67,7 +78,7 @@ struct Table {
 }
 
 impl Connections {
-    pub fn new(limits: Limits) -> Arc<Self> {
+    pub fn new(limits: ConnectionLimits) -> Arc<Self> {
         Arc::new(Self {
             limits,
             table: Mutex::new(Table::default()),
