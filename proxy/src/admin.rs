@@ -67,7 +67,7 @@ pub async fn serve(
             let closed_metrics = metrics.clone();
             let service = service_fn(move |request: Request<hyper::body::Incoming>| {
                 // The head is in (admin requests have no body worth waiting for): from here the
-                // slot is neither timed out nor evicted until the answer is written.
+                // slot is neither timed out nor evicted until the answer is handed to hyper.
                 let answering = for_requests.busy();
                 let path = request.uri().path().to_string();
                 let readiness = readiness.clone();
