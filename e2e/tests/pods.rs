@@ -20,14 +20,18 @@
 //! 6. system trust kept: an injected app's own HTTPS call (OpenSSL) to a server on the node whose
 //!    CA is in the app's system store succeeds; the same app annotated
 //!    `rolemesh.dev/ssl-cert-file: "true"` trusts only rolemesh's bundle and fails;
-//! 7. large ServiceAccounts elsewhere: 500 ServiceAccounts with 250 KiB annotations in an
+//! 7. the admin port flooded: a pod outside the mesh opens 20,000 silent connections to the server
+//!    pod's admin port, a thousand at a time, each held until the proxy closes it; the proxy's
+//!    descriptors and memory stay bounded, kubelet's probes through that port keep passing and
+//!    the client's requests (a new mTLS handshake each) keep succeeding;
+//! 8. large ServiceAccounts elsewhere: 500 ServiceAccounts with 250 KiB annotations in an
 //!    unrelated namespace leave the controller's and webhook's memory within a bound (they cache
 //!    only what they read), and admission and issuance keep working.
 
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use rolemesh_e2e::{RELEASE_NAMESPACE, install_release, uninstall_release};
+use rolemesh_e2e::{PROXY_ADMIN_PORT, RELEASE_NAMESPACE, install_release, uninstall_release};
 use rolemesh_testkit::{ClusterEnv, TestNamespace, eventually, in_namespace, node_ready};
 
 const BUSYBOX: &str = "rolemesh.local/busybox:1.35.0";
@@ -50,6 +54,7 @@ async fn the_chart_runs_as_pods_and_meshes_injected_pods() -> Result<()> {
         timed("injection", mesh.injection()).await?;
         timed("app port closed", mesh.app_port_closed()).await?;
         timed("system trust kept", mesh.system_trust_kept()).await?;
+        timed("admin port flooded", mesh.admin_flood()).await?;
         timed(
             "large ServiceAccounts elsewhere",
             mesh.large_service_accounts_elsewhere(),
@@ -561,6 +566,173 @@ spec:
         Ok(())
     }
 
+    async fn admin_flood(&self) -> Result<()> {
+        let ns = &self.ns.name;
+        let (server, ip) = self.server_pod()?;
+        let uid = self.kubectl(&[
+            "get",
+            "pod",
+            &server,
+            "-n",
+            ns,
+            "-o",
+            "jsonpath={.metadata.uid}",
+        ])?;
+        let proxy = rolemesh_testkit::procfs::pod_process(uid.trim(), "rolemesh-proxy")
+            .context("the server pod's proxy process")?;
+        let flooder = serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "flooder", "namespace": ns, "labels": {"rolemesh.dev/inject": "false"}},
+            "spec": {
+                "terminationGracePeriodSeconds": 1,
+                "containers": [{"name": "app", "image": BUSYBOX, "command": ["sleep", "3600"]}],
+            },
+        })
+        .to_string();
+        self.ns
+            .env
+            .run("kubectl", &["create", "-f", "-"], Some(&flooder))?;
+        self.ns
+            .wait_pod_ready("flooder", Duration::from_secs(120))
+            .await?;
+        let unhealthy_before = self.unhealthy_events(&server)?;
+        let (baseline_kib, baseline_fds) = (
+            rolemesh_testkit::procfs::rss_kib(proxy),
+            rolemesh_testkit::procfs::open_fds(proxy),
+        );
+        let seen = self.client_log()?.len();
+        // Every nc reads the same FIFO, which the shell keeps open and never writes: no nc sends
+        // anything or half-closes, so each holds its connection until the proxy closes it
+        // (evicted at the cap, or the 2 s request timeout). An nc that exits 0 connected and was
+        // closed by the far side; each one appends a line, so the count is the flooder's own.
+        let script = format!(
+            "rm -f /tmp/hold /tmp/connected; mkfifo /tmp/hold; exec 3<>/tmp/hold; n=0; \
+             while [ $n -lt {ADMIN_FLOOD} ]; do i=0; while [ $i -lt {ADMIN_FLOOD_BATCH} ]; do \
+             {{ nc {ip} {PROXY_ADMIN_PORT} <&3 >/dev/null 2>&1 && echo >> /tmp/connected; }} & \
+             i=$((i+1)); done; wait; n=$((n+{ADMIN_FLOOD_BATCH})); done; \
+             echo \"opened $n connected $(wc -l < /tmp/connected)\""
+        );
+        let mut flood = std::process::Command::new(self.ns.env.tool("kubectl"));
+        flood
+            .args(["exec", "flooder", "-n", ns, "--", "sh", "-c", &script])
+            .envs(self.ns.env.vars())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let started = Instant::now();
+        let flood = flood.spawn().context("starting the flood")?;
+        let (mut peak_kib, mut peak_fds, mut ready_samples) = (baseline_kib, baseline_fds, 0);
+        let waited = tokio::task::spawn_blocking(move || flood.wait_with_output());
+        tokio::pin!(waited);
+        let output = loop {
+            tokio::select! {
+                output = &mut waited => break output??,
+                () = tokio::time::sleep(Duration::from_millis(500)) => {}
+            }
+            ensure!(
+                started.elapsed() < Duration::from_secs(300),
+                "the flood did not end within 300 s"
+            );
+            peak_kib = peak_kib.max(rolemesh_testkit::procfs::rss_kib(proxy));
+            peak_fds = peak_fds.max(rolemesh_testkit::procfs::open_fds(proxy));
+            let ready = self.kubectl(&[
+                "get",
+                "pod",
+                &server,
+                "-n",
+                ns,
+                "-o",
+                r#"jsonpath={.status.conditions[?(@.type=="Ready")].status}"#,
+            ])?;
+            ensure!(
+                ready.trim() == "True",
+                "the server pod left Ready during the admin flood"
+            );
+            ready_samples += 1;
+        };
+        let flooded = started.elapsed();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        ensure!(
+            output.status.success()
+                && stdout.contains(&format!("opened {ADMIN_FLOOD} connected {ADMIN_FLOOD}")),
+            "every one of the flood's {ADMIN_FLOOD} connections was accepted and then closed by \
+             the proxy: {stdout} {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let metrics = rolemesh_e2e::admin_get(&ip, "/metrics")?;
+        let closed = |reason: &str| {
+            rolemesh_testkit::metric_sum(
+                &metrics,
+                "rolemesh_proxy_admin_connections_closed_total",
+                &format!("reason=\"{reason}\""),
+            )
+        };
+        let (evicted, timed_out, refused) = (
+            closed("evicted"),
+            closed("request_timeout"),
+            closed("refused"),
+        );
+        let lines = self.client_log()?[seen..].to_vec();
+        let failed: Vec<&String> = lines.iter().filter(|l| l.starts_with("fail")).collect();
+        let succeeded = lines
+            .iter()
+            .filter(|l| **l == format!("ok {}", self.token))
+            .count();
+        let unhealthy = self.unhealthy_events(&server)?;
+        println!(
+            "admin flood of {ADMIN_FLOOD} connections in {:.1}s: proxy RSS {} -> peak {} KiB, \
+             descriptors {baseline_fds} -> peak {peak_fds}; {evicted} evicted, {timed_out} timed \
+             out, {refused} refused; {succeeded} mesh requests ok, {} failed; Ready in all {ready_samples} samples",
+            flooded.as_secs_f64(),
+            baseline_kib,
+            peak_kib,
+            failed.len()
+        );
+        // Each held flood connection ends by one of the limits; kubelet's probes only add to it.
+        ensure!(
+            evicted + timed_out + refused >= ADMIN_FLOOD as f64,
+            "the proxy's limits closed fewer than the flood's {ADMIN_FLOOD} connections: \
+             {evicted} evicted, {timed_out} timed out, {refused} refused"
+        );
+        ensure!(
+            peak_fds < baseline_fds + 2 * 64,
+            "the proxy held {peak_fds} descriptors (from {baseline_fds}): uncapped"
+        );
+        ensure!(
+            peak_kib < baseline_kib + 8 * 1024,
+            "the proxy's RSS grew from {baseline_kib} to {peak_kib} KiB"
+        );
+        ensure!(
+            failed.is_empty() && succeeded >= 10,
+            "mesh requests failed during the flood ({succeeded} succeeded): {failed:?}"
+        );
+        ensure!(
+            unhealthy == unhealthy_before,
+            "kubelet's probes of the server pod failed during the flood ({unhealthy_before} -> \
+             {unhealthy} Unhealthy events)"
+        );
+        self.kubectl(&["delete", "pod", "flooder", "-n", ns, "--wait=false"])?;
+        Ok(())
+    }
+
+    /// kubelet's failed probes of `pod` so far (Unhealthy events, counting repeats).
+    fn unhealthy_events(&self, pod: &str) -> Result<u64> {
+        let counts = self.kubectl(&[
+            "get",
+            "events",
+            "-n",
+            &self.ns.name,
+            "--field-selector",
+            &format!("involvedObject.name={pod},reason=Unhealthy"),
+            "-o",
+            "jsonpath={range .items[*]}{.count}{\" \"}{end}",
+        ])?;
+        Ok(counts
+            .split_whitespace()
+            .map(|c| c.parse::<u64>().unwrap_or(1))
+            .sum())
+    }
+
     async fn system_trust_kept(&self) -> Result<()> {
         let ns = &self.ns.name;
         let node_ip = node_ip(&self.ns.env)?;
@@ -984,6 +1156,10 @@ fn rolemesh_memory() -> Result<Vec<(String, u64)>> {
     found.sort();
     Ok(found)
 }
+
+/// Connections the admin flood opens, and how many at a time.
+const ADMIN_FLOOD: usize = 20_000;
+const ADMIN_FLOOD_BATCH: usize = 1_000;
 
 /// The node's IP, where pods reach the host (the local AWS endpoint listens there too).
 fn node_ip(env: &ClusterEnv) -> Result<String> {
