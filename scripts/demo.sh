@@ -117,6 +117,28 @@ served_serial() {
   openssl s_client -connect "$payments_ip:8443" </dev/null 2>/dev/null | openssl x509 -noout -serial | cut -d= -f2 | tr 'A-F' 'a-f'
 }
 
+step "payments' certificate names Service payments: a client outside the mesh verifies the proxy by hostname"
+# The first certificate was issued before the pod ran; once it ran, Service payments selected it
+# and the controller re-issued the certificate with the Service's names (reason service-names).
+has_names() { openssl s_client -connect "$payments_ip:8443" </dev/null 2>/dev/null | openssl x509 -noout -ext subjectAltName | grep -q 'DNS:payments.billing.svc.cluster.local'; }
+if wait_for 150 "the running payments proxy to serve the certificate that names its Service" has_names; then
+  openssl s_client -connect "$payments_ip:8443" </dev/null 2>/dev/null | openssl x509 -noout -ext subjectAltName | sed 's/^/  /'
+  client=$(mktemp -d)
+  kubectl -n shop get secret frontend-rolemesh-tls -o jsonpath='{.data.tls\.crt}' | base64 -d > "$client/tls.crt"
+  kubectl -n shop get secret frontend-rolemesh-tls -o jsonpath='{.data.tls\.key}' | base64 -d > "$client/tls.key"
+  kubectl -n billing get configmap rolemesh-trust-bundle -o jsonpath='{.data.ca\.crt}' > "$client/ca.crt"
+  echo '$ curl --cacert ca.crt --cert frontend/tls.crt --key frontend/tls.key --resolve payments.billing.svc.cluster.local:8443:'"$payments_ip"' https://payments.billing.svc.cluster.local:8443/'
+  if by_name=$(curl -sS -m 10 --cacert "$client/ca.crt" --cert "$client/tls.crt" --key "$client/tls.key" \
+      --resolve "payments.billing.svc.cluster.local:8443:$payments_ip" https://payments.billing.svc.cluster.local:8443/ 2>&1); then
+    echo "  VERIFIED by hostname, with frontend's certificate: $by_name"; dns_result="verified by hostname"
+  else
+    echo "  curl by hostname failed: $by_name"; dns_result=failed
+  fi
+  rm -rf "$client"
+else
+  dns_result="names not served"
+fi
+
 step "Rotating payments' certificate from kubectl; kubelet then updates the Secret mounted in the running proxy"
 old_serial=$(kubectl -n billing get mtlsp payments -o jsonpath='{.status.workloads[0].serial}')
 echo "payments' proxy at $payments_ip:8443 serves serial $(served_serial)"
@@ -153,6 +175,7 @@ echo "  identities:     $(( $(kubectl get secrets -n shop -l rolemesh.dev/policy
 echo "  A->B (frontend -> payments): $a_result"
 echo "  B->A (payments -> frontend): $b_result"
 echo "  plain app port: $plain_result (payments' 8080 from outside the pod)"
+echo "  DNS names:      $dns_result (curl https://payments.billing.svc.cluster.local:8443 from outside the mesh)"
 echo "  rotation:       payments serial $old_serial -> $new_serial, $rotation_result"
 echo "  pods:           $(kubectl get pods -A --no-headers | wc -l) pods, ${not_running:-all Running}"
 echo "  memory:         $(dev/cluster/memory.sh | awk '$1 == "total" {print $2 " " $3 " " $4}') for control plane, node, pods and AWS endpoint"

@@ -32,16 +32,18 @@ use crate::{
     identity::Refusal,
 };
 
-/// Issues a workload certificate for `identity`: a new key, one Sign call.
+/// Issues a workload certificate for `identity`, naming `dns_names` too: a new key, one Sign
+/// call.
 pub async fn issue_certificate(
     ca: &CaState,
     identity: &WorkloadIdentity,
+    dns_names: &[String],
     profile: &CertificateProfile,
 ) -> Result<IssuedCertificate> {
     let now = OffsetDateTime::now_utc();
     let key = generate_workload_key().map_err(|e| Error::BuildCertificate(e.to_string()))?;
     let params = profile
-        .leaf_params(identity, &[], now)
+        .leaf_params(identity, dns_names, now)
         .map_err(|e| Error::BuildCertificate(e.to_string()))?;
     let ca_der = ca.ca_der.clone();
     let (leaf_der, key) = sign_certificate(&ca.signer, move |signing_key| {
@@ -88,6 +90,8 @@ pub enum IssueReason {
     Rotation,
     /// The certificate is due, or the policy's duration changed.
     Renewal,
+    /// The Services that select the workload's pods changed, and with them its DNS names.
+    ServiceNames,
 }
 
 impl IssueReason {
@@ -97,6 +101,7 @@ impl IssueReason {
         Self::Repair,
         Self::Rotation,
         Self::Renewal,
+        Self::ServiceNames,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -106,6 +111,7 @@ impl IssueReason {
             Self::Repair => "repair",
             Self::Rotation => "rotation",
             Self::Renewal => "renewal",
+            Self::ServiceNames => "service-names",
         }
     }
 }
@@ -201,11 +207,13 @@ pub fn check_certificate(
     Ok(info)
 }
 
-/// Decides what a workload's Secret needs.
+/// Decides what a workload's Secret needs; `dns_names` are the names its certificate should carry
+/// (sorted, as [`crate::service_names::service_names`] gives them).
 pub fn assess(
     secret: Option<&Secret>,
     ca: &CaState,
     identity: &WorkloadIdentity,
+    dns_names: &[String],
     profile: &CertificateProfile,
     rotation: &RotationRequests,
     now: OffsetDateTime,
@@ -237,6 +245,16 @@ pub fn assess(
     }
     if now >= profile.renewal_time(info.not_before, info.not_after, &info.serial) {
         return issue(IssueReason::Renewal, "due for renewal");
+    }
+    let mut names = info.dns_names.clone();
+    names.sort();
+    if names != dns_names {
+        return issue(
+            IssueReason::ServiceNames,
+            format!(
+                "the certificate names {names:?}, the Services that select its pods {dns_names:?}"
+            ),
+        );
     }
     if secret_field(secret, CA_CERT_KEY) != Some(ca.bundle_pem.as_bytes()) {
         return Need::RefreshBundle(Box::new(info));

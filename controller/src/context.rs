@@ -8,7 +8,7 @@ use std::{
 };
 
 use arc_swap::ArcSwapOption;
-use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
+use k8s_openapi::api::core::v1::{Pod, Secret, Service, ServiceAccount};
 use kube::{
     Client,
     runtime::{
@@ -31,6 +31,10 @@ pub struct Caches {
     pub secrets: Store<Secret>,
     pub service_accounts: Store<ServiceAccount>,
     pub policies: Store<MTLSPolicy>,
+    /// Pods and Services trimmed to labels, ServiceAccount and selector
+    /// ([`crate::service_names`]): which Services name which workload.
+    pub pods: Store<Pod>,
+    pub services: Store<Service>,
 }
 
 /// A trust bundle ConfigMap as this process last wrote it.
@@ -52,6 +56,8 @@ pub struct Context {
     pub recorder: Recorder,
     /// How many certificates one reconcile issues at once.
     pub issue_concurrency: usize,
+    /// The cluster's DNS domain, for the `<service>.<namespace>.svc.<domain>` SAN.
+    pub cluster_domain: String,
     /// Secrets written by this process that the watch may not have delivered yet, so that a
     /// reconcile racing the watch does not issue a second certificate for the same need.
     written: Mutex<HashMap<(String, String), (Secret, Instant)>>,
@@ -77,6 +83,7 @@ impl Context {
         metrics: Metrics,
         recorder: Recorder,
         issue_concurrency: usize,
+        cluster_domain: String,
     ) -> Self {
         Self {
             client,
@@ -87,6 +94,7 @@ impl Context {
             metrics,
             recorder,
             issue_concurrency,
+            cluster_domain,
             written: Mutex::new(HashMap::new()),
             bundles: Mutex::new(HashMap::new()),
             rules: Mutex::new(HashMap::new()),

@@ -13,6 +13,7 @@ pub mod leader;
 pub mod metrics;
 pub mod policy;
 pub mod reverify;
+pub mod service_names;
 pub mod signer;
 pub mod status;
 pub mod webhook_tls;
@@ -20,7 +21,7 @@ pub mod webhook_tls;
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use futures::{StreamExt, future};
-use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
+use k8s_openapi::api::core::v1::{Pod, Secret, Service, ServiceAccount};
 use kube::{
     Api, Client, Resource, ResourceExt,
     runtime::{
@@ -67,6 +68,8 @@ pub struct ControllerConfig {
     pub watch_namespace: Option<String>,
     /// The webhook's serving certificate and caBundle to keep current; `None` leaves them alone.
     pub webhook_tls: Option<WebhookTlsConfig>,
+    /// The cluster's DNS domain (`cluster.local` unless the cluster was set up otherwise).
+    pub cluster_domain: String,
 }
 
 /// Objects per page of a cache's initial list: ServiceAccounts live in every namespace and any
@@ -148,6 +151,28 @@ pub async fn run(
     .modify(trim_service_account)
     .reflect(sa_writer)
     .touched_objects();
+    // Pods and Services, trimmed to what says which Services select which workload: a pod's
+    // labels (and whether it is going away) and ServiceAccount, a Service's selector. A reconcile
+    // follows a pod only when those change, not its status.
+    let (pods, pod_writer) = reflector::store::<Pod>();
+    let pod_stream = watcher(
+        scoped::<Pod>(&client, config.watch_namespace.as_deref()),
+        watcher::Config::default().page_size(CACHE_LIST_PAGE),
+    )
+    .default_backoff()
+    .modify(service_names::trim_pod)
+    .reflect(pod_writer)
+    .touched_objects()
+    .predicate_filter(service_names::selection_facts, Default::default());
+    let (services, service_writer) = reflector::store::<Service>();
+    let service_stream = watcher(
+        scoped::<Service>(&client, config.watch_namespace.as_deref()),
+        watcher::Config::default().page_size(CACHE_LIST_PAGE),
+    )
+    .default_backoff()
+    .modify(service_names::trim_service)
+    .reflect(service_writer)
+    .touched_objects();
     let (policies, policy_writer) = reflector::store::<MTLSPolicy>();
     let policy_stream = watcher(
         scoped::<MTLSPolicy>(&client, config.watch_namespace.as_deref()),
@@ -178,6 +203,8 @@ pub async fn run(
         secrets: secrets.clone(),
         service_accounts: service_accounts.clone(),
         policies: policies.clone(),
+        pods: pods.clone(),
+        services: services.clone(),
     };
     let ctx = Arc::new(Context::new(
         client.clone(),
@@ -186,6 +213,7 @@ pub async fn run(
         metrics.clone(),
         recorder,
         config.issue_concurrency,
+        config.cluster_domain.clone(),
     ));
 
     if config.leader_election {
@@ -209,6 +237,7 @@ pub async fn run(
     let bundle_task = tokio::spawn(policy::writes::maintain_trust_bundles(ctx.clone()));
 
     let mapper_policies = policies.clone();
+    let (pod_policies, service_policies) = (policies.clone(), policies.clone());
     // One task waits for both caches and tells every reconcile through a watch channel. The
     // stores' own `wait_until_ready` wakes only the last of several concurrent waiters (it polls
     // one oneshot receiver from many tasks), which left all but one of the policies that arrived
@@ -217,9 +246,12 @@ pub async fn run(
     let caches_task = tokio::spawn({
         let (secrets, service_accounts, metrics) =
             (secrets.clone(), service_accounts.clone(), metrics.clone());
+        let (pods, services) = (pods.clone(), services.clone());
         async move {
             let filled = secrets.wait_until_ready().await.is_ok()
-                && service_accounts.wait_until_ready().await.is_ok();
+                && service_accounts.wait_until_ready().await.is_ok()
+                && pods.wait_until_ready().await.is_ok()
+                && services.wait_until_ready().await.is_ok();
             if filled {
                 metrics.set_ready(true);
                 let _ = caches_filled.send(true);
@@ -230,6 +262,14 @@ pub async fn run(
         .owns_stream(secret_stream)
         .watches_stream(sa_stream, move |sa| {
             policies_for_service_account(&mapper_policies.state(), &sa)
+        })
+        // A Service's names go into the certificates of the workloads it selects: every policy of
+        // its namespace looks again when a Service or the labels of a pod change.
+        .watches_stream(pod_stream, move |pod| {
+            policies_in_namespace(&pod_policies.state(), pod.namespace().as_deref())
+        })
+        .watches_stream(service_stream, move |service| {
+            policies_in_namespace(&service_policies.state(), service.namespace().as_deref())
         })
         .reconcile_all_on(tokio_stream_from(ca_changes))
         .run(
@@ -278,6 +318,17 @@ pub async fn run(
         leader::release(&client, &lease).await;
     }
     result
+}
+
+fn policies_in_namespace(
+    policies: &[Arc<MTLSPolicy>],
+    namespace: Option<&str>,
+) -> Vec<kube::runtime::reflector::ObjectRef<MTLSPolicy>> {
+    policies
+        .iter()
+        .filter(|p| p.namespace().as_deref() == namespace)
+        .map(|p| kube::runtime::reflector::ObjectRef::from_obj(p.as_ref()))
+        .collect()
 }
 
 fn tokio_stream_from(

@@ -55,6 +55,10 @@ struct Args {
     /// Watch only this namespace (policies, ServiceAccounts, Secrets); all namespaces if unset.
     #[arg(long, env = "ROLEMESH_WATCH_NAMESPACE")]
     watch_namespace: Option<String>,
+    /// The cluster's DNS domain: certificates name each Service that selects a workload's pods
+    /// as `<service>.<namespace>.svc.<domain>` too.
+    #[arg(long, env = "ROLEMESH_CLUSTER_DOMAIN", default_value = rolemesh_controller::service_names::DEFAULT_CLUSTER_DOMAIN)]
+    cluster_domain: String,
     /// Log format.
     #[arg(long, env = "ROLEMESH_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -93,6 +97,7 @@ async fn main() -> anyhow::Result<()> {
         issue_concurrency: args.issue_concurrency,
         watch_namespace: args.watch_namespace,
         webhook_tls,
+        cluster_domain: args.cluster_domain,
     };
     let shutdown = async {
         let mut term =

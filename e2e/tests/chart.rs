@@ -238,11 +238,15 @@ async fn install_upgrade_uninstall_and_least_privilege() -> Result<()> {
         ensure!(allowed(env, &controller_sa, "list", "", "secrets", Some("kube-system"), None).await?, "controller lists Secrets cluster-wide (documented)");
         ensure!(!allowed(env, &controller_sa, "patch", "", "serviceaccounts", Some("default"), None).await?, "controller never edits ServiceAccounts (their role annotation)");
         ensure!(!allowed(env, &controller_sa, "update", "rolemesh.dev", "mtlspolicies", Some("default"), None).await?, "controller never rewrites a policy's spec");
-        // Pods: listed (metadata only) to report stale pods in the policies' status; never read one
-        // by one, watched or changed.
-        ensure!(allowed(env, &controller_sa, "list", "", "pods", Some("default"), None).await?, "controller lists pods for the stale-pod report");
-        for verb in ["get", "watch", "patch", "delete"] {
-            ensure!(!allowed(env, &controller_sa, verb, "", "pods", Some("default"), None).await?, "controller must not {verb} pods");
+        // Pods and Services: listed and watched (pods for the stale-pod report and, with Services,
+        // for the DNS names of certificates); never read one by one or changed.
+        for resource in ["pods", "services"] {
+            for verb in ["list", "watch"] {
+                ensure!(allowed(env, &controller_sa, verb, "", resource, Some("default"), None).await?, "controller may {verb} {resource}");
+            }
+            for verb in ["get", "create", "patch", "delete"] {
+                ensure!(!allowed(env, &controller_sa, verb, "", resource, Some("default"), None).await?, "controller must not {verb} {resource}");
+            }
         }
 
         // Upgrade with a changed value.

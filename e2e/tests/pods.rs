@@ -350,12 +350,18 @@ spec:
             "-o",
             "jsonpath={.status.podIP}",
         ])?;
-        let before = self.status_serial("server")?;
-        let served = self.served_serial(&pod_ip)?;
-        ensure!(
-            served == before,
-            "the server proxy serves the issued serial {before}, not {served}"
-        );
+        // Its certificate was re-issued once its pod ran, to name Service `server`: kubelet may
+        // still be bringing that one in.
+        let before = eventually(
+            "the server proxy to serve the serial in the policy's status",
+            Duration::from_secs(150),
+            || async {
+                let before = self.status_serial("server")?;
+                let served = self.served_serial(&pod_ip)?;
+                Ok((served == before).then_some(before))
+            },
+        )
+        .await?;
         let log_start = self.client_log()?.len();
         let rotated = Instant::now();
         for policy in ["server", "client"] {

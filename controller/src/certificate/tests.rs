@@ -62,7 +62,7 @@ async fn secret(
     profile: &CertificateProfile,
     rotation: &RotationRequests,
 ) -> Secret {
-    let issued = issue_certificate(ca, identity, profile)
+    let issued = issue_certificate(ca, identity, &[], profile)
         .await
         .expect("issue");
     let context = SecretContext {
@@ -289,7 +289,7 @@ async fn assess_decides_what_a_secret_needs() {
         ),
     ];
     for (case, secret, profile, rotation, at, expected) in rows {
-        let need = assess(secret, &ca, &web, profile, rotation, at);
+        let need = assess(secret, &ca, &web, &[], profile, rotation, at);
         assert_eq!(decision(need), expected, "{case}");
     }
 }
@@ -299,8 +299,73 @@ fn issue_reasons_are_the_metric_labels() {
     let labels: Vec<&str> = IssueReason::ALL.iter().map(|r| r.as_str()).collect();
     assert_eq!(
         labels,
-        ["new", "identity-change", "repair", "rotation", "renewal"]
+        [
+            "new",
+            "identity-change",
+            "repair",
+            "rotation",
+            "renewal",
+            "service-names"
+        ]
     );
+}
+
+/// A certificate names the Services that select its workload: a change of them re-issues it, and
+/// one issued with them is good as it is.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_change_of_service_names_reissues() {
+    let ca = test_ca("mesh.test");
+    let web = identity("web", ROLE);
+    let profile = CertificateProfile::default();
+    let none = RotationRequests::default();
+    let now = OffsetDateTime::now_utc();
+    let names: Vec<String> = [
+        "web",
+        "web.shop",
+        "web.shop.svc",
+        "web.shop.svc.cluster.local",
+    ]
+    .map(String::from)
+    .to_vec();
+    let without = secret(&ca, &web, &profile, &none).await;
+    assert!(matches!(
+        assess(Some(&without), &ca, &web, &names, &profile, &none, now),
+        Need::Issue {
+            reason: IssueReason::ServiceNames,
+            ..
+        }
+    ));
+    let issued = issue_certificate(&ca, &web, &names, &profile)
+        .await
+        .expect("issue");
+    let info = rolemesh_profile::inspect_certificate(
+        &rolemesh_profile::inspect::certificates_from_pem(&issued.chain_pem).expect("PEM")[0],
+    )
+    .expect("parse");
+    let mut found = info.dns_names.clone();
+    found.sort();
+    assert_eq!(found, names);
+    let context = SecretContext {
+        namespace: "shop",
+        service_account: "web",
+        policy_name: "web",
+        owner: OwnerReference::default(),
+        rotation: &none,
+        verification: ca.verification,
+    };
+    let with = workload_secret(&context, &issued.chain_pem, &issued.key_pem, &ca.bundle_pem);
+    assert!(matches!(
+        assess(Some(&with), &ca, &web, &names, &profile, &none, now),
+        Need::Nothing(_)
+    ));
+    // A Service gone: the names go with it.
+    assert!(matches!(
+        assess(Some(&with), &ca, &web, &[], &profile, &none, now),
+        Need::Issue {
+            reason: IssueReason::ServiceNames,
+            ..
+        }
+    ));
 }
 
 /// A transient verification failure (STS throttled during a renewal, say)
@@ -320,7 +385,7 @@ async fn a_transient_verification_failure_keeps_a_valid_certificate() {
     // Renewal is due: this is when verification runs and STS may throttle.
     let due = OffsetDateTime::now_utc() + time::Duration::hours(20);
     assert!(matches!(
-        assess(Some(&good), &ca, &web, &profile, &none, due),
+        assess(Some(&good), &ca, &web, &[], &profile, &none, due),
         Need::Issue {
             reason: IssueReason::Renewal,
             ..
@@ -385,7 +450,7 @@ async fn only_a_secret_written_for_this_policy_is_ours() {
         controller: Some(true),
         block_owner_deletion: Some(true),
     };
-    let issued = issue_certificate(&ca, &web, &CertificateProfile::default())
+    let issued = issue_certificate(&ca, &web, &[], &CertificateProfile::default())
         .await
         .expect("issue");
     let context = SecretContext {

@@ -136,6 +136,21 @@ async fn reconcile_policy(policy: &MTLSPolicy, ctx: &Context) -> Result<Action> 
         .collect();
     let coverage = Coverage::of(policy, &ctx.caches.policies.state(), &service_accounts);
 
+    let in_namespace = |ns: Option<String>| ns.as_deref() == Some(namespace.as_str());
+    let pods: Vec<_> = ctx
+        .caches
+        .pods
+        .state()
+        .into_iter()
+        .filter(|p| in_namespace(p.namespace()))
+        .collect();
+    let services: Vec<_> = ctx
+        .caches
+        .services
+        .state()
+        .into_iter()
+        .filter(|s| in_namespace(s.namespace()))
+        .collect();
     let now = OffsetDateTime::now_utc();
     let run = PolicyRun {
         ctx,
@@ -144,6 +159,8 @@ async fn reconcile_policy(policy: &MTLSPolicy, ctx: &Context) -> Result<Action> 
         owner: &owner,
         profile: &profile,
         now,
+        pods: &pods,
+        services: &services,
     };
     let run = &run;
     let outcomes: Vec<Outcome> = stream::iter(coverage.covered.iter().cloned())

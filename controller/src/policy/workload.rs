@@ -1,8 +1,10 @@
 //! One ServiceAccount in one reconcile: check its identity, decide what its Secret needs
 //! ([`assess`]), verify with STS and issue when a certificate is due, and say what happened.
 
+use std::sync::Arc;
+
 use k8s_openapi::{
-    api::core::v1::{Secret, ServiceAccount},
+    api::core::v1::{Pod, Secret, Service, ServiceAccount},
     apimachinery::pkg::apis::meta::v1::OwnerReference,
 };
 use kube::{ResourceExt, api::ObjectMeta, runtime::events::EventType};
@@ -26,6 +28,7 @@ use crate::{
     context::Context,
     identity::{Refusal, check_account, claimed_role, verify_with_sts},
     reverify::reverify_due,
+    service_names::{MAX_SERVICES_PER_CERTIFICATE, ServiceNames, service_names},
     status::{Reason, from_time, to_time},
 };
 
@@ -37,6 +40,9 @@ pub struct PolicyRun<'a> {
     pub owner: &'a OwnerReference,
     pub profile: &'a CertificateProfile,
     pub now: OffsetDateTime,
+    /// The namespace's pods and Services (trimmed), for the workloads' DNS names.
+    pub pods: &'a [Arc<Pod>],
+    pub services: &'a [Arc<Service>],
 }
 
 /// What happened to one ServiceAccount in one reconcile.
@@ -161,6 +167,8 @@ struct Claimant<'a> {
     role: String,
     identity: WorkloadIdentity,
     rotation: RotationRequests,
+    /// The names of the Services that select its pods, for its certificate.
+    service_names: ServiceNames,
     run: &'a PolicyRun<'a>,
 }
 
@@ -387,7 +395,14 @@ impl Claimant<'_> {
             return self.verification_failed(&refusal).await;
         }
         let verified_at = OffsetDateTime::now_utc();
-        let issued = match issue_certificate(ca, &self.identity, self.run.profile).await {
+        let issued = match issue_certificate(
+            ca,
+            &self.identity,
+            &self.service_names.dns_names,
+            self.run.profile,
+        )
+        .await
+        {
             Ok(issued) => issued,
             Err(error) => {
                 warn!(%error, namespace = %namespace, service_account = %name, "failed to issue a certificate");
@@ -510,7 +525,18 @@ pub async fn reconcile_service_account(
             );
         }
     };
+    let service_names = service_names(
+        &namespace,
+        &name,
+        run.pods,
+        run.services,
+        &ctx.cluster_domain,
+    );
+    if !service_names.left_out.is_empty() {
+        warn!(namespace = %namespace, service_account = %name, left_out = ?service_names.left_out, max = MAX_SERVICES_PER_CERTIFICATE, "more Services select the workload's pods than a certificate names; the names of those that sort last are left out");
+    }
     let mut claimant = Claimant {
+        service_names,
         rotation: RotationRequests {
             policy: annotation(&run.policy.metadata, ROTATE_ANNOTATION),
             service_account: annotation(&service_account.metadata, ROTATE_ANNOTATION),
@@ -529,6 +555,7 @@ pub async fn reconcile_service_account(
             claimant.existing.as_ref(),
             run.ca,
             &claimant.identity,
+            &claimant.service_names.dns_names,
             run.profile,
             &claimant.rotation,
             run.now,
