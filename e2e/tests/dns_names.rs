@@ -5,7 +5,7 @@
 //! 1. Service `payments` selects the pods of ServiceAccount `payments`: once a pod runs, the
 //!    controller re-issues its certificate naming `payments`, `payments.<ns>`,
 //!    `payments.<ns>.svc` and `payments.<ns>.svc.cluster.local`.
-//! 2. From a pod the webhook does not inject (`rolemesh.dev/inject: "false"`), Debian's curl
+//! 2. From a pod the webhook does not inject (label `rolemesh.dev/inject: "false"`), Debian's curl
 //!    verifies the proxy by `https://payments.<ns>.svc.cluster.local:8443` through CoreDNS and
 //!    kube-proxy, with the trust bundle and a meshed client's certificate; without the client
 //!    certificate the proxy refuses it, and a name the certificate does not carry fails
@@ -216,7 +216,7 @@ apiVersion: v1
 kind: Pod
 metadata:
   name: outsider
-  annotations: {{rolemesh.dev/inject: "false"}}
+  labels: {{rolemesh.dev/inject: "false"}}
 spec:
   terminationGracePeriodSeconds: 1
   containers:
