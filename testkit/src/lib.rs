@@ -162,7 +162,8 @@ pub fn metric_sum(exposition: &str, name: &str, labels: &str) -> f64 {
         })
         .filter(|l| labels.is_empty() || l.contains(labels))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+        // Not `sum`: the sum of no f64 is -0.0, which prints as "-0".
+        .fold(0.0, |total, value| total + value)
 }
 
 /// An AdmissionReview of a Pod CREATE in `namespace` with `spec`, as the API server sends one.
