@@ -13,6 +13,8 @@ pub mod names;
 mod rules;
 
 pub use coverage::{coverage_order, covering_policy};
+/// The proxy configuration's own type, so the API and the proxy cannot disagree on the names.
+pub use rolemesh_profile::proxy_config::CallerIdentity;
 
 pub const GROUP: &str = "rolemesh.dev";
 pub const VERSION: &str = "v1alpha1";
@@ -135,6 +137,19 @@ pub struct InboundMapping {
     #[serde(default)]
     #[schemars(schema_with = "allow_schema")]
     pub allow: Vec<String>,
+
+    /// How the application learns which peer is connected. `l4` (default): it does not; it sees
+    /// a plain TCP connection from 127.0.0.1. `proxyProtocolV2`: each connection to the
+    /// application starts with a PROXY protocol v2 header whose source address is the peer's,
+    /// with TLVs PP2_TYPE_SSL (0x20: TLS version and cipher, client certificate verified), 0xE0
+    /// (the peer's SPIFFE ID) and 0xE1 (the peer's IAM role ARN); the application must expect
+    /// the header. `http`: for HTTP/1.1 and HTTP/2 (h2c, prior knowledge, e.g. gRPC)
+    /// applications; the proxy forwards each request with the headers
+    /// `x-rolemesh-peer-spiffe-id` and `x-rolemesh-peer-role-arn`, and removes any copies the
+    /// peer sent; upgrade requests (WebSocket) are refused. A change reaches a pod only when it
+    /// is re-created.
+    #[serde(default, skip_serializing_if = "CallerIdentity::is_l4")]
+    pub caller_identity: CallerIdentity,
 }
 
 /// One outbound port of the proxy.
@@ -229,8 +244,8 @@ pub struct PodsStatus {
     #[schemars(length(max = 64))]
     pub generations: Vec<GenerationPods>,
 
-    /// How many pods run a start configuration (mappings, ports) other than the current
-    /// generation's; re-create them (`kubectl rollout restart`) to apply it.
+    /// How many pods run a start configuration (mappings, ports, callerIdentity) other than the
+    /// current generation's; re-create them (`kubectl rollout restart`) to apply it.
     #[serde(default)]
     pub stale_count: i32,
 
@@ -258,7 +273,8 @@ pub struct StalePod {
     pub name: String,
     /// The generation it was injected from.
     pub generation: i64,
-    /// `PortsChanged` (its mappings or ports differ from the current generation's) or
+    /// `PortsChanged` (its mappings, ports or callerIdentity differ from the current
+    /// generation's) or
     /// `InjectedBeforeLiveRules` (its proxy has its peer rules in its environment and gets no
     /// policy edit at all).
     pub reason: String,
