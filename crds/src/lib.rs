@@ -78,7 +78,8 @@ pub struct MTLSPolicySpec {
     pub service_accounts: ServiceAccountSelector,
 
     /// Inbound mappings: for each, the proxy terminates mTLS on `port` and forwards plain TCP to
-    /// the application on 127.0.0.1:`appPort`, admitting only the peers listed in `allow`.
+    /// the application on 127.0.0.1:`appPort`, admitting only the peers listed in `allow`, and
+    /// tells the application who the peer is as `callerIdentity` says.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 64))]
     pub inbound: Vec<InboundMapping>,
@@ -707,6 +708,38 @@ mod tests {
         assert_eq!(
             (expect["minItems"].clone(), expect["maxItems"].clone()),
             (1.into(), 256.into())
+        );
+    }
+
+    /// `callerIdentity` is an optional enum of the proxy configuration's own names, `l4` when
+    /// absent, and absent again when written back as `l4`.
+    #[test]
+    fn caller_identity_is_an_optional_enum_defaulting_to_l4() {
+        let field = schema_at("MTLSPolicy", &["spec", "inbound", "[]", "callerIdentity"]);
+        assert_eq!(field["type"], "string");
+        assert_eq!(
+            field["enum"],
+            serde_json::json!(["l4", "proxyProtocolV2", "http"])
+        );
+        let description = field["description"].as_str().expect("description");
+        for words in ["0xE0", "0xE1", "x-rolemesh-peer-role-arn", "re-created"] {
+            assert!(description.contains(words), "{words}: {description}");
+        }
+        let item = schema_at("MTLSPolicy", &["spec", "inbound", "[]"]);
+        assert!(
+            !item["required"]
+                .as_array()
+                .expect("required")
+                .contains(&"callerIdentity".into())
+        );
+        let mapping: InboundMapping =
+            serde_json::from_value(serde_json::json!({"name": "a", "port": 1, "appPort": 2}))
+                .expect("mapping");
+        assert_eq!(mapping.caller_identity, CallerIdentity::L4);
+        assert!(
+            !serde_json::to_string(&mapping)
+                .expect("json")
+                .contains("callerIdentity")
         );
     }
 
