@@ -24,11 +24,12 @@ help:
 tools:
 	@dev/tools/install.sh
 
-## The images the chart runs (controller and webhook, the proxy it injects, the kubectl plugin) from
-## release builds, made without a container engine (dev/images/*.image) and imported into the node
-## if it runs (dev/node/up.sh imports them when it starts). Cargo and build.sh rebuild only what changed.
-RELEASE_PACKAGES := -p rolemesh-controller -p rolemesh-webhook -p rolemesh-proxy -p kubectl-rolemesh
-IMAGES := controller proxy plugin
+## The images the chart runs (controller and webhook, the proxy it injects, the kubectl plugin) and
+## the node tests' proxy-protocol-echo app, from release builds, made without a container engine
+## (dev/images/*.image) and imported into the node if it runs (dev/node/up.sh imports them when it starts). Cargo and build.sh rebuild only what changed.
+RELEASE_PACKAGES := -p rolemesh-controller -p rolemesh-webhook -p rolemesh-proxy -p kubectl-rolemesh \
+	-p rolemesh-proxy-protocol-echo
+IMAGES := controller proxy plugin proxy-protocol-echo
 images: tools
 	$(CARGO) build --release --locked $(RELEASE_PACKAGES)
 	@dev/images/build.sh $(IMAGES)

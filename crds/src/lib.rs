@@ -13,6 +13,8 @@ pub mod names;
 mod rules;
 
 pub use coverage::{coverage_order, covering_policy};
+/// The proxy configuration's own type, so the API and the proxy cannot disagree on the names.
+pub use rolemesh_profile::proxy_config::CallerIdentity;
 
 pub const GROUP: &str = "rolemesh.dev";
 pub const VERSION: &str = "v1alpha1";
@@ -76,7 +78,8 @@ pub struct MTLSPolicySpec {
     pub service_accounts: ServiceAccountSelector,
 
     /// Inbound mappings: for each, the proxy terminates mTLS on `port` and forwards plain TCP to
-    /// the application on 127.0.0.1:`appPort`, admitting only the peers listed in `allow`.
+    /// the application on 127.0.0.1:`appPort`, admitting only the peers listed in `allow`, and
+    /// tells the application who the peer is as `callerIdentity` says.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 64))]
     pub inbound: Vec<InboundMapping>,
@@ -135,6 +138,19 @@ pub struct InboundMapping {
     #[serde(default)]
     #[schemars(schema_with = "allow_schema")]
     pub allow: Vec<String>,
+
+    /// How the application learns which peer is connected. `l4` (default): it does not; it sees
+    /// a plain TCP connection from 127.0.0.1. `proxyProtocolV2`: each connection to the
+    /// application starts with a PROXY protocol v2 header whose source address is the peer's,
+    /// with TLVs PP2_TYPE_SSL (0x20: TLS version and cipher, client certificate verified), 0xE0
+    /// (the peer's SPIFFE ID) and 0xE1 (the peer's IAM role ARN); the application must expect
+    /// the header. `http`: for HTTP/1.1 and HTTP/2 (h2c, prior knowledge, e.g. gRPC)
+    /// applications; the proxy forwards each request with the headers
+    /// `x-rolemesh-peer-spiffe-id` and `x-rolemesh-peer-role-arn`, and removes any copies the
+    /// peer sent; upgrade requests (WebSocket) are refused. A change reaches a pod only when it
+    /// is re-created.
+    #[serde(default, skip_serializing_if = "CallerIdentity::is_l4")]
+    pub caller_identity: CallerIdentity,
 }
 
 /// One outbound port of the proxy.
@@ -229,8 +245,8 @@ pub struct PodsStatus {
     #[schemars(length(max = 64))]
     pub generations: Vec<GenerationPods>,
 
-    /// How many pods run a start configuration (mappings, ports) other than the current
-    /// generation's; re-create them (`kubectl rollout restart`) to apply it.
+    /// How many pods run a start configuration (mappings, ports, callerIdentity) other than the
+    /// current generation's; re-create them (`kubectl rollout restart`) to apply it.
     #[serde(default)]
     pub stale_count: i32,
 
@@ -258,7 +274,8 @@ pub struct StalePod {
     pub name: String,
     /// The generation it was injected from.
     pub generation: i64,
-    /// `PortsChanged` (its mappings or ports differ from the current generation's) or
+    /// `PortsChanged` (its mappings, ports or callerIdentity differ from the current
+    /// generation's) or
     /// `InjectedBeforeLiveRules` (its proxy has its peer rules in its environment and gets no
     /// policy edit at all).
     pub reason: String,
@@ -691,6 +708,38 @@ mod tests {
         assert_eq!(
             (expect["minItems"].clone(), expect["maxItems"].clone()),
             (1.into(), 256.into())
+        );
+    }
+
+    /// `callerIdentity` is an optional enum of the proxy configuration's own names, `l4` when
+    /// absent, and absent again when written back as `l4`.
+    #[test]
+    fn caller_identity_is_an_optional_enum_defaulting_to_l4() {
+        let field = schema_at("MTLSPolicy", &["spec", "inbound", "[]", "callerIdentity"]);
+        assert_eq!(field["type"], "string");
+        assert_eq!(
+            field["enum"],
+            serde_json::json!(["l4", "proxyProtocolV2", "http"])
+        );
+        let description = field["description"].as_str().expect("description");
+        for words in ["0xE0", "0xE1", "x-rolemesh-peer-role-arn", "re-created"] {
+            assert!(description.contains(words), "{words}: {description}");
+        }
+        let item = schema_at("MTLSPolicy", &["spec", "inbound", "[]"]);
+        assert!(
+            !item["required"]
+                .as_array()
+                .expect("required")
+                .contains(&"callerIdentity".into())
+        );
+        let mapping: InboundMapping =
+            serde_json::from_value(serde_json::json!({"name": "a", "port": 1, "appPort": 2}))
+                .expect("mapping");
+        assert_eq!(mapping.caller_identity, CallerIdentity::L4);
+        assert!(
+            !serde_json::to_string(&mapping)
+                .expect("json")
+                .contains("callerIdentity")
         );
     }
 

@@ -6,19 +6,20 @@ use rolemesh_profile::{
     proxy_config::{InboundRules, OutboundRules, PeerPattern, PeerRules},
 };
 
-use crate::MTLSPolicy;
+use crate::{CallerIdentity, MTLSPolicy};
 
 impl MTLSPolicy {
-    /// What of this policy a proxy takes only when its pod is created: the mappings and their
-    /// ports, in a canonical text the webhook records on each pod
+    /// What of this policy a proxy takes only when its pod is created: the mappings, their ports
+    /// and callerIdentity, in a canonical text the webhook records on each pod
     /// ([`crate::names::PROXY_PORTS_ANNOTATION`]) and the controller compares with the current
     /// generation's to find pods that need a restart.
     pub fn start_ports(&self) -> String {
-        let inbound = self
-            .spec
-            .inbound
-            .iter()
-            .map(|m| format!("in {} {}>{}", m.name, m.port, m.app_port));
+        let inbound = self.spec.inbound.iter().map(|m| match m.caller_identity {
+            // Written only when not l4, so that pods injected before the field existed do
+            // not all turn stale on upgrade.
+            CallerIdentity::L4 => format!("in {} {}>{}", m.name, m.port, m.app_port),
+            other => format!("in {} {}>{} {other}", m.name, m.port, m.app_port),
+        });
         let outbound = self
             .spec
             .outbound
@@ -70,7 +71,7 @@ impl MTLSPolicy {
 
 #[cfg(test)]
 mod tests {
-    use crate::{InboundMapping, MTLSPolicy, MTLSPolicySpec, OutboundMapping};
+    use crate::{CallerIdentity, InboundMapping, MTLSPolicy, MTLSPolicySpec, OutboundMapping};
 
     #[test]
     fn a_policy_becomes_the_rules_of_its_generation() {
@@ -82,6 +83,7 @@ mod tests {
                     port: 8443,
                     app_port: 8080,
                     allow: vec!["arn:aws:iam::111122223333:role/frontend".into()],
+                    caller_identity: CallerIdentity::L4,
                 }],
                 outbound: vec![OutboundMapping {
                     name: "db".into(),
@@ -101,6 +103,16 @@ mod tests {
             Some("db.shop.svc:5432")
         );
         assert_eq!(policy.start_ports(), "in http 8443>8080, out db 9000");
+        // callerIdentity is start configuration (a pod injected with another one is stale), and
+        // l4 reads as before the field existed.
+        policy.spec.inbound[0].caller_identity = CallerIdentity::Http;
+        assert_eq!(policy.start_ports(), "in http 8443>8080 http, out db 9000");
+        policy.spec.inbound[0].caller_identity = CallerIdentity::ProxyProtocolV2;
+        assert_eq!(
+            policy.start_ports(),
+            "in http 8443>8080 proxyProtocolV2, out db 9000"
+        );
+        policy.spec.inbound[0].caller_identity = CallerIdentity::L4;
         policy.spec.inbound[0].allow = vec!["arn:aws:iam::*:role/frontend".into()];
         let error = policy.peer_rules().unwrap_err().to_string();
         assert!(error.contains("account field"), "{error}");

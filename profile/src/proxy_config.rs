@@ -129,6 +129,52 @@ pub struct InboundListener {
     pub port: u16,
     /// The application's port on 127.0.0.1.
     pub app_port: u16,
+    /// How the app learns who the peer is. Left out of the JSON when `l4`, so that the
+    /// configuration of a pod that does not opt in reads as it did before the field existed.
+    #[serde(default, skip_serializing_if = "CallerIdentity::is_l4")]
+    pub caller_identity: CallerIdentity,
+}
+
+/// How an inbound mapping tells the app who the verified peer is.
+///
+/// `l4` (default): nothing; the app sees a plain TCP connection from 127.0.0.1.
+/// `proxyProtocolV2`: each connection to the app starts with a PROXY protocol v2 header whose
+/// source is the peer's address and whose TLVs carry the TLS details (PP2_TYPE_SSL, 0x20), the
+/// peer's SPIFFE ID (0xE0) and its IAM role ARN (0xE1).
+/// `http`: the proxy serves HTTP/1.1 and HTTP/2 (h2c) itself and forwards each request to the
+/// app with the headers `x-rolemesh-peer-spiffe-id` and `x-rolemesh-peer-role-arn`, removing
+/// any copies the peer sent.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "camelCase")]
+pub enum CallerIdentity {
+    // Variants carry no doc comments: with them schemars writes a `oneOf` per variant, which the
+    // CRD's structural schema refuses; the enum's own doc says what each means.
+    #[default]
+    L4,
+    ProxyProtocolV2,
+    Http,
+}
+
+impl CallerIdentity {
+    pub fn is_l4(&self) -> bool {
+        *self == Self::L4
+    }
+
+    /// The name the API and the configuration use.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::L4 => "l4",
+            Self::ProxyProtocolV2 => "proxyProtocolV2",
+            Self::Http => "http",
+        }
+    }
+}
+
+impl std::fmt::Display for CallerIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// Plain TCP in on 127.0.0.1, mTLS out to the upstream.
@@ -653,6 +699,7 @@ mod tests {
                 name: "http".into(),
                 port: 8443,
                 app_port: 8080,
+                caller_identity: CallerIdentity::L4,
             }],
             outbound: vec![OutboundListener {
                 name: "payments".into(),
@@ -708,6 +755,43 @@ mod tests {
         );
         let err = ProxyConfig::from_json(r#"{"trustDomain":"x","inbund":[]}"#).unwrap_err();
         assert!(err.to_string().contains("unknown field"), "{err}");
+    }
+
+    /// `l4` is the default and is left out of the JSON (configurations written before the field
+    /// existed read the same); the other modes round-trip under their API names.
+    #[test]
+    fn caller_identity_defaults_to_l4_and_is_written_only_when_not() {
+        let listener: InboundListener =
+            serde_json::from_str(r#"{"name":"web","port":8443,"appPort":8080}"#).unwrap();
+        assert_eq!(listener.caller_identity, CallerIdentity::L4);
+        assert!(
+            !serde_json::to_string(&listener)
+                .unwrap()
+                .contains("callerIdentity")
+        );
+        for (mode, name) in [
+            (CallerIdentity::ProxyProtocolV2, "proxyProtocolV2"),
+            (CallerIdentity::Http, "http"),
+        ] {
+            let with = InboundListener {
+                caller_identity: mode,
+                ..listener.clone()
+            };
+            let json = serde_json::to_string(&with).unwrap();
+            assert!(
+                json.contains(&format!(r#""callerIdentity":"{name}""#)),
+                "{json}"
+            );
+            assert_eq!(mode.as_str(), name);
+            let back: InboundListener = serde_json::from_str(&json).unwrap();
+            assert_eq!(back, with);
+        }
+        assert!(
+            serde_json::from_str::<InboundListener>(
+                r#"{"name":"web","port":8443,"appPort":8080,"callerIdentity":"tcp"}"#
+            )
+            .is_err()
+        );
     }
 
     fn rules() -> PeerRules {

@@ -7,6 +7,7 @@
 //! are served on a separate plain-HTTP admin port.
 
 pub mod admin;
+pub mod caller;
 pub mod listeners;
 pub mod material;
 pub mod metrics;
@@ -72,6 +73,8 @@ pub enum ProxyError {
     ValidateMaterial(String),
     #[error("failed to build the TLS configuration: {0}")]
     BuildTls(String),
+    #[error("failed to build the PROXY protocol header: {0}")]
+    BuildProxyHeader(std::io::Error),
 }
 
 /// Reads the configuration from a file, or else from the JSON in `inline` (the value of

@@ -1,12 +1,13 @@
 //! The listeners: one accept loop for both directions, and what each direction does with a
-//! connection it accepted (an inbound peer is TLS-accepted and spliced to the app; an outbound
+//! connection it accepted (an inbound peer is TLS-accepted and spliced to the app, after a PROXY
+//! protocol header or through an HTTP server when its mapping's callerIdentity asks; an outbound
 //! app connection is spliced to an upstream dialled over mTLS).
 
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
-use rolemesh_profile::inspect_certificate;
+use rolemesh_profile::{inspect_certificate, proxy_config::CallerIdentity};
 use tokio::{
-    io::{AsyncRead, AsyncWrite},
+    io::{AsyncRead, AsyncWrite, AsyncWriteExt},
     net::{TcpListener, TcpStream},
     sync::{OwnedSemaphorePermit, watch},
 };
@@ -14,6 +15,7 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tracing::{debug, warn};
 
 use crate::{
+    caller::{Caller, proxy_protocol_header, serve_http},
     metrics::MappingMetrics,
     read_ahead::ReadAhead,
     splice::{SpliceEnd, splice},
@@ -104,6 +106,11 @@ async fn inbound(
         .with_tls(|c| c.inbound[index].clone())
         .ok_or_else(not_ready)?;
     let _ = tcp.set_nodelay(true);
+    // The header's destination; asked of the kernel only where a header is sent.
+    let local = match shared.config.inbound[index].caller_identity {
+        CallerIdentity::ProxyProtocolV2 => tcp.local_addr().ok(),
+        _ => None,
+    };
     let accepted = within_handshake_timeout(shared, async {
         TlsAcceptor::from(config)
             .accept(ReadAhead::new(tcp))
@@ -123,13 +130,46 @@ async fn inbound(
             .map(|i| i.uri_sans.join(","));
         debug!(mapping = metrics.name(), %peer, peer_id = ?id, "peer admitted");
     }
-    let app_port = shared.config.inbound[index].app_port;
+    let listener = &shared.config.inbound[index];
+    let app_port = listener.app_port;
+    match listener.caller_identity {
+        CallerIdentity::L4 => {
+            let app = connect_app(app_port).await?;
+            spliced(shared, metrics, peer, tls, app).await;
+        }
+        CallerIdentity::ProxyProtocolV2 => {
+            let caller = Caller::of(tls.get_ref().1).map_err(|e| ("not_in_profile", e))?;
+            let local = local.ok_or(("io", "no local address".to_string()))?;
+            let header = proxy_protocol_header(peer, local, &caller)
+                .map_err(|e| ("proxy_header", e.to_string()))?;
+            let mut app = connect_app(app_port).await?;
+            // Before any byte of the peer's: the app reads the header first.
+            app.write_all(&header)
+                .await
+                .map_err(|error| ("app_unreachable", error.to_string()))?;
+            spliced(shared, metrics, peer, tls, app).await;
+        }
+        CallerIdentity::Http => {
+            let caller = Caller::of(tls.get_ref().1).map_err(|e| ("not_in_profile", e))?;
+            metrics.total.inc();
+            metrics.open.inc();
+            let idle = Duration::from_secs(shared.config.limits.idle_timeout_secs.max(1));
+            let served = serve_http(tls, app_port, caller, idle, metrics).await;
+            metrics.open.dec();
+            if let Err(error) = served {
+                debug!(mapping = metrics.name(), %peer, %error, "HTTP connection ended with an error");
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn connect_app(app_port: u16) -> Result<TcpStream, Refusal> {
     let app = TcpStream::connect(("127.0.0.1", app_port))
         .await
         .map_err(|error| ("app_unreachable", error.to_string()))?;
     let _ = app.set_nodelay(true);
-    spliced(shared, metrics, peer, tls, app).await;
-    Ok(())
+    Ok(app)
 }
 
 /// The app connecting to an outbound mapping: the upstream the rules in force name is dialled

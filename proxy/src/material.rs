@@ -11,7 +11,7 @@ use std::{
 use rolemesh_profile::{
     ChainError, TrustStore, Usage, WorkloadIdentity,
     inspect::{certificates_from_pem, inspect_certificate, trust_bundle_from_pem},
-    proxy_config::{ProxyConfig, TLS_CERT_KEY, TLS_PRIVATE_KEY_KEY},
+    proxy_config::{CallerIdentity, ProxyConfig, TLS_CERT_KEY, TLS_PRIVATE_KEY_KEY},
     verify_chain,
 };
 use rustls::{
@@ -223,6 +223,12 @@ impl TlsConfigs {
             // bundle and policy; a session cache would also cost memory in every pod.
             server.session_storage = Arc::new(NoServerSessionStorage {});
             server.send_tls13_tickets = 0;
+            if config.inbound[index].caller_identity == CallerIdentity::Http {
+                // The proxy speaks HTTP on this listener itself, so it can say which versions;
+                // a peer that offers no ALPN (another rolemesh proxy) is still served, and an
+                // HTTP/2 peer without ALPN is detected by its connection preface.
+                server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+            }
             inbound.push(Arc::new(server));
         }
         let mut outbound = Vec::with_capacity(config.outbound.len());

@@ -145,6 +145,7 @@ pub fn proxy_config(
             name: m.name.clone(),
             port: m.port,
             app_port: m.app_port,
+            caller_identity: m.caller_identity,
         })
         .collect();
     let outbound = policy

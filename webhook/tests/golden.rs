@@ -580,3 +580,30 @@ fn injected_pod_input() -> Pod {
         json!({ "serviceAccountName": "payments", "containers": [{ "name": "app", "image": "app:1" }] }),
     )
 }
+
+/// An inbound mapping's callerIdentity reaches the proxy's configuration, and the pod's record of
+/// its start configuration, so that the controller sees a pod injected with another one as stale.
+#[test]
+fn caller_identity_reaches_the_proxy_and_the_start_record() {
+    let mut policy = policy();
+    policy.spec.inbound[0].caller_identity = rolemesh_crds::CallerIdentity::Http;
+    let pod = pod(json!({ "containers": [{ "name": "app", "image": "app:1" }] }));
+    let patch = injection_patch(&pod, &policy, "mesh.test", &config()).expect("injection succeeds");
+    let text = serde_json::to_string(&patch).expect("patch encodes");
+    assert!(
+        text.contains(r#"\"appPort\":8080,\"callerIdentity\":\"http\""#),
+        "{text}"
+    );
+    assert!(
+        text.contains("in http 8443>8080 http, out ledger 9001"),
+        "{text}"
+    );
+    // l4, the default, is written nowhere: pods injected before the field existed stay current.
+    let plain = injection_patch(&pod, &self::policy(), "mesh.test", &config()).expect("injection");
+    let plain = serde_json::to_string(&plain).expect("patch encodes");
+    assert!(!plain.contains("callerIdentity"), "{plain}");
+    assert!(
+        plain.contains("in http 8443>8080, out ledger 9001"),
+        "{plain}"
+    );
+}
