@@ -2,7 +2,11 @@
 //! workload against a local echo server through: direct loopback; one rolemesh hop (this
 //! generator speaks mTLS to the server sidecar); two rolemesh hops (plain to a client sidecar,
 //! mTLS between sidecars, the real mesh path); and stunnel4 in the same two-hop shape with the
-//! same P-256 certificates. Prints a table of figures and ratios against the targets.
+//! same P-256 certificates. Prints a table of figures and ratios against the targets. Then the
+//! cost of `callerIdentity: http` next to `l4` ([`caller_mode`]).
+
+#[path = "proxy/caller_mode.rs"]
+mod caller_mode;
 
 use std::{
     path::{Path, PathBuf},
@@ -51,6 +55,11 @@ enum Cmd {
         #[arg(long)]
         connect: u16,
     },
+    /// HTTP/1.1 app on 127.0.0.1:PORT for the caller-identity section (run as its own process).
+    HttpApp {
+        #[arg(long)]
+        port: u16,
+    },
     /// The whole benchmark.
     Run {
         #[arg(
@@ -86,6 +95,10 @@ fn main() -> anyhow::Result<()> {
             .enable_all()
             .build()?
             .block_on(echo(port)),
+        Cmd::HttpApp { port } => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(caller_mode::http_app(port)),
         Cmd::Relay { listen, connect } => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?
@@ -921,6 +934,9 @@ async fn run(
         "requests measured per latency run: {}; every figure is the median of {rounds} rounds",
         latency_runs[2].first().map_or(0, |l| l.2)
     );
+    eprintln!("callerIdentity http vs l4, {rounds} rounds of {latency_seconds} s per mode...");
+    let caller = caller_mode::measure(&proxy, &dir, &mtls, rounds, latency_seconds).await?;
+    caller_mode::print(&caller, rounds);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
