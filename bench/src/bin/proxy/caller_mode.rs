@@ -17,7 +17,7 @@ use rolemesh_bench::stats::median;
 use rustls::ClientConfig;
 use tokio::net::TcpListener;
 
-use super::{CLIENT_ROLE, Guard, Target, TRUST_DOMAIN, free_port, start_proxy, wait_port};
+use super::{CLIENT_ROLE, Guard, TRUST_DOMAIN, Target, free_port, start_proxy, wait_port};
 
 /// Response body of the app.
 const BODY: usize = 1024;
@@ -76,7 +76,11 @@ impl HttpConnection {
             .header("host", "app")
             .body(Empty::<Bytes>::new())?;
         let response = self.sender.send_request(request).await?;
-        ensure!(response.status().is_success(), "status {}", response.status());
+        ensure!(
+            response.status().is_success(),
+            "status {}",
+            response.status()
+        );
         let seen = response
             .headers()
             .get(SEEN_ROLE)
@@ -266,7 +270,10 @@ pub fn print(figures: &CallerFigures, rounds: usize) {
         "{:<30} {direct_p50:>9.3} {direct_p99:>9.3} {:>20} {:>13} {:>15}",
         "direct (no proxy)", "-", "-", "-"
     );
-    for (name, mode) in [("l4 (splice)", &figures.l4), ("http (hyper, peer headers)", &figures.http)] {
+    for (name, mode) in [
+        ("l4 (splice)", &figures.l4),
+        ("http (hyper, peer headers)", &figures.http),
+    ] {
         println!(
             "{name:<30} {:>9.3} {:>9.3} {:>20} {:>13} {:>15.1}",
             mode.p50,
