@@ -433,6 +433,9 @@ async fn handshakes(target: &Target, concurrency: usize, seconds: u64) -> anyhow
     Ok(total as f64 / start.elapsed().as_secs_f64())
 }
 
+/// The paths of the bulk and latency runs, in their order, for error messages.
+const PATH_NAMES: [&str; 5] = ["direct", "one hop", "two hops", "stunnel", "plain relays"];
+
 /// Connections held open at once to measure what each costs a sidecar.
 const HELD_CONNECTIONS: usize = 256;
 
@@ -663,8 +666,19 @@ async fn run(
     ];
     let mut bulk_cpu_runs: Vec<Vec<BulkRun>> = vec![Vec::new(); paths.len()];
     for _ in 0..rounds {
-        for ((runs, target), proxies) in bulk_cpu_runs.iter_mut().zip(paths).zip(&path_proxies) {
-            runs.push(bulk_with_cpu(target, proxies, seconds).await?);
+        for (((runs, target), proxies), name) in bulk_cpu_runs
+            .iter_mut()
+            .zip(paths)
+            .zip(&path_proxies)
+            .zip(PATH_NAMES)
+        {
+            runs.push(
+                bulk_with_cpu(target, proxies, seconds)
+                    .await
+                    .with_context(|| {
+                        format!("bulk throughput through {name} (logs in {})", dir.display())
+                    })?,
+            );
         }
     }
     let bulk_runs: Vec<Vec<f64>> = bulk_cpu_runs
