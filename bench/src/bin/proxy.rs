@@ -332,10 +332,13 @@ async fn bulk(target: &Target, seconds: u64) -> anyhow::Result<(f64, f64)> {
     let (mut r, mut w) = tokio::io::split(stream);
     let written = Arc::new(AtomicU64::new(0));
     let done = Arc::new(AtomicBool::new(false));
+    // Wakes a reader that has caught up with everything written just before the writer stops:
+    // without it that read waits for bytes that never come.
+    let finished = Arc::new(tokio::sync::Notify::new());
     let start = Instant::now();
     let deadline = start + Duration::from_secs(seconds);
     let writer = {
-        let (written, done) = (written.clone(), done.clone());
+        let (written, done, finished) = (written.clone(), done.clone(), finished.clone());
         tokio::spawn(async move {
             let chunk = vec![0x5au8; 64 * 1024];
             while Instant::now() < deadline {
@@ -345,6 +348,7 @@ async fn bulk(target: &Target, seconds: u64) -> anyhow::Result<(f64, f64)> {
                 written.fetch_add(chunk.len() as u64, Ordering::Relaxed);
             }
             done.store(true, Ordering::Release);
+            finished.notify_one();
             w
         })
     };
@@ -354,9 +358,12 @@ async fn bulk(target: &Target, seconds: u64) -> anyhow::Result<(f64, f64)> {
         if done.load(Ordering::Acquire) && read >= written.load(Ordering::Relaxed) {
             break;
         }
-        let n = tokio::time::timeout(Duration::from_secs(10), r.read(&mut buf))
-            .await
-            .context("bulk read stalled")??;
+        let n = tokio::select! {
+            n = tokio::time::timeout(Duration::from_secs(10), r.read(&mut buf)) => {
+                n.context("bulk read stalled")??
+            }
+            () = finished.notified() => continue,
+        };
         if n == 0 {
             bail!("connection closed during bulk transfer");
         }

@@ -285,7 +285,7 @@ pub fn print(figures: &CallerFigures, rounds: usize) {
     }
     let (l4, http) = (&figures.l4, &figures.http);
     println!(
-        "http over l4: p50 +{:.3} ms (x{:.2}), p99 +{:.3} ms (x{:.2}); per held connection {:.1} KiB vs {:.1} KiB (x{:.2})",
+        "http over l4: p50 {:+.3} ms (x{:.2}), p99 {:+.3} ms (x{:.2}); per held connection {:.1} KiB vs {:.1} KiB (x{:.2})",
         http.p50 - l4.p50,
         http.p50 / l4.p50,
         http.p99 - l4.p99,
