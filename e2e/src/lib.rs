@@ -205,6 +205,31 @@ pub async fn apply_service_account(
     Ok(())
 }
 
+/// The start of every meshed-pod test: opts `ns` into injection and gives each of
+/// `service_accounts` its own IAM role (`<ns>-<sa>` in the local AWS endpoint, trusting that
+/// ServiceAccount) as its IRSA annotation. Returns the role ARNs in the same order.
+pub async fn meshed_service_accounts(
+    ns: &TestNamespace,
+    service_accounts: &[&str],
+) -> Result<Vec<String>> {
+    ns.env.kubectl(&[
+        "label",
+        "namespace",
+        &ns.name,
+        "rolemesh.dev/inject=enabled",
+    ])?;
+    let mut roles = Vec::with_capacity(service_accounts.len());
+    for sa in service_accounts {
+        let role = ns
+            .env
+            .create_irsa_role(&format!("{}-{sa}", ns.name), &ns.name, sa)
+            .await?;
+        apply_service_account(ns, sa, Some(&role)).await?;
+        roles.push(role);
+    }
+    Ok(roles)
+}
+
 pub async fn apply_policy(ns: &TestNamespace, name: &str, spec: serde_json::Value) -> Result<()> {
     let body = json!({
         "apiVersion": "rolemesh.dev/v1alpha1", "kind": "MTLSPolicy",

@@ -16,7 +16,7 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use rolemesh_e2e::{install_release, uninstall_release};
+use rolemesh_e2e::{install_release, meshed_service_accounts, uninstall_release};
 use rolemesh_testkit::{TestNamespace, eventually, in_namespace, node_ready};
 
 const BUSYBOX: &str = "rolemesh.local/busybox:1.35.0";
@@ -67,29 +67,12 @@ fn exec(ns: &TestNamespace, pod: &str, script: &str) -> Result<(bool, String)> {
 async fn caller_identity_phase(ns: &TestNamespace) -> Result<()> {
     let env = &ns.env;
     let n = ns.name.as_str();
-    env.kubectl(&["label", "namespace", n, "rolemesh.dev/inject=enabled"])?;
-    let server_role = env
-        .create_irsa_role(&format!("{n}-server"), n, "server")
-        .await?;
-    let client_role = env
-        .create_irsa_role(&format!("{n}-client"), n, "client")
-        .await?;
+    let roles = meshed_service_accounts(ns, &["server", "client"]).await?;
+    let (server_role, client_role) = (&roles[0], &roles[1]);
     let client_id = format!("spiffe://{TRUST_DOMAIN}/ns/{n}/sa/client");
     let upstream = |port: u16| format!("server.{n}.svc.cluster.local:{port}");
     ns.apply_manifest(&format!(
         r#"
-apiVersion: v1
-kind: ServiceAccount
-metadata:
-  name: server
-  annotations: {{eks.amazonaws.com/role-arn: "{server_role}"}}
----
-apiVersion: v1
-kind: ServiceAccount
-metadata:
-  name: client
-  annotations: {{eks.amazonaws.com/role-arn: "{client_role}"}}
----
 apiVersion: rolemesh.dev/v1alpha1
 kind: MTLSPolicy
 metadata:

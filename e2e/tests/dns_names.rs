@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use k8s_openapi::api::core::v1::Secret;
-use rolemesh_e2e::{install_release, leaf_of, uninstall_release};
+use rolemesh_e2e::{install_release, leaf_of, meshed_service_accounts, uninstall_release};
 use rolemesh_testkit::{TestNamespace, eventually, in_namespace, node_ready};
 
 const BUSYBOX: &str = "rolemesh.local/busybox:1.35.0";
@@ -109,27 +109,10 @@ async fn secret_names(ns: &TestNamespace, name: &str) -> Result<Option<Vec<Strin
 async fn service_names_phase(ns: &TestNamespace) -> Result<()> {
     let env = &ns.env;
     let n = ns.name.as_str();
-    env.kubectl(&["label", "namespace", n, "rolemesh.dev/inject=enabled"])?;
-    let payments_role = env
-        .create_irsa_role(&format!("{n}-payments"), n, "payments")
-        .await?;
-    let frontend_role = env
-        .create_irsa_role(&format!("{n}-frontend"), n, "frontend")
-        .await?;
+    let roles = meshed_service_accounts(ns, &["payments", "frontend"]).await?;
+    let frontend_role = &roles[1];
     ns.apply_manifest(&format!(
         r#"
-apiVersion: v1
-kind: ServiceAccount
-metadata:
-  name: payments
-  annotations: {{eks.amazonaws.com/role-arn: "{payments_role}"}}
----
-apiVersion: v1
-kind: ServiceAccount
-metadata:
-  name: frontend
-  annotations: {{eks.amazonaws.com/role-arn: "{frontend_role}"}}
----
 apiVersion: rolemesh.dev/v1alpha1
 kind: MTLSPolicy
 metadata:

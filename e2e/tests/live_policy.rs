@@ -15,7 +15,7 @@
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, ensure};
-use rolemesh_e2e::{admin_get, install_release, uninstall_release};
+use rolemesh_e2e::{admin_get, install_release, meshed_service_accounts, uninstall_release};
 use rolemesh_testkit::{TestNamespace, eventually, in_namespace, node_ready};
 
 const BUSYBOX: &str = "rolemesh.local/busybox:1.35.0";
@@ -198,18 +198,8 @@ impl Live<'_> {
 /// The scenario, on a namespace of a cluster where the chart is installed.
 pub async fn live_policy_phase(ns: &TestNamespace) -> Result<()> {
     let env = &ns.env;
-    env.kubectl(&[
-        "label",
-        "namespace",
-        &ns.name,
-        "rolemesh.dev/inject=enabled",
-    ])?;
-    let server_role = env
-        .create_irsa_role(&format!("{}-server", ns.name), &ns.name, "server")
-        .await?;
-    let client_role = env
-        .create_irsa_role(&format!("{}-client", ns.name), &ns.name, "client")
-        .await?;
+    let roles = meshed_service_accounts(ns, &["server", "client"]).await?;
+    let (server_role, client_role) = (roles[0].clone(), roles[1].clone());
     let account = client_role
         .split(':')
         .nth(4)
@@ -219,18 +209,6 @@ pub async fn live_policy_phase(ns: &TestNamespace) -> Result<()> {
     let upstream = format!("server.{}.svc.cluster.local:{MTLS_PORT}", ns.name);
     ns.apply_manifest(&format!(
         r#"
-apiVersion: v1
-kind: ServiceAccount
-metadata:
-  name: server
-  annotations: {{eks.amazonaws.com/role-arn: "{server_role}"}}
----
-apiVersion: v1
-kind: ServiceAccount
-metadata:
-  name: client
-  annotations: {{eks.amazonaws.com/role-arn: "{client_role}"}}
----
 apiVersion: rolemesh.dev/v1alpha1
 kind: MTLSPolicy
 metadata:

@@ -95,34 +95,12 @@ struct Mesh {
 impl Mesh {
     async fn deploy(ns: &TestNamespace) -> Result<Self> {
         let env = &ns.env;
-        env.kubectl(&[
-            "label",
-            "namespace",
-            &ns.name,
-            "rolemesh.dev/inject=enabled",
-        ])?;
-        let server_role = env
-            .create_irsa_role(&format!("{}-server", ns.name), &ns.name, "server")
-            .await?;
-        let client_role = env
-            .create_irsa_role(&format!("{}-client", ns.name), &ns.name, "client")
-            .await?;
+        let roles = rolemesh_e2e::meshed_service_accounts(ns, &["server", "client"]).await?;
+        let (server_role, client_role) = (roles[0].clone(), roles[1].clone());
         let token = format!("{:016x}", rand::random::<u64>());
         let upstream = format!("server.{}.svc.cluster.local:{MTLS_PORT}", ns.name);
         ns.apply_manifest(&format!(
                 r#"
-apiVersion: v1
-kind: ServiceAccount
-metadata:
-  name: server
-  annotations: {{eks.amazonaws.com/role-arn: "{server_role}"}}
----
-apiVersion: v1
-kind: ServiceAccount
-metadata:
-  name: client
-  annotations: {{eks.amazonaws.com/role-arn: "{client_role}"}}
----
 apiVersion: rolemesh.dev/v1alpha1
 kind: MTLSPolicy
 metadata:
