@@ -86,6 +86,10 @@ kubectl -n billing get pod "$payments_pod" -o jsonpath='{range .spec.initContain
 kubectl -n billing get pod "$payments_pod" -o jsonpath='{range .status.initContainerStatuses[*]}  {.name}: ready {.ready}, started {.state.running.startedAt}{"\n"}{end}{range .status.containerStatuses[*]}  {.name}: ready {.ready}, started {.state.running.startedAt}{"\n"}{end}'
 
 step "frontend -> payments through the mesh: frontend's app calls 127.0.0.1:9001, its proxy dials payments.billing.svc:8443 over mTLS"
+# kube-proxy routes the Service only once payments' pod is Ready and its endpoint published; a call
+# in the second before that is refused (the frontend proxy logs upstream_unreachable).
+call_payments() { kubectl -n shop exec "$frontend_pod" -c app -- wget -qO- http://127.0.0.1:9001/; }
+wait_for 30 "kube-proxy to route Service payments" call_payments || true
 if a_to_b=$(kubectl -n shop exec "$frontend_pod" -c app -- wget -qO- http://127.0.0.1:9001/ 2>&1); then
   echo "  ALLOWED: $a_to_b"; a_result=allowed
 else
@@ -122,7 +126,9 @@ step "payments' certificate names Service payments: a client outside the mesh ve
 # and the controller re-issued the certificate with the Service's names (reason service-names).
 has_names() { openssl s_client -connect "$payments_ip:8443" </dev/null 2>/dev/null | openssl x509 -noout -ext subjectAltName | grep -q 'DNS:payments.billing.svc.cluster.local'; }
 if wait_for 150 "the running payments proxy to serve the certificate that names its Service" has_names; then
-  openssl s_client -connect "$payments_ip:8443" </dev/null 2>/dev/null | openssl x509 -noout -ext subjectAltName | sed 's/^/  /'
+  # s_client exits non-zero here (the proxy closes a client without a certificate after the
+  # handshake), which pipefail would make fatal.
+  openssl s_client -connect "$payments_ip:8443" </dev/null 2>/dev/null | openssl x509 -noout -ext subjectAltName | sed 's/^/  /' || true
   client=$(mktemp -d)
   kubectl -n shop get secret frontend-rolemesh-tls -o jsonpath='{.data.tls\.crt}' | base64 -d > "$client/tls.crt"
   kubectl -n shop get secret frontend-rolemesh-tls -o jsonpath='{.data.tls\.key}' | base64 -d > "$client/tls.key"
