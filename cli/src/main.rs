@@ -11,7 +11,9 @@ use kube::Client;
 use serde::Serialize;
 
 use crate::commands::{
+    ca::{CaArgs, ca},
     inspect::{InspectArgs, inspect},
+    revoke::{RevokeArgs, UnblockArgs, revoke, unblock},
     rotate::{RotateArgs, rotate},
     status::{StatusArgs, status},
     trust_bundle::{TrustBundleArgs, trust_bundle},
@@ -24,7 +26,7 @@ const NOT_FOUND: u8 = 3;
 #[command(
     name = "kubectl-rolemesh",
     version,
-    about = "rolemesh identities from kubectl: status, rotate, inspect, trust-bundle",
+    about = "rolemesh identities from kubectl: status, rotate, inspect, trust-bundle, ca, revoke",
     after_help = "Exit codes: 0 success, 1 error, 2 usage error, 3 not found or not ready."
 )]
 struct Args {
@@ -51,6 +53,14 @@ enum Command {
     Inspect(InspectArgs),
     /// Print the trust bundle in force in a namespace.
     TrustBundle(TrustBundleArgs),
+    /// The CAs and their phases (status), and their staged rotation: rotate, prepare, activate,
+    /// retire.
+    Ca(CaArgs),
+    /// Revoke a workload certificate (the one a ServiceAccount holds, or by serial): listed in a
+    /// CRL in every trust bundle, and the workload re-issued; --block keeps it without one.
+    Revoke(RevokeArgs),
+    /// Lift a `revoke --block`: the ServiceAccount gets a certificate again.
+    Unblock(UnblockArgs),
 }
 
 #[derive(Debug)]
@@ -116,6 +126,13 @@ async fn run(args: Args) -> Result<bool> {
             };
             inspect(client, args).await
         }
+        Command::Revoke(args) => revoke(Client::try_default().await?, args)
+            .await
+            .map(|_| true),
+        Command::Unblock(args) => unblock(Client::try_default().await?, args)
+            .await
+            .map(|_| true),
+        Command::Ca(args) => ca(Client::try_default().await?, args).await.map(|_| true),
         Command::TrustBundle(args) => trust_bundle(Client::try_default().await?, args)
             .await
             .map(|_| true),

@@ -8,12 +8,22 @@ use kube::{
     Api, Client, Resource,
     api::{Patch, PatchParams},
     runtime::{
-        WatchStreamExt,
+        Predicate, WatchStreamExt,
         events::{Event, EventType},
         predicates, watcher,
     },
 };
-use rolemesh_crds::{MTLSAuthority, MTLSAuthorityStatus};
+use std::collections::BTreeSet;
+
+use kube::ResourceExt;
+use rolemesh_crds::{
+    CaStatus, MTLSAuthority, MTLSAuthorityStatus, RevokedCertificate,
+    names::{POLICY_LABEL, TLS_CERT_KEY},
+};
+use rolemesh_profile::{
+    inspect::{certificates_from_pem, sha256_hex},
+    inspect_certificate,
+};
 use serde_json::json;
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
@@ -21,10 +31,11 @@ use tracing::{info, warn};
 
 use crate::{
     ControllerConfig,
-    ca::{CA_CONFIGMAP, CA_RECHECK, CaState, RefusedCertificate, establish_ca},
+    ca::{CA_CONFIGMAP, CaState, RefusedCertificate, establish_ca},
     context::Context,
     error::{Error, Result},
     policy::writes::FIELD_MANAGER,
+    rotation::Observed,
     status::{ACCOUNTS_RESTRICTED, READY, Reason, condition, keep_transition_time, to_time},
 };
 
@@ -81,7 +92,30 @@ fn authority_status(
         },
         trust_bundle: match result {
             Ok(ca) => Some(ca.bundle_pem.clone()),
-            Err(_) => existing.trust_bundle,
+            Err(_) => existing.trust_bundle.clone(),
+        },
+        cas: match result {
+            Ok(ca) => ca.cas.clone(),
+            Err(_) => existing.cas.clone(),
+        },
+        last_rotate_request: match result {
+            Ok(ca) => ca.last_rotate_request.clone(),
+            Err(_) => existing.last_rotate_request.clone(),
+        },
+        last_prepare_request: match result {
+            Ok(ca) => ca.last_prepare_request.clone(),
+            Err(_) => existing.last_prepare_request.clone(),
+        },
+        revoked: match result {
+            Ok(ca) => ca
+                .revoked
+                .iter()
+                .map(|(serial, not_after)| RevokedCertificate {
+                    serial: serial.clone(),
+                    not_after: to_time(*not_after),
+                })
+                .collect(),
+            Err(_) => existing.revoked,
         },
     }
 }
@@ -156,9 +190,9 @@ struct Pass<'a> {
 
 impl Pass<'_> {
     /// Establishes the CA, hands it (or why there is none) to the policy reconciler, and writes
-    /// the authority's status. Returns whether a CA is in force; an error is a failed status
-    /// write.
-    async fn run(&self) -> Result<bool> {
+    /// the authority's status. Returns when to look again if a CA is in force; an error is a
+    /// failed status write.
+    async fn run(&self) -> Result<Option<Duration>> {
         let name = &self.config.authority;
         let api: Api<MTLSAuthority> = Api::all(self.client.clone());
         let (authority, outcome) = match api.get_opt(name).await {
@@ -169,6 +203,7 @@ impl Pass<'_> {
                     &authority,
                     self.aws,
                     &self.ctx.metrics,
+                    &ClusterView::new(self.ctx),
                 )
                 .await
                 .map(Arc::new);
@@ -187,9 +222,11 @@ impl Pass<'_> {
             Ok(ca) => {
                 if let Some(authority) = &authority {
                     self.report_refused(authority, &ca.refused).await;
+                    self.report_phases(authority, &ca.cas).await;
+                    self.report_ignored(authority, &ca.ignored).await;
                 }
                 self.publish(ca.clone());
-                true
+                Some(ca.next_look)
             }
             Err(error) => {
                 warn!(%error, authority = %name, "cannot establish the CA; existing Secrets are left as they are");
@@ -200,7 +237,7 @@ impl Pass<'_> {
                 if first_failure {
                     let _ = self.trigger.try_send(());
                 }
-                false
+                None
             }
         };
         if let Some(authority) = &authority {
@@ -249,6 +286,90 @@ impl Pass<'_> {
         }
     }
 
+    /// Says once per change, in the log and as a Warning Event, which requests on the authority
+    /// were not carried out.
+    async fn report_ignored(&self, authority: &MTLSAuthority, ignored: &[String]) {
+        let before = self.ctx.ca.load_full();
+        if before.as_ref().is_some_and(|ca| ca.ignored == ignored) {
+            return;
+        }
+        for why in ignored {
+            warn!(reason = %Reason::RevocationIgnored, %why, "a request on the MTLSAuthority was not carried out");
+            let event = Event {
+                type_: EventType::Warning,
+                reason: Reason::RevocationIgnored.as_str().to_string(),
+                note: Some(why.chars().take(1000).collect()),
+                action: "RevokeCertificate".into(),
+                secondary: None,
+            };
+            if let Err(error) = self
+                .ctx
+                .recorder
+                .publish(&event, &authority.object_ref(&()))
+                .await
+            {
+                warn!(%error, "failed to publish an event");
+            }
+        }
+    }
+
+    /// Says each phase change as an Event on the authority and in the log.
+    async fn report_phases(&self, authority: &MTLSAuthority, cas: &[CaStatus]) {
+        let before = authority
+            .status
+            .as_ref()
+            .map(|s| s.cas.clone())
+            .unwrap_or_default();
+        let phase_in = |list: &[CaStatus], fingerprint: &str| {
+            list.iter()
+                .find(|ca| ca.fingerprint == fingerprint)
+                .map(|ca| ca.phase)
+        };
+        let mut notes = Vec::new();
+        for ca in cas {
+            if phase_in(&before, &ca.fingerprint) != Some(ca.phase) {
+                notes.push((
+                    format!("Ca{}", ca.phase.as_str()),
+                    format!(
+                        "CA {} ({}) is {}",
+                        ca.fingerprint,
+                        ca.subject,
+                        ca.phase.as_str()
+                    ),
+                ));
+            }
+        }
+        for ca in &before {
+            if phase_in(cas, &ca.fingerprint).is_none() {
+                notes.push((
+                    "CaRetired".to_string(),
+                    format!(
+                        "CA {} ({}) left every trust bundle",
+                        ca.fingerprint, ca.subject
+                    ),
+                ));
+            }
+        }
+        for (reason, note) in notes {
+            info!(%reason, %note, "CA phase changed");
+            let event = Event {
+                type_: EventType::Normal,
+                reason,
+                note: Some(note),
+                action: "RotateCA".into(),
+                secondary: None,
+            };
+            if let Err(error) = self
+                .ctx
+                .recorder
+                .publish(&event, &authority.object_ref(&()))
+                .await
+            {
+                warn!(%error, "failed to publish an event");
+            }
+        }
+    }
+
     fn publish(&self, ca: Arc<CaState>) {
         let current = self.ctx.ca.load_full();
         let changed = current.as_ref().is_none_or(|c| {
@@ -257,6 +378,8 @@ impl Pass<'_> {
                 || c.trust_domain != ca.trust_domain
                 || c.verification != ca.verification
                 || c.generation != ca.generation
+                || c.revoked != ca.revoked
+                || c.blocked != ca.blocked
         });
         if let Ok(mut e) = self.ctx.ca_error.lock() {
             *e = None;
@@ -278,6 +401,62 @@ impl Pass<'_> {
     }
 }
 
+/// What the reconcilers' caches and this process's writes show about each CA.
+struct ClusterView<'a> {
+    ctx: &'a Context,
+    now: OffsetDateTime,
+}
+
+impl<'a> ClusterView<'a> {
+    fn new(ctx: &'a Context) -> Self {
+        Self {
+            ctx,
+            now: OffsetDateTime::now_utc(),
+        }
+    }
+}
+
+impl Observed for ClusterView<'_> {
+    /// Every namespace a policy covers holds the trust bundle this process applied there; the
+    /// process forgets what it applied when it restarts or loses the lease, so a new leader
+    /// waits until it has written every bundle itself.
+    fn in_every_bundle(&self, ca: &CaStatus) -> bool {
+        let namespaces: BTreeSet<String> = self
+            .ctx
+            .caches
+            .policies
+            .state()
+            .iter()
+            .filter_map(|policy| policy.metadata.namespace.clone())
+            .collect();
+        namespaces.iter().all(|namespace| {
+            self.ctx.applied_bundle(namespace).is_some_and(|bundle| {
+                certificates_from_pem(&bundle)
+                    .map(|ders| ders.iter().any(|der| sha256_hex(der) == ca.fingerprint))
+                    .unwrap_or(false)
+            })
+        })
+    }
+
+    /// Workload Secrets whose certificate names the CA as issuer and has not expired. The
+    /// subject is the CA's own (each CA rolemesh makes has a subject of its own).
+    fn certificates_signed(&self, ca: &CaStatus) -> usize {
+        self.ctx
+            .caches
+            .secrets
+            .state()
+            .iter()
+            .filter(|secret| secret.labels().contains_key(POLICY_LABEL))
+            .filter_map(|secret| {
+                let pem = secret.data.as_ref()?.get(TLS_CERT_KEY)?;
+                let ders = certificates_from_pem(std::str::from_utf8(&pem.0).ok()?).ok()?;
+                inspect_certificate(ders.first()?).ok()
+            })
+            .filter(|leaf| leaf.issuer == ca.subject && leaf.not_after > self.now)
+            .count()
+    }
+}
+
 /// Keeps `ctx.ca` current: on every change of the MTLSAuthority and every few minutes (to roll
 /// the CA before it expires). Policies are re-reconciled whenever the CA or bundle changes.
 pub async fn maintain_ca(
@@ -294,7 +473,11 @@ pub async fn maintain_ca(
     )
     .default_backoff()
     .applied_objects()
-    .predicate_filter(predicates::generation, Default::default())
+    // Rotation requests are annotations, which leave the generation alone.
+    .predicate_filter(
+        predicates::generation.combine(predicates::annotations),
+        Default::default(),
+    )
     .boxed();
     let pass = Pass {
         client: &client,
@@ -306,11 +489,11 @@ pub async fn maintain_ca(
     let mut retry = FIRST_RETRY;
     loop {
         let wait = match pass.run().await {
-            Ok(true) => {
+            Ok(Some(next_look)) => {
                 retry = FIRST_RETRY;
-                CA_RECHECK
+                next_look
             }
-            Ok(false) => {
+            Ok(None) => {
                 retry = (retry * 2).min(MAX_RETRY);
                 retry
             }
@@ -342,6 +525,7 @@ mod tests {
             ca_fingerprint: Some("ab".into()),
             ca_not_after: Some(to_time(OffsetDateTime::UNIX_EPOCH)),
             trust_bundle: Some("recorded".into()),
+            ..Default::default()
         });
         authority
     }

@@ -92,6 +92,10 @@ pub enum IssueReason {
     Renewal,
     /// The Services that select the workload's pods changed, and with them its DNS names.
     ServiceNames,
+    /// Another CA became Active: the certificate was signed by one that is Retiring.
+    CaRotation,
+    /// The certificate was revoked (`kubectl rolemesh revoke`).
+    Revocation,
 }
 
 impl IssueReason {
@@ -102,6 +106,8 @@ impl IssueReason {
         Self::Rotation,
         Self::Renewal,
         Self::ServiceNames,
+        Self::CaRotation,
+        Self::Revocation,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -112,6 +118,8 @@ impl IssueReason {
             Self::Rotation => "rotation",
             Self::Renewal => "renewal",
             Self::ServiceNames => "service-names",
+            Self::CaRotation => "ca-rotation",
+            Self::Revocation => "revocation",
         }
     }
 }
@@ -134,6 +142,8 @@ pub enum Defect {
     WrongIdentity(String),
     /// It is broken or does not verify.
     Unusable(String),
+    /// It was signed by a CA of the bundle that no longer signs.
+    SignedByRetiringCa(String),
 }
 
 impl From<String> for Defect {
@@ -202,8 +212,22 @@ pub fn check_certificate(
     let unix = UnixTime::since_unix_epoch(std::time::Duration::from_secs(
         now.unix_timestamp().max(0) as u64,
     ));
-    verify_chain_der(&chain, &trust, Usage::ClientAuth, unix)
-        .map_err(|e| format!("the certificate does not verify against the CA in force: {e}"))?;
+    if let Err(e) = verify_chain_der(&chain, &trust, Usage::ClientAuth, unix) {
+        if let Some(retiring) = ca
+            .cas
+            .iter()
+            .find(|other| other.fingerprint != ca.fingerprint && other.subject == info.issuer)
+        {
+            return Err(Defect::SignedByRetiringCa(format!(
+                "signed by CA {} ({}), which is {}; CA {} signs now",
+                retiring.fingerprint,
+                retiring.subject,
+                retiring.phase.as_str(),
+                ca.fingerprint
+            )));
+        }
+        return Err(format!("the certificate does not verify against the CA in force: {e}").into());
+    }
     Ok(info)
 }
 
@@ -225,7 +249,14 @@ pub fn assess(
         Ok(info) => info,
         Err(Defect::WrongIdentity(why)) => return issue(IssueReason::IdentityChange, why),
         Err(Defect::Unusable(why)) => return issue(IssueReason::Repair, why),
+        Err(Defect::SignedByRetiringCa(why)) => return issue(IssueReason::CaRotation, why),
     };
+    if ca.revoked.contains_key(&info.serial_hex) {
+        return issue(
+            IssueReason::Revocation,
+            format!("its certificate {} was revoked", info.serial_hex),
+        );
+    }
     let annotations = secret.metadata.annotations.clone().unwrap_or_default();
     if annotations.get(ISSUED_FOR_POLICY_ROTATION) != rotation.policy.as_ref()
         || annotations.get(ISSUED_FOR_SA_ROTATION) != rotation.service_account.as_ref()

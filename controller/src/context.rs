@@ -217,6 +217,14 @@ impl Context {
             .is_some_and(|b| b.get(namespace).is_some_and(|a| a.bundle == bundle))
     }
 
+    /// The trust bundle this process last applied in `namespace`.
+    pub fn applied_bundle(&self, namespace: &str) -> Option<String> {
+        self.bundles
+            .lock()
+            .ok()
+            .and_then(|b| b.get(namespace).map(|a| a.bundle.clone()))
+    }
+
     pub fn remember_bundle(&self, namespace: &str, applied: AppliedBundle) {
         if let Ok(mut bundles) = self.bundles.lock() {
             bundles.insert(namespace.to_string(), applied);

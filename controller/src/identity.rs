@@ -42,6 +42,8 @@ pub enum Refusal {
     RoleMismatch {
         assumed: String,
     },
+    /// The MTLSAuthority blocks the ServiceAccount.
+    Blocked,
 }
 
 impl Refusal {
@@ -55,6 +57,7 @@ impl Refusal {
             Self::StsUnavailable { .. } => Reason::StsUnavailable,
             Self::StsUnreachable(_) => Reason::StsUnreachable,
             Self::RoleMismatch { .. } => Reason::RoleMismatch,
+            Self::Blocked => Reason::Blocked,
         }
     }
 
@@ -91,6 +94,9 @@ impl Refusal {
             ),
             Self::StsUnreachable(detail) => format!(
                 "could not reach STS to verify {role}: {detail}; the current certificate, if any, is kept and verification is retried with backoff"
+            ),
+            Self::Blocked => format!(
+                "the MTLSAuthority's rolemesh.dev/blocked-service-accounts annotation blocks ServiceAccount {namespace}/{service_account} (kubectl rolemesh revoke --block); kubectl rolemesh unblock -n {namespace} --service-account {service_account} lifts it"
             ),
             Self::RoleMismatch { assumed } => format!(
                 "STS assumed {assumed:?}, which is not a session of the annotated role {role} (same partition, account and role name); check the annotation for a typo"

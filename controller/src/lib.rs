@@ -13,6 +13,7 @@ pub mod leader;
 pub mod metrics;
 pub mod policy;
 pub mod reverify;
+pub mod rotation;
 pub mod service_names;
 pub mod signer;
 pub mod status;
@@ -216,6 +217,15 @@ pub async fn run(
         config.cluster_domain.clone(),
     ));
 
+    {
+        // Weak: the metrics live in the context, which must not keep itself alive.
+        let ctx = Arc::downgrade(&ctx);
+        metrics.set_snapshot_source(move || {
+            ctx.upgrade()
+                .map(|ctx| cache_snapshot(&ctx))
+                .unwrap_or_default()
+        });
+    }
     if config.leader_election {
         metrics.set_ready(true);
         leader::acquire(&client, &lease).await;
@@ -343,6 +353,50 @@ pub fn replica_identity() -> String {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
         format!("{}-{}", host.trim(), std::process::id())
     })
+}
+
+/// The per-workload and per-CA gauges as the caches show them now.
+fn cache_snapshot(ctx: &Context) -> metrics::CacheSnapshot {
+    use status::Reason;
+    let workloads = ctx
+        .caches
+        .policies
+        .state()
+        .iter()
+        .flat_map(|policy| {
+            let namespace = policy.namespace().unwrap_or_default();
+            let name = policy.name_any();
+            policy
+                .status
+                .iter()
+                .flat_map(|status| status.workloads.iter())
+                .map(move |workload| metrics::WorkloadGauge {
+                    namespace: namespace.clone(),
+                    policy: name.clone(),
+                    service_account: workload.service_account.clone(),
+                    not_after: workload.not_after.as_ref().map(|t| t.0.as_second()),
+                    ready: workload.reason == Reason::Issued.as_str()
+                        || workload.reason == Reason::IssuedUnverified.as_str(),
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let cas = ctx
+        .ca
+        .load()
+        .as_ref()
+        .map(|ca| {
+            ca.cas
+                .iter()
+                .map(|record| metrics::CaGauge {
+                    fingerprint: record.fingerprint.clone(),
+                    phase: record.phase.as_str(),
+                    not_after: record.not_after.0.as_second(),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    metrics::CacheSnapshot { workloads, cas }
 }
 
 #[cfg(test)]

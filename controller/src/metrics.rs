@@ -3,7 +3,7 @@
 use std::{
     net::SocketAddr,
     sync::{
-        Arc,
+        Arc, RwLock,
         atomic::{AtomicBool, AtomicI64, Ordering},
     },
 };
@@ -31,6 +31,38 @@ fn labels(key: &'static str, value: &str) -> Labels {
     vec![(key, value.to_string())]
 }
 
+/// One covered ServiceAccount as the leader's policy cache shows it, for the gauges computed at
+/// scrape time.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WorkloadGauge {
+    pub namespace: String,
+    pub policy: String,
+    pub service_account: String,
+    /// notAfter of its certificate, Unix seconds; `None` when it has none.
+    pub not_after: Option<i64>,
+    /// Whether it holds a certificate it may use (status reason `Issued` or `IssuedUnverified`).
+    pub ready: bool,
+}
+
+/// One CA of the authority, for the gauges computed at scrape time.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CaGauge {
+    pub fingerprint: String,
+    pub phase: &'static str,
+    pub not_after: i64,
+}
+
+/// What a scrape reads from the leader's caches.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct CacheSnapshot {
+    pub workloads: Vec<WorkloadGauge>,
+    pub cas: Vec<CaGauge>,
+}
+
+type SnapshotSource = Box<dyn Fn() -> CacheSnapshot + Send + Sync>;
+
+type IntGauges = Family<Labels, Gauge<i64, AtomicI64>>;
+
 /// All of the controller's metrics; cheap to clone.
 #[derive(Clone)]
 pub struct Metrics {
@@ -45,7 +77,11 @@ struct Inner {
     sign_calls: Family<Labels, Counter>,
     sign_errors: Family<Labels, Counter>,
     sign_latency: Family<Labels, Histogram>,
-    soonest_expiry: Gauge<i64, AtomicI64>,
+    expiration: IntGauges,
+    ready_status: IntGauges,
+    ca_expiration: IntGauges,
+    ca_phase: IntGauges,
+    snapshot: RwLock<Option<SnapshotSource>>,
     reconciles: Family<Labels, Counter>,
     reconcile_duration: Histogram,
     leader: Gauge<i64, AtomicI64>,
@@ -100,11 +136,31 @@ impl Metrics {
             "Latency of Sign calls to the CA signer (KMS or local)",
             sign_latency.clone(),
         );
-        let soonest_expiry = Gauge::<i64, AtomicI64>::default();
+        // Computed from the leader's caches at each scrape (cert-manager's way): a standby
+        // replica, whose caches nobody reconciles from, exports none of them.
+        let expiration = IntGauges::default();
         registry.register(
-            "certificate_soonest_expiry_timestamp_seconds",
-            "notAfter of the certificate that expires first, as a Unix timestamp",
-            soonest_expiry.clone(),
+            "certificate_expiration_timestamp_seconds",
+            "notAfter of each covered ServiceAccount's certificate, as a Unix timestamp (leader only)",
+            expiration.clone(),
+        );
+        let ready_status = IntGauges::default();
+        registry.register(
+            "certificate_ready_status",
+            "1 for the condition (True, False) of each covered ServiceAccount's certificate: True when it holds one it may use (leader only)",
+            ready_status.clone(),
+        );
+        let ca_expiration = IntGauges::default();
+        registry.register(
+            "ca_expiration_timestamp_seconds",
+            "notAfter of each CA certificate of the trust bundle, by fingerprint and phase (leader only)",
+            ca_expiration.clone(),
+        );
+        let ca_phase = IntGauges::default();
+        registry.register(
+            "ca_phase",
+            "1 for the phase (Prepared, Active, Retiring) of each CA of the trust bundle (leader only)",
+            ca_phase.clone(),
         );
         let reconciles = Family::<Labels, Counter>::default();
         registry.register(
@@ -139,7 +195,11 @@ impl Metrics {
                 sign_calls,
                 sign_errors,
                 sign_latency,
-                soonest_expiry,
+                expiration,
+                ready_status,
+                ca_expiration,
+                ca_phase,
+                snapshot: RwLock::new(None),
                 reconciles,
                 reconcile_duration,
                 leader,
@@ -211,8 +271,61 @@ impl Metrics {
             .sum()
     }
 
-    pub fn set_soonest_expiry(&self, unix_seconds: i64) {
-        self.inner.soonest_expiry.set(unix_seconds);
+    /// Where scrapes read the per-workload and per-CA gauges from.
+    pub fn set_snapshot_source(&self, source: impl Fn() -> CacheSnapshot + Send + Sync + 'static) {
+        if let Ok(mut slot) = self.inner.snapshot.write() {
+            *slot = Some(Box::new(source));
+        }
+    }
+
+    /// Sets the gauges computed from the caches to `snapshot`, dropping every series it does not
+    /// name (a workload or CA that is gone).
+    fn show_snapshot(&self, snapshot: &CacheSnapshot) {
+        let inner = &self.inner;
+        for family in [
+            &inner.expiration,
+            &inner.ready_status,
+            &inner.ca_expiration,
+            &inner.ca_phase,
+        ] {
+            family.clear();
+        }
+        for workload in &snapshot.workloads {
+            let labels: Labels = vec![
+                ("namespace", workload.namespace.clone()),
+                ("policy", workload.policy.clone()),
+                ("service_account", workload.service_account.clone()),
+            ];
+            if let Some(not_after) = workload.not_after {
+                inner.expiration.get_or_create(&labels).set(not_after);
+            }
+            for (condition, value) in [("True", workload.ready), ("False", !workload.ready)] {
+                let mut labels = labels.clone();
+                labels.push(("condition", condition.to_string()));
+                inner
+                    .ready_status
+                    .get_or_create(&labels)
+                    .set(i64::from(value));
+            }
+        }
+        for ca in &snapshot.cas {
+            inner
+                .ca_expiration
+                .get_or_create(&vec![
+                    ("fingerprint", ca.fingerprint.clone()),
+                    ("phase", ca.phase.to_string()),
+                ])
+                .set(ca.not_after);
+            for phase in ["Prepared", "Active", "Retiring"] {
+                inner
+                    .ca_phase
+                    .get_or_create(&vec![
+                        ("fingerprint", ca.fingerprint.clone()),
+                        ("phase", phase.to_string()),
+                    ])
+                    .set(i64::from(phase == ca.phase));
+            }
+        }
     }
 
     pub fn reconciled(&self, result: &str, seconds: f64) {
@@ -242,6 +355,13 @@ impl Metrics {
     }
 
     pub fn encode(&self) -> String {
+        let snapshot = match self.inner.snapshot.read() {
+            Ok(source) if self.inner.leader.get() == 1 => {
+                source.as_ref().map(|source| source()).unwrap_or_default()
+            }
+            _ => CacheSnapshot::default(),
+        };
+        self.show_snapshot(&snapshot);
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.inner.registry);
@@ -295,4 +415,67 @@ pub async fn serve(listen: SocketAddr, metrics: Metrics) -> Result<()> {
             address: listen.to_string(),
             source,
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snapshot() -> CacheSnapshot {
+        CacheSnapshot {
+            workloads: vec![
+                WorkloadGauge {
+                    namespace: "shop".into(),
+                    policy: "web".into(),
+                    service_account: "frontend".into(),
+                    not_after: Some(1_900_000_000),
+                    ready: true,
+                },
+                WorkloadGauge {
+                    namespace: "shop".into(),
+                    policy: "web".into(),
+                    service_account: "unverified".into(),
+                    not_after: None,
+                    ready: false,
+                },
+            ],
+            cas: vec![CaGauge {
+                fingerprint: "ab12".into(),
+                phase: "Active",
+                not_after: 1_950_000_000,
+            }],
+        }
+    }
+
+    /// The leader exports one series per workload and CA from the caches at each scrape; a
+    /// workload that left, and every series on a standby, is gone.
+    #[test]
+    fn cache_gauges_are_the_leaders_and_follow_the_cache() {
+        let metrics = Metrics::new();
+        let shown = Arc::new(std::sync::Mutex::new(snapshot()));
+        let source = shown.clone();
+        metrics.set_snapshot_source(move || source.lock().expect("snapshot").clone());
+        metrics.set_leader(true);
+        let text = metrics.encode();
+        for series in [
+            r#"rolemesh_certificate_expiration_timestamp_seconds{namespace="shop",policy="web",service_account="frontend"} 1900000000"#,
+            r#"rolemesh_certificate_ready_status{namespace="shop",policy="web",service_account="frontend",condition="True"} 1"#,
+            r#"rolemesh_certificate_ready_status{namespace="shop",policy="web",service_account="unverified",condition="False"} 1"#,
+            r#"rolemesh_ca_expiration_timestamp_seconds{fingerprint="ab12",phase="Active"} 1950000000"#,
+            r#"rolemesh_ca_phase{fingerprint="ab12",phase="Active"} 1"#,
+            r#"rolemesh_ca_phase{fingerprint="ab12",phase="Retiring"} 0"#,
+        ] {
+            assert!(text.contains(series), "{series} in\n{text}");
+        }
+        assert!(
+            !text.contains(r#"service_account="unverified"} "#),
+            "{text}"
+        );
+        shown.lock().expect("snapshot").workloads.remove(0);
+        assert!(!metrics.encode().contains("frontend"));
+        metrics.set_leader(false);
+        let standby = metrics.encode();
+        assert!(!standby.contains("service_account="), "{standby}");
+        assert!(!standby.contains("fingerprint="), "{standby}");
+    }
 }

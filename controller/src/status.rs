@@ -85,6 +85,13 @@ reasons! {
     StsUnreachable,
     /// STS assumed a role other than the annotated one.
     RoleMismatch,
+    /// The MTLSAuthority's `rolemesh.dev/blocked-service-accounts` names the ServiceAccount
+    /// (`kubectl rolemesh revoke --block`): no certificate, the Secret is deleted, until
+    /// `kubectl rolemesh unblock`.
+    Blocked,
+    /// A `revoke.rolemesh.dev/<serial>` annotation of the MTLSAuthority is malformed and was
+    /// ignored (a Warning Event on the authority says which and why).
+    RevocationIgnored,
     /// The CA is not established yet.
     CaNotReady,
     /// The CA is established and signs.

@@ -364,7 +364,11 @@ pub struct RotationRecord {
 pub struct MTLSAuthoritySpec {
     /// SPIFFE trust domain of issued identities: certificates carry
     /// `spiffe://<trustDomain>/ns/<namespace>/sa/<serviceaccount>`.
+    /// Fixed once set: running proxies hold the trust domain in their configuration, so a change
+    /// would make every peer's identity foreign to them. To move to another trust domain, install
+    /// a second authority's mesh beside it (docs/rotation.md#changing-the-trust-domain).
     #[schemars(regex(pattern = TRUST_DOMAIN_PATTERN), length(max = 255))]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("trustDomain cannot be changed: running proxies would refuse every identity of the new trust domain; see docs/rotation.md#changing-the-trust-domain"))]
     pub trust_domain: String,
 
     /// Where the CA's private key lives and how it signs.
@@ -408,6 +412,62 @@ pub struct MTLSAuthoritySpec {
     #[schemars(regex(pattern = DURATION_PATTERN), length(max = 32))]
     #[x_kube(validation = Rule::new("duration(self) >= duration('1m') && duration(self) <= duration('24h')").message("reverifyInterval must be between 1m and 24h"))]
     pub reverify_interval: Option<String>,
+
+    /// How long kubelet may take to bring a changed ConfigMap or Secret into running pods, as a
+    /// Go duration between 10s and 1h. Default 2m: kubelet re-syncs each pod's volumes every
+    /// `syncFrequency` (1m by default) with up to half of that again as jitter. A CA rotation
+    /// waits this long twice: after every trust bundle holds the new CA, before it signs; and
+    /// after every certificate has been re-issued under it, before the old CA leaves the bundles.
+    /// Raise it on nodes with a longer syncFrequency.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION_PATTERN), length(max = 32))]
+    #[x_kube(validation = Rule::new("duration(self) >= duration('10s') && duration(self) <= duration('1h')").message("bundlePropagation must be between 10s and 1h"))]
+    pub bundle_propagation: Option<String>,
+}
+
+/// Where a CA is in its life; see `MTLSAuthorityStatus.cas`.
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord,
+)]
+pub enum CaPhase {
+    /// In every trust bundle, signing nothing yet.
+    Prepared,
+    /// Signs every new workload certificate.
+    Active,
+    /// Signs nothing; stays in the bundles while a certificate it signed may still be in use.
+    Retiring,
+}
+
+impl CaPhase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CaPhase::Prepared => "Prepared",
+            CaPhase::Active => "Active",
+            CaPhase::Retiring => "Retiring",
+        }
+    }
+}
+
+/// One CA certificate of the authority and its phase.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CaStatus {
+    /// SHA-256 fingerprint of the CA certificate, hex.
+    pub fingerprint: String,
+    pub phase: CaPhase,
+    /// The certificate's subject, as in `openssl x509 -subject`.
+    pub subject: String,
+    pub not_after: Time,
+    /// When it entered this phase.
+    pub since: Time,
+    /// Prepared: when every trust bundle first held it. Retiring: when no certificate it signed
+    /// was left in a workload Secret. The next phase follows `spec.bundlePropagation` later.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub settled_at: Option<Time>,
+    /// Prepared: activate it once settled (a staged rotation or the automatic renewal), rather
+    /// than waiting for `kubectl rolemesh ca activate`.
+    #[serde(default)]
+    pub auto_activate: bool,
 }
 
 /// The CA signing backend.
@@ -521,6 +581,30 @@ pub struct MTLSAuthorityStatus {
     /// verifies against it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trust_bundle: Option<String>,
+    /// Every CA certificate of the bundle with its phase: at most one Prepared and one Active;
+    /// Retiring ones until nothing they signed is in use.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cas: Vec<CaStatus>,
+    /// The last `rolemesh.dev/ca-rotate` value acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_rotate_request: Option<String>,
+    /// The last `rolemesh.dev/ca-prepare` value acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_prepare_request: Option<String>,
+    /// The workload certificates revoked (`revoke.rolemesh.dev/<serial>` annotations) that have
+    /// not expired: every trust bundle holds a CRL listing them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub revoked: Vec<RevokedCertificate>,
+}
+
+/// A revoked workload certificate.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RevokedCertificate {
+    /// Serial number, lowercase hex.
+    pub serial: String,
+    /// Until when the CRLs list it (the certificate's notAfter).
+    pub not_after: Time,
 }
 
 /// A list of strings, each checked by `pattern` and the CEL `rules` (rule, message).

@@ -46,6 +46,32 @@ pub const SSL_CERT_FILE_ANNOTATION: &str = "rolemesh.dev/ssl-cert-file";
 /// allow list; for apps that must be reached directly (docs/security-model.md).
 pub const PROTECT_APP_PORTS_ANNOTATION: &str = "rolemesh.dev/protect-app-ports";
 
+/// On the MTLSAuthority, any new value: rotate the CA in stages (prepare a new CA, activate it once
+/// every trust bundle has reached the pods, retire the old one once nothing it signed is in use).
+/// `kubectl rolemesh ca rotate` sets it; the value handled last is `status.lastRotateRequest`.
+pub const CA_ROTATE_ANNOTATION: &str = "rolemesh.dev/ca-rotate";
+/// On the MTLSAuthority, any new value: prepare a new CA (into every bundle, not signing) and
+/// wait for [`CA_ACTIVATE_ANNOTATION`]; handled last: `status.lastPrepareRequest`.
+pub const CA_PREPARE_ANNOTATION: &str = "rolemesh.dev/ca-prepare";
+/// On the MTLSAuthority, the fingerprint of a prepared CA: activate it once its bundle has
+/// reached the pods.
+pub const CA_ACTIVATE_ANNOTATION: &str = "rolemesh.dev/ca-activate";
+/// On the MTLSAuthority, the fingerprint of a CA to drop now: every certificate it signed is
+/// re-issued under the active CA (a new one first when it is the active CA), then it leaves every
+/// bundle without waiting for kubelet.
+pub const CA_RETIRE_ANNOTATION: &str = "rolemesh.dev/ca-retire";
+
+/// Prefix of an MTLSAuthority annotation that revokes one workload certificate:
+/// `revoke.rolemesh.dev/<serial, lowercase hex>: <the certificate's notAfter, RFC 3339>`. The
+/// controller lists the serial in a CRL it signs through the signer, published in every trust
+/// bundle until that notAfter, and re-issues the workload. `kubectl rolemesh revoke` sets it.
+pub const REVOKE_ANNOTATION_PREFIX: &str = "revoke.rolemesh.dev/";
+/// On the MTLSAuthority: ServiceAccounts that get no certificate, as comma-separated
+/// `<namespace>/<name>`; their Secrets are deleted (status reason `Blocked`). On the authority,
+/// not the ServiceAccount, so that the namespace's users cannot lift it.
+/// `kubectl rolemesh revoke --block` and `kubectl rolemesh unblock` edit it.
+pub const BLOCKED_ANNOTATION: &str = "rolemesh.dev/blocked-service-accounts";
+
 /// Suffix of a workload certificate Secret's name; see [`workload_secret_name`].
 const WORKLOAD_SECRET_SUFFIX: &str = "-rolemesh-tls";
 

@@ -303,6 +303,21 @@ pub async fn trust_bundle(ns: &TestNamespace) -> Result<String> {
 
 /// `openssl verify -CAfile <bundle> -untrusted <rest of chain> -purpose <purpose> <leaf>`.
 pub fn openssl_verify(secret: &Secret, bundle: &str, purpose: &str) -> Result<()> {
+    openssl_verify_with(secret, bundle, purpose, &[])
+}
+
+/// [`openssl_verify`] that also checks the leaf against the CRL of its issuer in the bundle
+/// (`-crl_check -CRLfile <bundle>`).
+pub fn openssl_verify_crl(secret: &Secret, bundle: &str, purpose: &str) -> Result<()> {
+    openssl_verify_with(
+        secret,
+        bundle,
+        purpose,
+        &["-crl_check", "-CRLfile", "bundle.pem"],
+    )
+}
+
+fn openssl_verify_with(secret: &Secret, bundle: &str, purpose: &str, extra: &[&str]) -> Result<()> {
     let dir = temp_dir("verify");
     let chain = certificates_from_pem(&field(secret, "tls.crt"))?;
     let pem = |der: &[u8]| {
@@ -339,8 +354,9 @@ pub fn openssl_verify(secret: &Secret, bundle: &str, purpose: &str) -> Result<()
             "untrusted.pem",
             "-purpose",
             purpose,
-            "leaf.pem",
         ])
+        .args(extra)
+        .arg("leaf.pem")
         .output()
         .context("running openssl verify")?;
     let _ = std::fs::remove_dir_all(&dir);
@@ -386,6 +402,52 @@ pub async fn wait_for_workload(
         },
     )
     .await
+}
+
+/// YAML of an MTLSPolicy for ServiceAccount `name` with one inbound mapping: mTLS on `port` to
+/// the app's plain `app_port`, admitting the role `allow`.
+pub fn inbound_policy(name: &str, port: u16, app_port: u16, allow: &str) -> String {
+    format!(
+        r#"apiVersion: rolemesh.dev/v1alpha1
+kind: MTLSPolicy
+metadata:
+  name: {name}
+spec:
+  serviceAccounts: {{names: [{name}]}}
+  inbound:
+    - {{name: http, port: {port}, appPort: {app_port}, allow: ["{allow}"]}}
+"#
+    )
+}
+
+/// YAML of an MTLSPolicy for ServiceAccount `name` with one outbound mapping `server`: plain on
+/// 127.0.0.1:`local_port`, mTLS to `upstream`, whose role must be `expect`.
+pub fn outbound_policy(name: &str, local_port: u16, upstream: &str, expect: &str) -> String {
+    format!(
+        r#"apiVersion: rolemesh.dev/v1alpha1
+kind: MTLSPolicy
+metadata:
+  name: {name}
+spec:
+  serviceAccounts: {{names: [{name}]}}
+  outbound:
+    - {{name: server, localPort: {local_port}, upstream: "{upstream}", expect: ["{expect}"]}}
+"#
+    )
+}
+
+/// YAML of Service `name` selecting pods labelled `app: name`, on `port`.
+pub fn service_for(name: &str, port: u16) -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Service
+metadata:
+  name: {name}
+spec:
+  selector: {{app: {name}}}
+  ports: [{{name: mtls, port: {port}, targetPort: {port}}}]
+"#
+    )
 }
 
 pub fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {

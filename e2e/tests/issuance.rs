@@ -17,7 +17,7 @@ use rolemesh_profile::{
     ROLE_ARN_OID_DOTTED,
     inspect::{TrustBundle, certificates_from_pem, trust_bundle_from_pem},
 };
-use rolemesh_testkit::eventually;
+use rolemesh_testkit::{TestNamespace, eventually};
 use serde_json::json;
 use time::OffsetDateTime;
 
@@ -663,51 +663,305 @@ async fn a_user_supplied_intermediate_ca_signs_with_its_chain() -> Result<()> {
     .await
 }
 
-/// A new CA (here: a new trust domain) re-issues every Secret under it while the bundle keeps
-/// the old CA, so peers holding old certificates stay trusted until they are replaced.
+/// The fingerprints of the certificates of `pem`, in order.
+fn fingerprints_of(pem: &str) -> Result<Vec<String>> {
+    Ok(certificates_from_pem(pem)?
+        .iter()
+        .map(|der| rolemesh_profile::inspect::sha256_hex(der))
+        .collect())
+}
+
+async fn authority_cas(
+    ns: &TestNamespace,
+    authority: &str,
+) -> Result<Vec<rolemesh_crds::CaStatus>> {
+    let authorities: Api<rolemesh_crds::MTLSAuthority> = Api::all(ns.client.clone());
+    Ok(authorities
+        .get(authority)
+        .await?
+        .status
+        .map(|s| s.cas)
+        .unwrap_or_default())
+}
+
+/// The trust domain is fixed at the API, with the way to migrate in the refusal. A new signer
+/// key (here: another local Secret) makes a new CA that signs at once; the old one stays in the
+/// bundle, Retiring, while what it signed is re-issued, and leaves `bundlePropagation` after.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_new_ca_reissues_and_the_bundle_keeps_the_old_one() -> Result<()> {
+async fn a_new_signer_key_reissues_and_the_old_ca_retires_after_its_certificates() -> Result<()> {
+    let mut spec = local_authority_spec("one.test", "none");
+    spec["bundlePropagation"] = json!("10s");
+    in_namespace_with_authority("issue-carotate", spec, |ns, authority| async move {
+        apply_service_account(&ns, "api", Some("arn:aws:iam::111122223333:role/api")).await?;
+        apply_policy(&ns, "p", json!({ "serviceAccounts": { "names": ["api"] } })).await?;
+        let _controller = ControllerProcess::start(&ns, &authority, "replica-a", &[])?;
+        let (_, first) = wait_for_secret(&ns, "api-rolemesh-tls", None).await?;
+        let authorities: Api<rolemesh_crds::MTLSAuthority> = Api::all(ns.client.clone());
+
+        let refused = authorities
+            .patch(
+                &authority,
+                &PatchParams::default(),
+                &Patch::Merge(json!({ "spec": { "trustDomain": "two.test" } })),
+            )
+            .await;
+        let message = format!("{:?}", refused.err().context("a trust domain change is refused")?);
+        ensure!(
+            message.contains("trustDomain cannot be changed")
+                && message.contains("docs/rotation.md#changing-the-trust-domain"),
+            "{message}"
+        );
+
+        authorities
+            .patch(
+                &authority,
+                &PatchParams::default(),
+                &Patch::Merge(
+                    json!({ "spec": { "signer": { "local": { "secretName": "rolemesh-ca-key-2" } } } }),
+                ),
+            )
+            .await?;
+        let (secret, second) =
+            wait_for_secret(&ns, "api-rolemesh-tls", Some(&first.serial_hex)).await?;
+        ensure!(second.issuer != first.issuer, "signed by the new CA: {}", second.issuer);
+        let bundle_now = || trust_bundle(&ns);
+        // Retiring for 10 s after the Secret was replaced: both CAs in the bundle meanwhile.
+        let both = bundle_now().await?;
+        ensure!(
+            fingerprints_of(&both)?.len() == 2,
+            "the old CA stays while retiring: {:?}",
+            authority_cas(&ns, &authority).await?
+        );
+        openssl_verify(&secret, &both, "sslclient")?;
+        let cas = authority_cas(&ns, &authority).await?;
+        ensure!(
+            cas.iter().map(|ca| ca.phase).collect::<Vec<_>>()
+                == vec![rolemesh_crds::CaPhase::Active, rolemesh_crds::CaPhase::Retiring],
+            "{cas:?}"
+        );
+        let active = cas[0].fingerprint.clone();
+        eventually("the old CA gone from the bundle", WAIT, || async {
+            Ok((fingerprints_of(&bundle_now().await?)? == vec![active.clone()]).then_some(()))
+        })
+        .await?;
+        let cas = authority_cas(&ns, &authority).await?;
+        ensure!(cas.len() == 1 && cas[0].fingerprint == active, "{cas:?}");
+        Ok(())
+    })
+    .await
+}
+
+/// `kubectl rolemesh ca rotate --wait`, as docs/rotation.md shows it: the new CA is in the
+/// namespace's bundle for `bundlePropagation` before it signs the workload's certificate, and
+/// the old CA leaves the bundle once the certificate is re-issued; the command returns then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_staged_ca_rotation_publishes_the_new_ca_before_it_signs() -> Result<()> {
+    let mut spec = local_authority_spec("staged.test", "none");
+    spec["bundlePropagation"] = json!("10s");
+    in_namespace_with_authority("issue-castaged", spec, |ns, authority| async move {
+        apply_service_account(&ns, "api", Some("arn:aws:iam::111122223333:role/api")).await?;
+        apply_policy(&ns, "p", json!({ "serviceAccounts": { "names": ["api"] } })).await?;
+        let _controller = ControllerProcess::start(&ns, &authority, "replica-a", &[])?;
+        let (_, first) = wait_for_secret(&ns, "api-rolemesh-tls", None).await?;
+        let old = eventually("the active CA in the status", WAIT, || async {
+            Ok(authority_cas(&ns, &authority)
+                .await?
+                .first()
+                .map(|ca| ca.fingerprint.clone()))
+        })
+        .await?;
+        let (code, table, err) =
+            ns.env
+                .kubectl_plugin(&["ca", "status", "--authority", &authority])?;
+        ensure!(code == 0 && table.contains("Active") && table.contains(&old[..16]), "{table}{err}");
+
+        let env = ns.env.clone();
+        let name = authority.clone();
+        let rotation = tokio::task::spawn_blocking(move || {
+            env.kubectl_plugin(&["ca", "rotate", "--wait", "--authority", &name, "--timeout", "3m"])
+        });
+        let secrets: Api<Secret> = ns.api();
+        let started = std::time::Instant::now();
+        let (mut bundle_held_new, mut secret_signed_new) = (None, None);
+        while !rotation.is_finished() {
+            let bundle = trust_bundle(&ns).await?;
+            if bundle_held_new.is_none() && fingerprints_of(&bundle)?.iter().any(|f| f != &old) {
+                bundle_held_new = Some(started.elapsed());
+            }
+            let leaf = leaf_of(&secrets.get("api-rolemesh-tls").await?)?;
+            if secret_signed_new.is_none() && leaf.issuer != first.issuer {
+                secret_signed_new = Some(started.elapsed());
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        let (code, out, err) = rotation.await??;
+        ensure!(code == 0, "ca rotate --wait failed:\n{out}{err}");
+        for stage in ["prepared", "active", "retired", "rotation done"] {
+            ensure!(out.contains(stage), "the output names the stage {stage}:\n{out}");
+        }
+        let (published, signed) = (
+            bundle_held_new.context("the new CA never reached the namespace's bundle")?,
+            secret_signed_new.context("the Secret was never re-issued under the new CA")?,
+        );
+        ensure!(
+            signed >= published + Duration::from_secs(9),
+            "the new CA signed {:.1} s after it reached the bundle, before bundlePropagation (10 s)",
+            (signed - published).as_secs_f64()
+        );
+        let cas = authority_cas(&ns, &authority).await?;
+        ensure!(
+            cas.len() == 1 && cas[0].fingerprint != old && cas[0].phase == rolemesh_crds::CaPhase::Active,
+            "{cas:?}"
+        );
+        let bundle = trust_bundle(&ns).await?;
+        ensure!(fingerprints_of(&bundle)? == vec![cas[0].fingerprint.clone()]);
+        openssl_verify(&secrets.get("api-rolemesh-tls").await?, &bundle, "sslclient")?;
+        let events: Api<Event> = Api::all(ns.client.clone());
+        let reasons: Vec<String> = events
+            .list(&ListParams::default().fields(&format!("involvedObject.name={authority}")))
+            .await?
+            .items
+            .into_iter()
+            .filter_map(|e| e.reason)
+            .collect();
+        for reason in ["CaPrepared", "CaActive", "CaRetiring", "CaRetired"] {
+            ensure!(reasons.iter().any(|r| r == reason), "Event {reason}: {reasons:?}");
+        }
+        println!("{out}");
+        Ok(())
+    })
+    .await
+}
+
+/// `kubectl rolemesh revoke --service-account api --wait`, as docs/rotation.md shows it: the
+/// serial goes into a CRL in the namespace's trust bundle, signed through the signer (one Sign
+/// call besides the re-issued certificate), which `openssl verify -crl_check` reads: the revoked
+/// certificate is refused, its replacement accepted. `--block` deletes the Secret (reason
+/// `Blocked`) until `kubectl rolemesh unblock`; a malformed revoke annotation is ignored with a
+/// Warning Event that says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoke_lists_the_certificate_in_a_crl_and_reissues() -> Result<()> {
     in_namespace_with_authority(
-        "issue-carotate",
-        local_authority_spec("one.test", "none"),
+        "issue-revoke",
+        local_authority_spec("revoke.test", "none"),
         |ns, authority| async move {
             apply_service_account(&ns, "api", Some("arn:aws:iam::111122223333:role/api")).await?;
             apply_policy(&ns, "p", json!({ "serviceAccounts": { "names": ["api"] } })).await?;
-            let _controller = ControllerProcess::start(&ns, &authority, "replica-a", &[])?;
-            let (_, first) = wait_for_secret(&ns, "api-rolemesh-tls", None).await?;
-            let old_bundle = trust_bundle(&ns).await?;
+            let controller = ControllerProcess::start(&ns, &authority, "replica-a", &[])?;
+            let (revoked, first) = wait_for_secret(&ns, "api-rolemesh-tls", None).await?;
+            wait_for_workload(&ns, "p", "api", |w| {
+                w.serial.as_deref() == Some(&first.serial_hex)
+            })
+            .await?;
+            let sign_calls = "rolemesh_signer_sign_calls_total{signer=\"local\"}";
+            let signs_before = controller.metric(sign_calls).await?;
+
+            let (code, out, err) = ns.env.kubectl_plugin(&[
+                "revoke",
+                "-n",
+                &ns.name,
+                "--service-account",
+                "api",
+                "--wait",
+                "--authority",
+                &authority,
+            ])?;
+            ensure!(
+                code == 0 && out.contains(&first.serial_hex),
+                "revoke: {out}{err}"
+            );
+            println!(
+                "$ kubectl rolemesh revoke -n {} --service-account api --wait\n{out}",
+                ns.name
+            );
+            let (secret, second) =
+                wait_for_secret(&ns, "api-rolemesh-tls", Some(&first.serial_hex)).await?;
+            let bundle = eventually("a CRL in the namespace's bundle", WAIT, || async {
+                let bundle = trust_bundle(&ns).await?;
+                Ok(bundle.contains("X509 CRL").then_some(bundle))
+            })
+            .await?;
+            let crls = trust_bundle_from_pem(&bundle)?.crls;
+            ensure!(crls.len() == 1, "one CRL, of the one CA: {}", crls.len());
+            let crl = rolemesh_profile::inspect::inspect_crl(&crls[0])?;
+            ensure!(crl.serials == vec![first.serial_hex.clone()], "{crl:?}");
+            ensure!(
+                crl.issuer == first.issuer,
+                "issued by the leaf's CA: {crl:?}"
+            );
+            let refusal = openssl_verify_crl(&revoked, &bundle, "sslclient")
+                .err()
+                .context("openssl verify -crl_check accepted the revoked certificate")?;
+            ensure!(refusal.to_string().contains("revoked"), "{refusal:#}");
+            openssl_verify_crl(&secret, &bundle, "sslclient")?;
+            ensure!(second.serial_hex != first.serial_hex);
+            let signs = controller.metric(sign_calls).await? - signs_before;
+            ensure!(
+                signs == 2.0,
+                "one Sign for the certificate, one for the CRL: {signs}"
+            );
+
+            // Blocked: the Secret goes and stays gone until unblocked.
+            let (code, out, err) = ns.env.kubectl_plugin(&[
+                "revoke",
+                "-n",
+                &ns.name,
+                "--service-account",
+                "api",
+                "--block",
+                "--wait",
+                "--authority",
+                &authority,
+            ])?;
+            ensure!(code == 0, "revoke --block: {out}{err}");
+            let secrets: Api<Secret> = ns.api();
+            ensure!(
+                secrets.get_opt("api-rolemesh-tls").await?.is_none(),
+                "the Secret is deleted"
+            );
+            wait_for_workload(&ns, "p", "api", |w| w.reason == "Blocked").await?;
+            let (code, out, err) = ns.env.kubectl_plugin(&[
+                "unblock",
+                "-n",
+                &ns.name,
+                "--service-account",
+                "api",
+                "--authority",
+                &authority,
+            ])?;
+            ensure!(code == 0, "unblock: {out}{err}");
+            let (_, third) = wait_for_secret(&ns, "api-rolemesh-tls", None).await?;
+            ensure!(third.serial_hex != second.serial_hex);
+
+            // A malformed request is ignored, with the reason in an Event.
             let authorities: Api<rolemesh_crds::MTLSAuthority> = Api::all(ns.client.clone());
             authorities
                 .patch(
                     &authority,
                     &PatchParams::default(),
-                    &Patch::Merge(json!({ "spec": { "trustDomain": "two.test" } })),
+                    &Patch::Merge(json!({ "metadata": { "annotations": {
+                        "revoke.rolemesh.dev/zz": "tomorrow"
+                    } } })),
                 )
                 .await?;
-            let (secret, second) =
-                wait_for_secret(&ns, "api-rolemesh-tls", Some(&first.serial_hex)).await?;
-            ensure!(
-                second.uri_sans[0].starts_with("spiffe://two.test/"),
-                "{:?}",
-                second.uri_sans
-            );
-            let configmaps: Api<k8s_openapi::api::core::v1::ConfigMap> = ns.api();
-            let bundle = eventually("a bundle with both CAs", WAIT, || async {
-                let bundle = configmaps
-                    .get("rolemesh-trust-bundle")
+            let events: Api<Event> = Api::all(ns.client.clone());
+            eventually("a RevocationIgnored Event", WAIT, || async {
+                Ok(events
+                    .list(
+                        &ListParams::default().fields(&format!("involvedObject.name={authority}")),
+                    )
                     .await?
-                    .data
-                    .and_then(|d| d.get("ca.crt").cloned())
-                    .unwrap_or_default();
-                Ok((certificates_from_pem(&bundle)?.len() == 2).then_some(bundle))
+                    .items
+                    .iter()
+                    .any(|e| {
+                        e.reason.as_deref() == Some("RevocationIgnored")
+                            && e.message
+                                .as_deref()
+                                .is_some_and(|m| m.contains("revoke.rolemesh.dev/zz"))
+                    })
+                    .then_some(()))
             })
             .await?;
-            ensure!(
-                bundle.contains(old_bundle.trim()),
-                "the old CA stays in the bundle"
-            );
-            ensure!(field(&secret, "ca.crt") == bundle);
-            openssl_verify(&secret, &bundle, "sslclient")?;
             Ok(())
         },
     )

@@ -31,7 +31,10 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use rolemesh_e2e::{PROXY_ADMIN_PORT, RELEASE_NAMESPACE, install_release, uninstall_release};
+use rolemesh_e2e::{
+    PROXY_ADMIN_PORT, RELEASE_NAMESPACE, inbound_policy, install_release, outbound_policy,
+    service_for, uninstall_release,
+};
 use rolemesh_testkit::{ClusterEnv, TestNamespace, eventually, in_namespace, node_ready};
 
 const BUSYBOX: &str = "rolemesh.local/busybox:1.35.0";
@@ -99,26 +102,12 @@ impl Mesh {
         let (server_role, client_role) = (roles[0].clone(), roles[1].clone());
         let token = format!("{:016x}", rand::random::<u64>());
         let upstream = format!("server.{}.svc.cluster.local:{MTLS_PORT}", ns.name);
-        ns.apply_manifest(&format!(
+        ns.apply_manifest(&[
+            inbound_policy("server", MTLS_PORT, APP_PORT, &client_role),
+            outbound_policy("client", OUTBOUND_PORT, &upstream, &server_role),
+            service_for("server", MTLS_PORT),
+            format!(
                 r#"
-apiVersion: rolemesh.dev/v1alpha1
-kind: MTLSPolicy
-metadata:
-  name: server
-spec:
-  serviceAccounts: {{names: [server]}}
-  inbound:
-    - {{name: http, port: {MTLS_PORT}, appPort: {APP_PORT}, allow: ["{client_role}"]}}
----
-apiVersion: rolemesh.dev/v1alpha1
-kind: MTLSPolicy
-metadata:
-  name: client
-spec:
-  serviceAccounts: {{names: [client]}}
-  outbound:
-    - {{name: server, localPort: {OUTBOUND_PORT}, upstream: "{upstream}", expect: ["{server_role}"]}}
----
 apiVersion: apps/v1
 kind: Deployment
 metadata:
@@ -144,17 +133,10 @@ spec:
             periodSeconds: 1
           volumeMounts: [{{name: www, mountPath: /www}}]
       volumes: [{{name: www, emptyDir: {{}}}}]
----
-apiVersion: v1
-kind: Service
-metadata:
-  name: server
-spec:
-  selector: {{app: server}}
-  ports: [{{name: mtls, port: {MTLS_PORT}, targetPort: {MTLS_PORT}}}]
 "#
             ),
-        )?;
+        ]
+        .join("---\n"))?;
         env.kubectl(&[
             "rollout",
             "status",

@@ -329,6 +329,37 @@ pub fn inspect_certificate(der: &[u8]) -> Result<CertificateInfo, ProfileError> 
     })
 }
 
+/// What a certificate revocation list says, parsed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CrlInfo {
+    /// The issuer's name, as [`CertificateInfo::subject`] writes the CA's.
+    pub issuer: String,
+    /// The serials it revokes, lowercase hex as [`CertificateInfo::serial_hex`] writes them.
+    pub serials: Vec<String>,
+    pub this_update: OffsetDateTime,
+    pub next_update: Option<OffsetDateTime>,
+}
+
+/// Parses a DER CRL (x509-parser; its signature is not checked here).
+pub fn inspect_crl(der: &[u8]) -> Result<CrlInfo, ProfileError> {
+    use x509_parser::revocation_list::CertificateRevocationList;
+    let parse_err = |e: String| ProfileError::ParseTrustBundle(format!("CRL: {e}"));
+    let (rest, crl) =
+        CertificateRevocationList::from_der(der).map_err(|e| parse_err(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(parse_err("trailing bytes after the CRL".into()));
+    }
+    Ok(CrlInfo {
+        issuer: crl.issuer().to_string(),
+        serials: crl
+            .iter_revoked_certificates()
+            .map(|revoked| hex::encode(revoked.raw_serial()))
+            .collect(),
+        this_update: crl.last_update().to_datetime(),
+        next_update: crl.next_update().map(|t| t.to_datetime()),
+    })
+}
+
 /// The DER contents of every `CERTIFICATE` block in a PEM bundle, in order.
 pub fn certificates_from_pem(pem: &str) -> Result<Vec<Vec<u8>>, ProfileError> {
     let mut out = Vec::new();

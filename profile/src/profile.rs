@@ -134,10 +134,21 @@ pub fn ca_params(trust_domain: &str, duration: Duration, now: OffsetDateTime) ->
     let mut params = CertificateParams::default();
     params.not_before = now - BACKDATE;
     params.not_after = now + duration;
-    params.serial_number = Some(random_serial());
+    let serial = random_serial();
+    // Each CA gets a subject of its own: peers pin the issuing CA by subject and key, and every
+    // CA a signer makes has the signer's key, so only the subject tells a retired CA (and what
+    // it signed) from the one that replaced it.
+    let tag: String = serial.as_ref()[..4]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    params.serial_number = Some(serial);
     let mut dn = DistinguishedName::new();
     dn.push(DnType::OrganizationName, "rolemesh");
-    dn.push(DnType::CommonName, format!("rolemesh CA {trust_domain}"));
+    dn.push(
+        DnType::CommonName,
+        format!("rolemesh CA {trust_domain} {tag}"),
+    );
     params.distinguished_name = dn;
     // SPIFFE: the trust domain as a URI SAN of the CA.
     if let Ok(uri) = format!("spiffe://{trust_domain}").try_into() {
@@ -150,9 +161,8 @@ pub fn ca_params(trust_domain: &str, duration: Duration, now: OffsetDateTime) ->
 
 /// Parameters of a CRL that revokes the certificates with `revoked` serials, issued now (backdated
 /// like certificates, for peers whose clocks run behind) and promising the next within
-/// `next_update_in`. rolemesh issues no CRLs itself (see docs/security-model.md#revocation); this
-/// is the shape the trust bundle's CRLs are checked in, for tests (feature `test-support`).
-#[cfg(any(test, feature = "test-support"))]
+/// `next_update_in`: the CRLs the controller signs through the signer for `kubectl rolemesh
+/// revoke`, and the shape tests make theirs in.
 pub fn crl_params(
     revoked: Vec<SerialNumber>,
     crl_number: u64,

@@ -473,6 +473,18 @@ mod tests {
             Self { params, key, der }
         }
 
+        /// Another intermediate below `self` with the name of `like` but a key of its own.
+        fn intermediate_named_like(&self, like: &Ca) -> Self {
+            let key = generate_workload_key().unwrap();
+            let params = like.params.clone();
+            let der = params
+                .signed_by(&key, &self.issuer())
+                .unwrap()
+                .der()
+                .to_vec();
+            Self { params, key, der }
+        }
+
         fn issuer(&self) -> Issuer<'_, &KeyPair> {
             Issuer::from_params(&self.params, &self.key)
         }
@@ -648,7 +660,7 @@ mod tests {
         let root = Ca::root_of_intermediates(now);
         let ours = root.intermediate(now);
         // Another team's intermediate under the same root, even with our intermediate's name.
-        let sibling = root.intermediate(now);
+        let sibling = root.intermediate_named_like(&ours);
         let bundle = store(vec![root.der.clone(), ours.der.clone()], vec![]);
         let verify = |chain: &[Vec<u8>], trust: &TrustStore| {
             verify_chain_der(chain, trust, Usage::ClientAuth, unix(now))

@@ -28,7 +28,7 @@ use k8s_openapi::{
 };
 use kube::{
     Api, Client, ResourceExt,
-    api::{DeleteParams, ObjectMeta, PostParams},
+    api::{DeleteParams, ObjectMeta, Patch, PatchParams, PostParams},
     core::PartialObjectMeta,
     runtime::{WatchStreamExt, watcher},
 };
@@ -815,6 +815,17 @@ impl Bench {
                 Duration::from_secs(60),
             )
                 .await?;
+            // One revocation: a CRL signed through KMS (one Sign) and the workload re-issued.
+            let revoke_started = Instant::now();
+            self.revoke_one(&namespace, &authority).await?;
+            let revoked_in = revoke_started.elapsed();
+            self.wait_settled(
+                &mut controller,
+                1.0,
+                Duration::from_secs(3),
+                Duration::from_secs(60),
+            )
+            .await?;
             let calls = controller
                 .metric("rolemesh_signer_sign_calls_total", "signer=\"kms\"")
                 .await?;
@@ -824,11 +835,13 @@ impl Bench {
             let errors = controller
                 .metric("rolemesh_signer_sign_errors_total", "")
                 .await?;
-            let per_cert = (calls - 1.0) / issued;
+            // One Sign made the CA, one the CRL.
+            let per_cert = (calls - 2.0) / issued;
             println!(
-                "kms signer: {issued} certificates for {n} ServiceAccounts in {:.2} s ({:.0}/s); Sign calls {calls} ({before} before the policy, for the CA), errors {errors}: (calls - 1) / issued = {per_cert:.3}",
+                "kms signer: {issued} certificates for {n} ServiceAccounts in {:.2} s ({:.0}/s), then one revoked and re-issued with its CRL in {:.2} s; Sign calls {calls} ({before} before the policy, for the CA; 1 for the CRL), errors {errors}: (calls - 2) / issued = {per_cert:.3}",
                 elapsed.as_secs_f64(),
-                n as f64 / elapsed.as_secs_f64()
+                n as f64 / elapsed.as_secs_f64(),
+                revoked_in.as_secs_f64()
             );
             self.rows.push(Row::new(
                 &format!("kms: issue {n} SAs rate"),
@@ -837,10 +850,10 @@ impl Bench {
                 None,
             ));
             self.rows.push(Row::new(
-                "kms: (Sign calls - 1 for CA) / certificates",
-                format!("{per_cert:.3} ({calls}-1)/{issued}"),
+                "kms: (Sign calls - 1 CA - 1 CRL) / certificates",
+                format!("{per_cert:.3} ({calls}-2)/{issued}"),
                 "= 1.0",
-                Some((per_cert - 1.0).abs() < 1e-9 && issued as usize == n),
+                Some((per_cert - 1.0).abs() < 1e-9 && issued as usize == n + 1),
             ));
             Ok::<_, anyhow::Error>(())
         }
@@ -853,6 +866,60 @@ impl Bench {
             .send()
             .await;
         outcome
+    }
+
+    /// Revokes the certificate of one workload of policy `bench` the way `kubectl rolemesh
+    /// revoke` does (an annotation on the authority) and waits until the authority lists it and
+    /// the workload holds a new one.
+    async fn revoke_one(&self, namespace: &str, authority: &str) -> Result<()> {
+        let policies: Api<MTLSPolicy> = Api::namespaced(self.client.clone(), namespace);
+        let workload = policies
+            .get("bench")
+            .await?
+            .status
+            .and_then(|s| s.workloads.into_iter().find(|w| w.serial.is_some()))
+            .context("a workload with a certificate")?;
+        let serial = workload.serial.clone().unwrap_or_default();
+        let not_after = workload
+            .not_after
+            .map(|t| t.0.to_string())
+            .context("the workload's notAfter")?;
+        let authorities: Api<MTLSAuthority> = Api::all(self.client.clone());
+        authorities
+            .patch(
+                authority,
+                &PatchParams::default(),
+                &Patch::Merge(json!({ "metadata": { "annotations": {
+                    format!("{}{serial}", rolemesh_crds::names::REVOKE_ANNOTATION_PREFIX): not_after
+                } } })),
+            )
+            .await?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let listed = authorities
+                .get(authority)
+                .await?
+                .status
+                .is_some_and(|s| s.revoked.iter().any(|r| r.serial == serial));
+            let replaced = policies
+                .get("bench")
+                .await?
+                .status
+                .and_then(|s| {
+                    s.workloads
+                        .into_iter()
+                        .find(|w| w.service_account == workload.service_account)
+                })
+                .and_then(|w| w.serial)
+                .is_some_and(|now| now != serial);
+            if listed && replaced {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("certificate {serial} was not revoked and re-issued within 60 s");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     /// Issuance with STS verification of every IRSA token (informational: moto's STS).

@@ -48,6 +48,13 @@ fn test_ca(trust_domain: &str) -> CaState {
         reverify_interval: crate::reverify::DEFAULT_REVERIFY_INTERVAL,
         generation: Some(1),
         refused: Vec::new(),
+        cas: Vec::new(),
+        last_rotate_request: None,
+        last_prepare_request: None,
+        next_look: crate::ca::CA_RECHECK,
+        revoked: Default::default(),
+        blocked: Default::default(),
+        ignored: Vec::new(),
     }
 }
 
@@ -305,7 +312,9 @@ fn issue_reasons_are_the_metric_labels() {
             "repair",
             "rotation",
             "renewal",
-            "service-names"
+            "service-names",
+            "ca-rotation",
+            "revocation"
         ]
     );
 }

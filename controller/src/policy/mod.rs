@@ -239,9 +239,6 @@ async fn reconcile_policy(policy: &MTLSPolicy, ctx: &Context) -> Result<Action> 
         });
     }
 
-    if let Some(soonest) = &summary.status.soonest_not_after {
-        ctx.metrics.set_soonest_expiry(soonest.0.as_second());
-    }
     let mut renew_at = summary.renew_at;
     let streak = ctx.transient_streak(&namespace, &name, summary.transient);
     let mut status = summary.status;

@@ -484,9 +484,15 @@ pub async fn reconcile_service_account(
             );
         }
     };
-    // Before STS and the signer: a role of an account the authority does not allow gets
-    // nothing, however honestly STS would confirm it, and whatever the verification mode.
-    if let Err(refusal) = check_account(&role, run.ca.allowed_accounts.as_ref()) {
+    // Before STS and the signer: a blocked ServiceAccount, or a role of an account the
+    // authority does not allow, gets nothing, however honestly STS would confirm it, and
+    // whatever the verification mode.
+    let blocked = run.ca.blocked.contains(&(namespace.clone(), name.clone()));
+    if let Err(refusal) = if blocked {
+        Err(Refusal::Blocked)
+    } else {
+        check_account(&role, run.ca.allowed_accounts.as_ref())
+    } {
         delete_workload_secret(
             ctx,
             &run.owner.uid,
@@ -497,7 +503,7 @@ pub async fn reconcile_service_account(
         .await;
         ctx.metrics.certificate_failed(refusal.reason());
         let message = refusal.message(&namespace, &name, Some(&role));
-        warn!(namespace = %namespace, service_account = %name, role = %role, reason = %refusal.reason(), "the role's AWS account is not allowed; no certificate issued");
+        warn!(namespace = %namespace, service_account = %name, role = %role, reason = %refusal.reason(), "blocked, or the role's AWS account is not allowed; no certificate issued");
         let event = PolicyEvent {
             type_: EventType::Warning,
             reason: refusal.reason().as_str(),
