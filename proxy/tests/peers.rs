@@ -270,7 +270,9 @@ fn certificate_from_another_ca_is_refused() {
 #[test]
 fn certificate_from_an_impostor_ca_with_our_ca_name_is_refused() {
     // Same subject as the real CA, different key: found as issuer by name, fails the signature.
-    refused_leaf(leaf_of_another_ca(TD), "bad_signature");
+    refused_from_our_ca("bad_signature", |ca| {
+        Ca::impostor_of(ca).leaf("frontend", CLIENT_ROLE)
+    });
 }
 
 #[test]

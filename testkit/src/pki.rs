@@ -50,6 +50,20 @@ impl Ca {
         }
     }
 
+    /// A CA with the subject of `other` but a key of its own: an impostor a peer finds as the
+    /// issuer by name, whose signature then fails.
+    pub fn impostor_of(other: &Ca) -> Ca {
+        let key = generate_workload_key().expect("a P-256 key");
+        let params = other.params.clone();
+        let pem = params.self_signed(&key).expect("self-signed CA").pem();
+        Ca {
+            params,
+            key,
+            pem,
+            chain_suffix: String::new(),
+        }
+    }
+
     /// A root that may sign intermediates (the profile's CA may sign only leaves), as a user's
     /// offline root would.
     pub fn root_of_intermediates(trust_domain: &str) -> Ca {
