@@ -269,11 +269,30 @@ impl Pass<'_> {
             self.config.namespace,
             fingerprints.join(", ")
         );
+        self.publish_event(
+            authority,
+            EventType::Warning,
+            Reason::ForeignCertificateRefused.as_str().to_string(),
+            note,
+            "PublishTrustBundle",
+        )
+        .await;
+    }
+
+    /// Publishes an Event on the authority; a failure to publish is logged, never fatal.
+    async fn publish_event(
+        &self,
+        authority: &MTLSAuthority,
+        type_: EventType,
+        reason: String,
+        note: String,
+        action: &str,
+    ) {
         let event = Event {
-            type_: EventType::Warning,
-            reason: Reason::ForeignCertificateRefused.as_str().to_string(),
+            type_,
+            reason,
             note: Some(note.chars().take(1000).collect()),
-            action: "PublishTrustBundle".into(),
+            action: action.into(),
             secondary: None,
         };
         if let Err(error) = self
@@ -295,21 +314,14 @@ impl Pass<'_> {
         }
         for why in ignored {
             warn!(reason = %Reason::RevocationIgnored, %why, "a request on the MTLSAuthority was not carried out");
-            let event = Event {
-                type_: EventType::Warning,
-                reason: Reason::RevocationIgnored.as_str().to_string(),
-                note: Some(why.chars().take(1000).collect()),
-                action: "RevokeCertificate".into(),
-                secondary: None,
-            };
-            if let Err(error) = self
-                .ctx
-                .recorder
-                .publish(&event, &authority.object_ref(&()))
-                .await
-            {
-                warn!(%error, "failed to publish an event");
-            }
+            self.publish_event(
+                authority,
+                EventType::Warning,
+                Reason::RevocationIgnored.as_str().to_string(),
+                why.clone(),
+                "RevokeCertificate",
+            )
+            .await;
         }
     }
 
@@ -352,21 +364,8 @@ impl Pass<'_> {
         }
         for (reason, note) in notes {
             info!(%reason, %note, "CA phase changed");
-            let event = Event {
-                type_: EventType::Normal,
-                reason,
-                note: Some(note),
-                action: "RotateCA".into(),
-                secondary: None,
-            };
-            if let Err(error) = self
-                .ctx
-                .recorder
-                .publish(&event, &authority.object_ref(&()))
-                .await
-            {
-                warn!(%error, "failed to publish an event");
-            }
+            self.publish_event(authority, EventType::Normal, reason, note, "RotateCA")
+                .await;
         }
     }
 
