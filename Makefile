@@ -16,7 +16,7 @@ help:
 	@echo "make cluster       start the local cluster (control plane, node, CoreDNS) + local AWS endpoint (target/cluster/env)"
 	@echo "make cluster-down  stop them and put the host back as it was"
 	@echo "make crds          regenerate the CRD YAML from crds/src/lib.rs"
-	@echo "make docs          regenerate docs/reference.md from the CRD YAML"
+	@echo "make docs          regenerate docs/reference.md (CRD YAML) and the chart README values table"
 	@echo "make lint          rustfmt and clippy"
 
 ## Installs kubectl, helm, the control plane, the node (containerd, CNI, CoreDNS), the images and moto
@@ -56,11 +56,14 @@ check-images:
 
 docs:
 	$(PYTHON) dev/gen_reference.py > docs/reference.md
+	$(PYTHON) dev/gen_chart_values.py --write
 
 ## Fails when docs/reference.md is not what `make docs` would write from the CRD YAML.
 check-docs:
 	@$(PYTHON) dev/gen_reference.py | diff -u docs/reference.md - \
 	  || { echo "docs/reference.md is stale: run make docs" >&2; exit 1; }
+	@$(PYTHON) dev/gen_chart_values.py | diff -u <(sed -n '/^<!-- values table/,/^<!-- end of values table/p' charts/rolemesh/README.md | sed '1d;$$d') - \
+	  || { echo "the values table of charts/rolemesh/README.md is stale: run make docs" >&2; exit 1; }
 
 build:
 	$(CARGO) build --workspace --bins

@@ -2,22 +2,25 @@
 //! Exit codes: 0 ok, 1 error, 2 usage, 3 not found or not ready.
 
 mod commands;
+mod connection;
 
 use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand, ValueEnum};
-use kube::Client;
 use serde::Serialize;
 
 use crate::commands::{
     ca::{CaArgs, ca},
+    check::{CheckArgs, check},
     inspect::{InspectArgs, inspect},
     revoke::{RevokeArgs, UnblockArgs, revoke, unblock},
     rotate::{RotateArgs, rotate},
     status::{StatusArgs, status},
-    trust_bundle::{TrustBundleArgs, trust_bundle},
+    trust_bundle::trust_bundle,
+    version::{VersionArgs, version},
 };
+use crate::connection::Connection;
 
 /// Exit code for an object that does not exist or is not ready.
 const NOT_FOUND: u8 = 3;
@@ -26,10 +29,12 @@ const NOT_FOUND: u8 = 3;
 #[command(
     name = "kubectl-rolemesh",
     version,
-    about = "rolemesh identities from kubectl: status, rotate, inspect, trust-bundle, ca, revoke",
+    about = "rolemesh from kubectl: status, rotate, inspect, trust-bundle, ca, revoke, check, version",
     after_help = "Exit codes: 0 success, 1 error, 2 usage error, 3 not found or not ready."
 )]
 struct Args {
+    #[command(flatten)]
+    connection: Connection,
     #[command(subcommand)]
     command: Command,
 }
@@ -52,7 +57,7 @@ enum Command {
     /// validity, and whether its chain verifies against the trust bundle.
     Inspect(InspectArgs),
     /// Print the trust bundle in force in a namespace.
-    TrustBundle(TrustBundleArgs),
+    TrustBundle,
     /// The CAs and their phases (status), and their staged rotation: rotate, prepare, activate,
     /// retire.
     Ca(CaArgs),
@@ -61,6 +66,11 @@ enum Command {
     Revoke(RevokeArgs),
     /// Lift a `revoke --block`: the ServiceAccount gets a certificate again.
     Unblock(UnblockArgs),
+    /// Is rolemesh installable (--pre) or working: CRDs served, a controller leader, the webhook
+    /// reachable through the API server, clocks, the MTLSAuthority Ready, trust bundles present.
+    Check(CheckArgs),
+    /// This plugin's version and the version of each rolemesh controller in the cluster.
+    Version(VersionArgs),
 }
 
 #[derive(Debug)]
@@ -105,37 +115,36 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) {
     }
 }
 
-pub async fn namespace_or_default(client: &Client, namespace: Option<String>) -> String {
-    namespace.unwrap_or_else(|| client.default_namespace().to_string())
-}
-
 async fn run(args: Args) -> Result<bool> {
+    let connection = args.connection;
     match args.command {
-        Command::Status(args) => status(Client::try_default().await?, args)
-            .await
-            .map(|_| true),
-        Command::Rotate(args) => rotate(Client::try_default().await?, args)
-            .await
-            .map(|_| true),
+        Command::Status(args) => status(connection.client().await?, args).await.map(|_| true),
+        Command::Rotate(args) => rotate(connection.client().await?, args).await.map(|_| true),
         Command::Inspect(args) => {
             // A Secret is read from the cluster, and so is the trust bundle unless --ca-file.
             let client = if args.secret.is_some() || args.ca_file.is_none() {
-                Some(Client::try_default().await?)
+                Some(connection.client().await?)
             } else {
                 None
             };
             inspect(client, args).await
         }
-        Command::Revoke(args) => revoke(Client::try_default().await?, args)
+        Command::Revoke(args) => revoke(connection.client().await?, args).await.map(|_| true),
+        Command::Unblock(args) => unblock(connection.client().await?, args)
             .await
             .map(|_| true),
-        Command::Unblock(args) => unblock(Client::try_default().await?, args)
-            .await
-            .map(|_| true),
-        Command::Ca(args) => ca(Client::try_default().await?, args).await.map(|_| true),
-        Command::TrustBundle(args) => trust_bundle(Client::try_default().await?, args)
-            .await
-            .map(|_| true),
+        Command::Ca(args) => ca(connection.client().await?, args).await.map(|_| true),
+        Command::Check(args) => check(connection.client().await?, args).await,
+        Command::Version(args) => {
+            // The client's version is printed even where no cluster is configured.
+            let client = if args.client_only() {
+                None
+            } else {
+                Some(connection.client().await?)
+            };
+            version(client, args).await.map(|_| true)
+        }
+        Command::TrustBundle => trust_bundle(connection.client().await?).await.map(|_| true),
     }
 }
 

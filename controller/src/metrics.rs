@@ -15,6 +15,7 @@ use prometheus_client::{
         family::Family,
         gauge::Gauge,
         histogram::{Histogram, exponential_buckets},
+        info::Info,
     },
     registry::Registry,
 };
@@ -173,6 +174,11 @@ impl Metrics {
             "reconcile_duration_seconds",
             "Duration of MTLSPolicy reconciliations",
             reconcile_duration.clone(),
+        );
+        registry.register(
+            "build",
+            "The controller's version: 1, labelled",
+            Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
         );
         let leader = Gauge::<i64, AtomicI64>::default();
         registry.register(

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 mod coverage;
 pub mod names;
+pub mod reasons;
 mod rules;
 
 pub use coverage::{coverage_order, covering_policy};
@@ -67,9 +68,12 @@ const NAME_PATTERN: &str = r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$";
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Workloads","type":"integer","description":"ServiceAccounts covered","jsonPath":".status.coveredServiceAccounts"}"#,
     printcolumn = r#"{"name":"Soonest Expiry","type":"string","description":"notAfter of the certificate that expires first","jsonPath":".status.soonestNotAfter"}"#,
-    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    printcolumn = r#"{"name":"Message","type":"string","priority":1,"description":"The Ready condition's message","jsonPath":".status.conditions[?(@.type==\"Ready\")].message"}"#
 )]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.inbound) || !has(self.outbound) || self.inbound.all(i, !self.outbound.exists(o, o.name == i.name))").message("an inbound and an outbound mapping have one name: mapping names are unique across both lists").field_path(".outbound"))]
+#[x_kube(validation = Rule::new("!has(self.inbound) || !has(self.outbound) || self.inbound.all(i, !self.outbound.exists(o, o.localPort == i.port))").message("an outbound localPort is also an inbound port: the proxy listens on each once").field_path(".outbound"))]
 pub struct MTLSPolicySpec {
     /// Which ServiceAccounts in this namespace the policy covers. A ServiceAccount is covered if
     /// it is named in `names` or matches `selector`. When several policies select one
@@ -81,13 +85,15 @@ pub struct MTLSPolicySpec {
     /// the application on 127.0.0.1:`appPort`, admitting only the peers listed in `allow`, and
     /// tells the application who the peer is as `callerIdentity` says.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 64))]
+    #[schemars(length(max = 64), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    #[x_kube(validation = Rule::new("self.all(a, self.exists_one(b, b.port == a.port))").message("two inbound mappings use one port: each needs a port of its own"))]
     pub inbound: Vec<InboundMapping>,
 
     /// Outbound mappings: for each, the proxy listens in plain TCP on 127.0.0.1:`localPort` and
     /// dials `upstream` over mTLS, requiring the upstream to present one of `expect`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 64))]
+    #[schemars(length(max = 64), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    #[x_kube(validation = Rule::new("self.all(a, self.exists_one(b, b.localPort == a.localPort))").message("two outbound mappings use one localPort: each needs a port of its own"))]
     pub outbound: Vec<OutboundMapping>,
 
     /// Lifetime and renewal of the certificates issued for the covered ServiceAccounts.
@@ -307,8 +313,8 @@ pub struct WorkloadStatus {
     /// again every `reverifyInterval` of its MTLSAuthority.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verified_at: Option<Time>,
-    /// Machine-readable reason for the current state, e.g. `Issued`, `RoleAnnotationMissing`,
-    /// `StsDenied`, `VerificationDisabled`, `SignerUnavailable`.
+    // The description lists every reason the controller writes (reasons.rs).
+    #[schemars(schema_with = "workload_reason_schema")]
     pub reason: String,
     /// What happened and what to do about it, for a person.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -358,7 +364,8 @@ pub struct RotationRecord {
     printcolumn = r#"{"name":"Trust Domain","type":"string","jsonPath":".spec.trustDomain"}"#,
     printcolumn = r#"{"name":"Signer","type":"string","jsonPath":".spec.signer.type"}"#,
     printcolumn = r#"{"name":"CA Expiry","type":"string","jsonPath":".status.caNotAfter"}"#,
-    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    printcolumn = r#"{"name":"Message","type":"string","priority":1,"description":"The Ready condition's message","jsonPath":".status.conditions[?(@.type==\"Ready\")].message"}"#
 )]
 #[serde(rename_all = "camelCase")]
 pub struct MTLSAuthoritySpec {
@@ -399,9 +406,12 @@ pub struct MTLSAuthoritySpec {
     #[schemars(schema_with = "allowed_accounts_schema")]
     pub allowed_accounts: Option<Vec<String>>,
 
-    /// Lifetime of a CA certificate the controller self-signs, as a Go duration. Default 8760h.
+    /// Lifetime of a CA certificate the controller self-signs, as a Go duration between 10m and
+    /// 87600h (ten years). Default 8760h. The CA is renewed (a staged rotation) when a third of
+    /// its life is left; see docs/rotation.md.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = DURATION_PATTERN), length(max = 32))]
+    #[x_kube(validation = Rule::new("duration(self) >= duration('10m') && duration(self) <= duration('87600h')").message("caDuration must be between 10m and 87600h"))]
     pub ca_duration: Option<String>,
 
     /// How often, under identityVerification `sts`, the controller asks STS again whether each
@@ -605,6 +615,18 @@ pub struct RevokedCertificate {
     pub serial: String,
     /// Until when the CRLs list it (the certificate's notAfter).
     pub not_after: Time,
+}
+
+fn workload_reason_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    let names: Vec<&str> = reasons::Reason::ALL.iter().map(|r| r.as_str()).collect();
+    let description = format!(
+        "Machine-readable reason for the current state, one of: {}. docs/operations.md says \
+         what each means and what to do.",
+        names.join(", ")
+    );
+    // A JSON object is always a valid schema; the fallback is never taken.
+    schemars::Schema::try_from(serde_json::json!({"type": "string", "description": description}))
+        .unwrap_or_default()
 }
 
 /// A list of strings, each checked by `pattern` and the CEL `rules` (rule, message).

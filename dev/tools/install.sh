@@ -12,6 +12,7 @@
 #   target/tools/bin/pause      the pod sandbox's pause, compiled from the Kubernetes module's pause.c
 #   target/images/*.tar         the node's images (dev/images/build.sh)
 #   target/tools/bin/helm       the real helm, built from its Go module
+#   target/tools/bin/promlint   promtool's metric-name linter (client_golang promlint), dev/tools/promlint
 #   target/venv                 moto, the local AWS endpoint
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
@@ -99,6 +100,15 @@ if ! up_to_date helm "$hash" || [ ! -x "$bin/helm" ]; then
   (cd "$root/dev/tools/helm" && go build -trimpath -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=v3.21.4" -o "$bin/helm.new" helm.sh/helm/v3/cmd/helm)
   mv "$bin/helm.new" "$bin/helm"
   echo "$hash" > "$root/target/tools/stamps/helm"
+fi
+
+hash=$(stamp_of "$root"/dev/tools/promlint/go.mod "$root"/dev/tools/promlint/go.sum "$root"/dev/tools/promlint/*.go)
+if ! up_to_date promlint "$hash" || [ ! -x "$bin/promlint" ]; then
+  need_go
+  log "building promlint"
+  (cd "$root/dev/tools/promlint" && go build -trimpath -ldflags "-s -w" -o "$bin/promlint.new" .)
+  mv "$bin/promlint.new" "$bin/promlint"
+  echo "$hash" > "$root/target/tools/stamps/promlint"
 fi
 
 hash=$(stamp_of "$root"/dev/tools/requirements.txt)

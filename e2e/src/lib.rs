@@ -636,9 +636,15 @@ pub const PROXY_ADMIN_PORT: u16 = 15021;
 /// GET `path` on the admin port of the pod at `ip`, from the node (pod IPs are routed on the
 /// host); the whole answer, status line included.
 pub fn admin_get(ip: &str, path: &str) -> Result<String> {
+    pod_get(ip, PROXY_ADMIN_PORT, path)
+}
+
+/// GET `path` over plain HTTP on `port` of the pod at `ip`, from the node; the whole answer,
+/// status line included.
+pub fn pod_get(ip: &str, port: u16, path: &str) -> Result<String> {
     use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect((ip, PROXY_ADMIN_PORT))
-        .with_context(|| format!("connecting to {ip}:{PROXY_ADMIN_PORT}"))?;
+    let mut stream = std::net::TcpStream::connect((ip, port))
+        .with_context(|| format!("connecting to {ip}:{port}"))?;
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
     write!(
         stream,

@@ -150,6 +150,63 @@ async fn helm_lint_is_clean_and_the_rendered_chart_passes_a_server_side_dry_run(
     .await
 }
 
+/// rolemesh as a subchart (dependency) of a parent chart that sets `global` values, as umbrella
+/// charts do: the schema accepts them (helm/helm#10392), `global.priorityClassName` reaches the
+/// pods, and the parent's rendering passes a server-side dry run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_chart_works_as_a_subchart_of_a_parent_that_sets_globals() -> Result<()> {
+    let env = cluster().await?;
+    install_crds(&env).await?;
+    in_namespace("chart-sub", |ns| async move {
+        let parent = rolemesh_testkit::temp_dir("parent-chart");
+        std::fs::create_dir_all(parent.join("charts"))?;
+        std::fs::write(
+            parent.join("Chart.yaml"),
+            "apiVersion: v2\nname: platform\nversion: 1.0.0\ndependencies:\n  - name: rolemesh\n    version: \">=0.1.0-0\"\n",
+        )?;
+        std::fs::write(
+            parent.join("values.yaml"),
+            "global:\n  priorityClassName: system-cluster-critical\n  imageRegistry: registry.example.com\nrolemesh:\n  authority: {create: true}\n",
+        )?;
+        let status = std::process::Command::new("cp")
+            .args(["-r", &chart()])
+            .arg(parent.join("charts/rolemesh"))
+            .status()?;
+        ensure!(status.success(), "copying the chart into the parent's charts/");
+        let parent_dir = parent.to_str().context("parent path")?;
+        let lint = helm(&ns.env, &["lint", "--strict", parent_dir])?;
+        ensure!(
+            lint.status.success(),
+            "helm lint of the parent:\n{}{}",
+            String::from_utf8_lossy(&lint.stdout),
+            String::from_utf8_lossy(&lint.stderr)
+        );
+        let release = format!("rm{}", &ns.name[ns.name.len() - 8..]);
+        let rendered = helm(
+            &ns.env,
+            &["template", &release, parent_dir, "-n", &ns.name, "--kube-version", "1.34.4"],
+        )?;
+        let manifests = rolemesh_testkit::expect_success("helm", &["template"], &rendered)?;
+        ensure!(
+            manifests.matches("priorityClassName: \"system-cluster-critical\"").count() == 2,
+            "global.priorityClassName reaches the controller and the webhook:\n{manifests}"
+        );
+        let dry = ns.env.run(
+            "kubectl",
+            &["apply", "--dry-run=server", "-n", &ns.name, "-f", "-"],
+            Some(&manifests),
+        )?;
+        ensure!(
+            dry.status.success(),
+            "server-side dry run of the parent's rendering:\n{}",
+            String::from_utf8_lossy(&dry.stderr)
+        );
+        std::fs::remove_dir_all(&parent)?;
+        Ok(())
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn install_upgrade_uninstall_and_least_privilege() -> Result<()> {
     let env = cluster().await?;

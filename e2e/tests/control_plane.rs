@@ -45,6 +45,14 @@ async fn kubectl_explain_shows_field_descriptions() -> Result<()> {
             "explain lacks {text:?}:\n{explained}"
         );
     }
+    // The reasons listed are the controller's own (crds/src/reasons.rs), not a hand-kept list.
+    let explained = env.explain("mtlspolicy.status.workloads.reason").await?;
+    for reason in rolemesh_crds::reasons::Reason::ALL {
+        ensure!(
+            explained.contains(reason.as_str()),
+            "explain lacks reason {reason}:\n{explained}"
+        );
+    }
     let explained = env.explain("mtlsauthority.spec.signer.type").await?;
     ensure!(
         explained.contains("AWS KMS"),
@@ -69,6 +77,15 @@ async fn kubectl_get_prints_policy_columns() -> Result<()> {
             );
         }
         ensure!(table.contains("payments"), "policy missing in:\n{table}");
+        // As cert-manager's Certificate: the Ready condition's message, with -o wide.
+        let wide = ns
+            .env
+            .kubectl(&["get", "mtlsp", "-n", &ns.name, "-o", "wide"])?;
+        let header = wide.lines().next().unwrap_or_default();
+        ensure!(
+            header.contains("MESSAGE") && !table.contains("MESSAGE"),
+            "MESSAGE must be a -o wide column:\n{table}\n{wide}"
+        );
         Ok(())
     })
     .await
@@ -141,6 +158,82 @@ spec:
 "#,
         "spec.signer.kms",
         "signer.kms is required when signer.type is kms",
+    ),
+    (
+        "two inbound mappings with one name",
+        r#"
+apiVersion: rolemesh.dev/v1alpha1
+kind: MTLSPolicy
+metadata: {name: inbound-name-twice}
+spec:
+  serviceAccounts: {names: [a]}
+  inbound:
+    - {name: http, port: 8443, appPort: 8080, allow: []}
+    - {name: http, port: 8444, appPort: 8081, allow: []}
+"#,
+        "spec.inbound[1]",
+        "Duplicate value",
+    ),
+    (
+        "two inbound mappings on one port",
+        r#"
+apiVersion: rolemesh.dev/v1alpha1
+kind: MTLSPolicy
+metadata: {name: inbound-port-twice}
+spec:
+  serviceAccounts: {names: [a]}
+  inbound:
+    - {name: http, port: 8443, appPort: 8080, allow: []}
+    - {name: grpc, port: 8443, appPort: 8081, allow: []}
+"#,
+        "spec.inbound",
+        "two inbound mappings use one port",
+    ),
+    (
+        "an outbound localPort that is an inbound port",
+        r#"
+apiVersion: rolemesh.dev/v1alpha1
+kind: MTLSPolicy
+metadata: {name: port-in-both}
+spec:
+  serviceAccounts: {names: [a]}
+  inbound:
+    - {name: http, port: 9000, appPort: 8080, allow: []}
+  outbound:
+    - {name: db, localPort: 9000, upstream: "db.shop.svc:5432", expect: ["spiffe://x/ns/a/sa/b"]}
+"#,
+        "spec.outbound",
+        "an outbound localPort is also an inbound port",
+    ),
+    (
+        "a mapping name in both lists",
+        r#"
+apiVersion: rolemesh.dev/v1alpha1
+kind: MTLSPolicy
+metadata: {name: name-in-both}
+spec:
+  serviceAccounts: {names: [a]}
+  inbound:
+    - {name: db, port: 8443, appPort: 8080, allow: []}
+  outbound:
+    - {name: db, localPort: 9000, upstream: "db.shop.svc:5432", expect: ["spiffe://x/ns/a/sa/b"]}
+"#,
+        "spec.outbound",
+        "mapping names are unique across both lists",
+    ),
+    (
+        "a CA lifetime beyond ten years",
+        r#"
+apiVersion: rolemesh.dev/v1alpha1
+kind: MTLSAuthority
+metadata: {name: ca-forever}
+spec:
+  trustDomain: rolemesh.local
+  signer: {type: local, local: {secretName: x}}
+  caDuration: 999999h
+"#,
+        "spec.caDuration",
+        "caDuration must be between 10m and 87600h",
     ),
     (
         "policy covering nothing",

@@ -323,3 +323,80 @@ async fn every_plugin_subcommand_against_live_objects() -> Result<()> {
     })
     .await
 }
+
+/// kubectl's connection flags, as kubectl hands them to a plugin: `--kubeconfig` and `--context`
+/// pick the cluster (the kubeconfig's current context here points at nothing), the context's
+/// namespace is the default one, `-n` overrides it, `--as` impersonates, and `version` prints
+/// the plugin's version with the controllers the cluster runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_flags_pick_the_context_namespace_and_user_as_kubectl_does() -> Result<()> {
+    let env = cluster().await?;
+    install_crds(&env).await?;
+    in_namespace("plugin-ctx", |ns| async move {
+        policy_with_status(&ns).await?;
+        // A kubeconfig with two contexts: the current one at a port nothing listens on, and
+        // `local` (the test cluster, this namespace as its default).
+        let dir = temp_dir("plugin-ctx");
+        let kubeconfig = dir.join("kubeconfig");
+        std::fs::copy(ns.env.kubeconfig(), &kubeconfig)?;
+        let path = kubeconfig.to_str().context("kubeconfig path")?;
+        let config = |args: &[&str]| {
+            let mut all = vec!["--kubeconfig", path, "config"];
+            all.extend_from_slice(args);
+            ns.env.kubectl(&all)
+        };
+        let cluster = config(&["view", "--minify", "-o", "jsonpath={.clusters[0].name}"])?;
+        let user = config(&["view", "--minify", "-o", "jsonpath={.users[0].name}"])?;
+        config(&["set-cluster", "nowhere", "--server=https://127.0.0.1:1", "--insecure-skip-tls-verify=true"])?;
+        config(&["set-context", "nowhere", "--cluster=nowhere", &format!("--user={user}")])?;
+        config(&["set-context", "local", &format!("--cluster={cluster}"), &format!("--user={user}"), &format!("--namespace={}", ns.name)])?;
+        config(&["use-context", "nowhere"])?;
+
+        let (code, _, err) = kubectl_rolemesh(&ns, &["status", "--kubeconfig", path])?;
+        ensure!(code == 1, "the current context points at nothing: exit {code}: {err}");
+        // Flags before and after the subcommand, as kubectl users write them.
+        for args in [
+            vec!["status", "--kubeconfig", path, "--context", "local"],
+            vec!["--kubeconfig", path, "--context", "local", "status"],
+        ] {
+            let (code, table, err) = kubectl_rolemesh(&ns, &args)?;
+            ensure!(
+                code == 0 && table.contains("web") && table.contains(ROLE),
+                "{args:?}: the context's namespace holds policy p: exit {code}\n{table}{err}"
+            );
+        }
+        let (code, _, err) = kubectl_rolemesh(
+            &ns,
+            &["status", "--kubeconfig", path, "--context", "local", "-n", "default"],
+        )?;
+        ensure!(code == 3, "-n overrides the context's namespace (no policy in default): exit {code}: {err}");
+        // Impersonation: a ServiceAccount with no RBAC may not list policies.
+        let nobody = format!("system:serviceaccount:{}:nobody", ns.name);
+        let (code, _, err) = kubectl_rolemesh(
+            &ns,
+            &["status", "--kubeconfig", path, "--context", "local", "--as", &nobody],
+        )?;
+        ensure!(
+            code == 1 && err.contains("forbidden") && err.contains(&nobody),
+            "--as {nobody}: the API server must refuse that user: exit {code}: {err}"
+        );
+
+        let (code, out, err) = kubectl_rolemesh(&ns, &["version", "--client", "-o", "json"])?;
+        let parsed: serde_json::Value = serde_json::from_str(&out).with_context(|| format!("{out}{err}"))?;
+        ensure!(
+            code == 0 && parsed["client"] == env!("CARGO_PKG_VERSION") && parsed.get("controllers").is_none(),
+            "version --client: exit {code}: {out}{err}"
+        );
+        let (code, out, err) = kubectl_rolemesh(&ns, &["version", "--kubeconfig", path])?;
+        ensure!(code == 1, "version asks the cluster (the current context points at nothing): exit {code}: {out}{err}");
+        let (code, out, err) = kubectl_rolemesh(&ns, &["version", "--kubeconfig", path, "--context", "local", "-o", "json"])?;
+        let parsed: serde_json::Value = serde_json::from_str(&out).with_context(|| format!("{out}{err}"))?;
+        ensure!(
+            code == 0 && parsed["controllers"].is_array(),
+            "version lists the cluster's controllers: exit {code}: {out}{err}"
+        );
+        std::fs::remove_dir_all(&dir)?;
+        Ok(())
+    })
+    .await
+}

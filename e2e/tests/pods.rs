@@ -26,7 +26,13 @@
 //!    the client's requests (a new mTLS handshake each) keep succeeding;
 //! 8. large ServiceAccounts elsewhere: 500 ServiceAccounts with 250 KiB annotations in an
 //!    unrelated namespace leave the controller's and webhook's memory within a bound (they cache
-//!    only what they read), and admission and issuance keep working.
+//!    only what they read), and admission and issuance keep working;
+//! 9. chart values: the release is installed with the chart's scheduling, metadata and logging
+//!    values set to what no default is, and the running pods carry them; `kubectl rolemesh
+//!    version` finds its controller and `kubectl rolemesh check` passes (and fails, naming the
+//!    webhook, in phase 4);
+//! 10. metric names: what the controllers, the webhook and the server's proxy export, scraped
+//!     from their pods, passes Prometheus's naming rules as `promtool check metrics` applies them.
 
 use std::time::{Duration, Instant};
 
@@ -36,6 +42,15 @@ use rolemesh_e2e::{
     service_for, uninstall_release,
 };
 use rolemesh_testkit::{ClusterEnv, TestNamespace, eventually, in_namespace, node_ready};
+
+/// Chart values a production install sets, none of them a default (charts/rolemesh/values.yaml).
+const CHART_VALUES: &[&str] = &[
+    "priorityClassName=system-cluster-critical",
+    "logLevel=info\\,kube_runtime=warn",
+    "controller.podLabels.team=platform",
+    "webhook.podAnnotations.example\\.com/owner=platform",
+    "webhook.extraArgs={--max-connections=256}",
+];
 
 const BUSYBOX: &str = "rolemesh.local/busybox:1.35.0";
 /// OpenSSL's client with Debian's trust store layout (dev/images/openssl.image).
@@ -50,11 +65,13 @@ const OUTBOUND_PORT: u16 = 9001;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_chart_runs_as_pods_and_meshes_injected_pods() -> Result<()> {
     let env = node_ready().await?;
-    install_release(&env, TRUST_DOMAIN, &[])
+    install_release(&env, TRUST_DOMAIN, CHART_VALUES)
         .context("installing the chart as docs/development.md shows")?;
     let outcome = in_namespace("pods", |ns| async move {
         let mesh = Mesh::deploy(&ns).await.context("deploying the mesh")?;
         timed("injection", mesh.injection()).await?;
+        timed("chart values", mesh.chart_values()).await?;
+        timed("metric names", mesh.metric_names()).await?;
         timed("app port closed", mesh.app_port_closed()).await?;
         timed("system trust kept", mesh.system_trust_kept()).await?;
         timed("admin port flooded", mesh.admin_flood()).await?;
@@ -421,6 +438,166 @@ spec:
             "jsonpath={.status.podIP}",
         ])?;
         Ok((name, ip))
+    }
+
+    /// The values of [`CHART_VALUES`], on the running pods; a controller PodDisruptionBudget (two
+    /// replicas); the plugin's `version` names the controller.
+    async fn chart_values(&self) -> Result<()> {
+        let pods = |component: &str| -> Result<serde_json::Value> {
+            let json = self.kubectl(&[
+                "get",
+                "pods",
+                "-n",
+                RELEASE_NAMESPACE,
+                "-l",
+                &format!("app.kubernetes.io/component={component}"),
+                "-o",
+                "json",
+            ])?;
+            Ok(serde_json::from_str(&json)?)
+        };
+        for component in ["controller", "webhook"] {
+            let list = pods(component)?;
+            let items = list["items"].as_array().context("items")?;
+            ensure!(!items.is_empty(), "no {component} pod");
+            for pod in items {
+                let name = &pod["metadata"]["name"];
+                ensure!(
+                    pod["spec"]["priorityClassName"] == "system-cluster-critical"
+                        && pod["spec"]["priority"].as_i64() == Some(2_000_000_000),
+                    "{name}: priorityClassName from values: {}",
+                    pod["spec"]
+                );
+                let env = &pod["spec"]["containers"][0]["env"];
+                let rust_log = env
+                    .as_array()
+                    .and_then(|e| e.iter().find(|v| v["name"] == "RUST_LOG"))
+                    .map(|v| v["value"].clone());
+                ensure!(
+                    rust_log == Some("info,kube_runtime=warn".into()),
+                    "{name}: logLevel from values as RUST_LOG: {env}"
+                );
+                ensure!(
+                    pod["status"]["phase"] == "Running",
+                    "{name} is not running: {}",
+                    pod["status"]
+                );
+            }
+            match component {
+                "controller" => ensure!(
+                    items
+                        .iter()
+                        .all(|p| p["metadata"]["labels"]["team"] == "platform"),
+                    "controller pods carry podLabels"
+                ),
+                _ => ensure!(
+                    items.iter().all(|p| {
+                        p["metadata"]["annotations"]["example.com/owner"] == "platform"
+                            && p["spec"]["containers"][0]["args"]
+                                == serde_json::json!(["--max-connections=256"])
+                    }),
+                    "webhook pods carry podAnnotations and extraArgs"
+                ),
+            }
+        }
+        self.kubectl(&["get", "pdb", "-n", RELEASE_NAMESPACE, "rolemesh-controller"])
+            .context("the controller's PodDisruptionBudget (two replicas)")?;
+        // Every post-install check passes on this release.
+        eventually(
+            "kubectl rolemesh check passes",
+            Duration::from_secs(60),
+            || async {
+                let (code, out, err) =
+                    self.ns
+                        .env
+                        .kubectl_plugin(&["check", "-n", &self.ns.name, "-o", "json"])?;
+                let checks: serde_json::Value =
+                    serde_json::from_str(&out).with_context(|| format!("{out}{err}"))?;
+                let all = checks.as_array().map_or(0, Vec::len);
+                if code == 0 && all == 7 {
+                    return Ok(Some(()));
+                }
+                println!("check: exit {code}: {out}");
+                Ok(None)
+            },
+        )
+        .await?;
+        let (code, out, err) = self.ns.env.kubectl_plugin(&["version", "-o", "json"])?;
+        let versions: serde_json::Value =
+            serde_json::from_str(&out).with_context(|| format!("{out}{err}"))?;
+        ensure!(
+            code == 0
+                && versions["controllers"][0]["namespace"] == RELEASE_NAMESPACE
+                && versions["controllers"][0]["version"] == env!("CARGO_PKG_VERSION"),
+            "kubectl rolemesh version finds the release's controller: {out}{err}"
+        );
+        Ok(())
+    }
+
+    /// Scrapes every controller and webhook pod of the release and the server's proxy, and runs
+    /// the expositions through promlint (dev/tools/promlint: client_golang's promlint, which
+    /// `promtool check metrics` runs, plus rolemesh's prefix and `_timestamp_seconds` rules).
+    async fn metric_names(&self) -> Result<()> {
+        let env = &self.ns.env;
+        // Beside the cluster's files: the next `make cluster` takes away what a failed run left.
+        let dir = env
+            .kubeconfig()
+            .with_file_name(format!("metrics-{}", self.ns.name));
+        std::fs::create_dir_all(&dir)?;
+        let mut scraped = Vec::new();
+        for (component, port) in [("controller", 9090), ("webhook", 9443)] {
+            let pods = self.kubectl(&[
+                "get",
+                "pods",
+                "-n",
+                RELEASE_NAMESPACE,
+                "-l",
+                &format!("app.kubernetes.io/component={component}"),
+                "-o",
+                "jsonpath={range .items[*]}{.metadata.name}={.status.podIP}{\"\\n\"}{end}",
+            ])?;
+            for line in pods.lines().filter(|l| !l.is_empty()) {
+                let (pod, ip) = line.split_once('=').context("pod=ip")?;
+                scraped.push((
+                    pod.to_string(),
+                    rolemesh_e2e::pod_get(ip, port, "/metrics")?,
+                ));
+            }
+        }
+        let (server, ip) = self.server_pod()?;
+        scraped.push((server, rolemesh_e2e::admin_get(&ip, "/metrics")?));
+        ensure!(scraped.len() >= 3, "scraped only {scraped:?}");
+        let mut args = Vec::new();
+        for (pod, answer) in &scraped {
+            let (head, body) = answer
+                .split_once("\r\n\r\n")
+                .with_context(|| format!("{pod}: no HTTP body in {answer:?}"))?;
+            ensure!(
+                head.starts_with("HTTP/1.1 200"),
+                "{pod}: /metrics answered {head}"
+            );
+            let path = dir.join(format!("{pod}.prom"));
+            std::fs::write(&path, body)?;
+            args.push(format!("{pod}={}", path.display()));
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let lint = env.run("promlint", &args, None)?;
+        let report = String::from_utf8_lossy(&lint.stdout);
+        std::fs::remove_dir_all(&dir)?;
+        ensure!(
+            lint.status.success(),
+            "metric names break Prometheus's naming rules:\n{report}{}",
+            String::from_utf8_lossy(&lint.stderr)
+        );
+        // The leader's exposition carries the scrape-time gauges too.
+        ensure!(
+            scraped
+                .iter()
+                .any(|(_, m)| m.contains("rolemesh_certificate_expiration_timestamp_seconds{")),
+            "no controller exported its leader-only gauges"
+        );
+        println!("{report}");
+        Ok(())
     }
 
     /// The server app binds 0.0.0.0:8080; only its proxy may reach it.
@@ -1087,6 +1264,16 @@ spec:
             String::from_utf8_lossy(&out.stderr)
         );
         env.kubectl(&["delete", "pod", &name, "-n", "kube-system", "--wait=false"])?;
+        // `kubectl rolemesh check` says so, and what to do.
+        let (code, out, err) = env.kubectl_plugin(&["check", "-n", &self.ns.name])?;
+        let row = out
+            .lines()
+            .find(|l| l.contains("webhook reachable through the API server"))
+            .unwrap_or_default();
+        ensure!(
+            code == 1 && row.starts_with("FAIL") && row.contains("failed calling webhook"),
+            "check must fail on the webhook while it is down: exit {code}\n{out}{err}"
+        );
         Ok(())
     }
 }

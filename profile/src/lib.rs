@@ -127,7 +127,8 @@ pub fn parse_duration(value: &str) -> Result<std::time::Duration, ProfileError> 
         total += number * seconds;
         rest = &rest[unit_len..];
     }
-    Ok(std::time::Duration::from_secs_f64(total))
+    // from_secs_f64 panics on what does not fit; a duration that long is an input error.
+    std::time::Duration::try_from_secs_f64(total).map_err(|_| err("too long"))
 }
 
 #[cfg(test)]
@@ -165,5 +166,9 @@ mod tests {
         for bad in ["", "24", "h", "1d", "one day", "5m3"] {
             assert!(parse_duration(bad).is_err(), "{bad} accepted");
         }
+        // Too long for a Duration: an error that says so, not a panic.
+        let huge = format!("{}h", "9".repeat(400));
+        let error = parse_duration(&huge).unwrap_err().to_string();
+        assert!(error.contains("too long"), "{error}");
     }
 }

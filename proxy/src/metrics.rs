@@ -5,7 +5,7 @@ use std::sync::atomic::AtomicI64;
 
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
-    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, info::Info},
     registry::Registry,
 };
 
@@ -105,6 +105,11 @@ impl Metrics {
         let policy_generation = Gauge::<i64, AtomicI64>::default();
         policy_generation.set(-1);
         registry.register(
+            "build",
+            "The proxy's version: 1, labelled",
+            Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
+        );
+        registry.register(
             "connections_open",
             "Connections currently spliced",
             open.clone(),
@@ -130,7 +135,7 @@ impl Metrics {
             reloads.clone(),
         );
         registry.register(
-            "certificate_not_after_seconds",
+            "certificate_expiration_timestamp_seconds",
             "notAfter of the workload certificate in use, as a Unix timestamp",
             not_after.clone(),
         );
@@ -253,7 +258,7 @@ mod tests {
         );
         assert!(text.contains(r#"rolemesh_proxy_handshake_failures_total{mapping="web",direction="inbound",reason="not_allowed"} 1"#), "{text}");
         assert!(
-            text.contains("rolemesh_proxy_certificate_not_after_seconds 1700000000"),
+            text.contains("rolemesh_proxy_certificate_expiration_timestamp_seconds 1700000000"),
             "{text}"
         );
     }

@@ -98,7 +98,7 @@ fn openssl_s_client_with_a_good_certificate_reaches_the_app() {
         "{metrics}"
     );
     assert!(
-        metrics.contains("rolemesh_proxy_certificate_not_after_seconds"),
+        metrics.contains("rolemesh_proxy_certificate_expiration_timestamp_seconds"),
         "{metrics}"
     );
 }

@@ -7,6 +7,7 @@ use prometheus_client::{
         family::Family,
         gauge::Gauge,
         histogram::{Histogram, exponential_buckets},
+        info::Info,
     },
     registry::Registry,
 };
@@ -55,7 +56,7 @@ impl Metrics {
         );
         let serving_cert_not_after = Gauge::default();
         registry.register(
-            "serving_certificate_not_after_seconds",
+            "serving_certificate_expiration_timestamp_seconds",
             "notAfter of the serving certificate in use, as a Unix time",
             serving_cert_not_after.clone(),
         );
@@ -71,6 +72,11 @@ impl Metrics {
             "Connections the webhook closed itself, by reason (request_timeout, idle_timeout, \
              handshake_timeout, evicted, refused)",
             connections_closed.clone(),
+        );
+        registry.register(
+            "build",
+            "The webhook's version: 1, labelled",
+            Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
         );
         let open_connections = Gauge::default();
         registry.register(

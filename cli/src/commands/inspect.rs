@@ -16,15 +16,13 @@ use rolemesh_profile::{
 use serde::Serialize;
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 
-use crate::{NotFound, Output, namespace_or_default, print};
+use crate::{NotFound, Output, print};
 
 /// The arguments of `inspect` (its help is on `Command`).
 #[derive(Debug, clap::Args)]
 pub struct InspectArgs {
     /// Secret name (`<serviceaccount>-rolemesh-tls`).
     pub secret: Option<String>,
-    #[arg(short, long)]
-    namespace: Option<String>,
     #[arg(long, conflicts_with = "secret")]
     file: Option<std::path::PathBuf>,
     /// PEM trust bundle to verify against instead of the MTLSAuthority's.
@@ -96,7 +94,6 @@ fn verify_chain(chain: &[Vec<u8>], bundle_pem: &str) -> Result<()> {
 pub async fn inspect(client: Option<Client>, args: InspectArgs) -> Result<bool> {
     let InspectArgs {
         secret,
-        namespace,
         file,
         ca_file,
         authority,
@@ -110,7 +107,7 @@ pub async fn inspect(client: Option<Client>, args: InspectArgs) -> Result<bool> 
             let client = client
                 .as_ref()
                 .context("a Kubernetes connection is needed to read a Secret")?;
-            let namespace = namespace_or_default(client, namespace).await;
+            let namespace = client.default_namespace().to_string();
             let api: Api<Secret> = Api::namespaced(client.clone(), &namespace);
             let found = api
                 .get_opt(name)

@@ -16,13 +16,10 @@ use rolemesh_crds::{
 use serde_json::{Map, Value, json};
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 
-use crate::{NotFound, namespace_or_default};
+use crate::NotFound;
 
 #[derive(Debug, clap::Args)]
 pub struct RevokeArgs {
-    /// Namespace of the ServiceAccount (default: the context's).
-    #[arg(short, long)]
-    namespace: Option<String>,
     /// Revoke the certificate this ServiceAccount holds now.
     #[arg(long, conflicts_with = "serial", required_unless_present = "serial")]
     service_account: Option<String>,
@@ -47,8 +44,6 @@ pub struct RevokeArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct UnblockArgs {
-    #[arg(short, long)]
-    namespace: Option<String>,
     /// The ServiceAccount to issue certificates for again.
     #[arg(long)]
     service_account: String,
@@ -125,7 +120,7 @@ pub async fn revoke(client: Client, args: RevokeArgs) -> Result<()> {
         .get_opt(&args.authority)
         .await?
         .ok_or_else(|| NotFound(format!("MTLSAuthority {} not found", args.authority)))?;
-    let namespace = namespace_or_default(&client, args.namespace.clone()).await;
+    let namespace = client.default_namespace().to_string();
     let (serial, not_after, who) = match (&args.service_account, &args.serial) {
         (Some(name), _) => {
             let workload = find_service_account(&client, &namespace, name)
@@ -284,7 +279,7 @@ pub async fn unblock(client: Client, args: UnblockArgs) -> Result<()> {
         .get_opt(&args.authority)
         .await?
         .ok_or_else(|| NotFound(format!("MTLSAuthority {} not found", args.authority)))?;
-    let namespace = namespace_or_default(&client, args.namespace).await;
+    let namespace = client.default_namespace().to_string();
     let entry = format!("{namespace}/{}", args.service_account);
     let mut blocked = blocked_list(&authority);
     if !blocked.contains(&entry) {

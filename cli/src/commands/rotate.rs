@@ -9,15 +9,13 @@ use kube::{
 use rolemesh_crds::{MTLSPolicy, names::ROTATE_ANNOTATION};
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 
-use crate::{NotFound, namespace_or_default};
+use crate::NotFound;
 
 /// The arguments of `rotate` (its help is on `Command`).
 #[derive(Debug, clap::Args)]
 pub struct RotateArgs {
     /// MTLSPolicy name.
     policy: String,
-    #[arg(short, long)]
-    namespace: Option<String>,
     /// Rotate only this ServiceAccount.
     #[arg(long)]
     service_account: Option<String>,
@@ -26,10 +24,9 @@ pub struct RotateArgs {
 pub async fn rotate(client: Client, args: RotateArgs) -> Result<()> {
     let RotateArgs {
         policy,
-        namespace,
         service_account,
     } = args;
-    let namespace = namespace_or_default(&client, namespace).await;
+    let namespace = client.default_namespace().to_string();
     let policies: Api<MTLSPolicy> = Api::namespaced(client.clone(), &namespace);
     let found = policies
         .get_opt(&policy)

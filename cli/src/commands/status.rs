@@ -6,13 +6,11 @@ use kube::{Api, Client, ResourceExt, api::ListParams};
 use rolemesh_crds::MTLSPolicy;
 use serde::Serialize;
 
-use crate::{NotFound, Output, namespace_or_default, print, table};
+use crate::{NotFound, Output, print, table};
 
 /// The arguments of `status` (its help is on `Command`).
 #[derive(Debug, clap::Args)]
 pub struct StatusArgs {
-    #[arg(short, long)]
-    namespace: Option<String>,
     #[arg(short = 'A', long)]
     all_namespaces: bool,
     #[arg(short, long, value_enum, default_value = "table")]
@@ -53,7 +51,6 @@ struct Row {
 
 pub async fn status(client: Client, args: StatusArgs) -> Result<()> {
     let StatusArgs {
-        namespace,
         all_namespaces: all,
         output,
         pods,
@@ -61,10 +58,7 @@ pub async fn status(client: Client, args: StatusArgs) -> Result<()> {
     let api: Api<MTLSPolicy> = if all {
         Api::all(client.clone())
     } else {
-        Api::namespaced(
-            client.clone(),
-            &namespace_or_default(&client, namespace).await,
-        )
+        Api::default_namespaced(client.clone())
     };
     let policies = api
         .list(&ListParams::default())

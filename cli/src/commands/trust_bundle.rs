@@ -5,17 +5,11 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use kube::{Api, Client};
 use rolemesh_crds::names::{TRUST_BUNDLE_CONFIGMAP, TRUST_BUNDLE_KEY};
 
-use crate::{NotFound, namespace_or_default};
+use crate::NotFound;
 
-/// The arguments of `trust-bundle` (its help is on `Command`).
-#[derive(Debug, clap::Args)]
-pub struct TrustBundleArgs {
-    #[arg(short, long)]
-    namespace: Option<String>,
-}
-
-pub async fn trust_bundle(client: Client, args: TrustBundleArgs) -> Result<()> {
-    let namespace = namespace_or_default(&client, args.namespace).await;
+/// Prints the bundle of the client's namespace (`-n`, else the context's).
+pub async fn trust_bundle(client: Client) -> Result<()> {
+    let namespace = client.default_namespace().to_string();
     print!("{}", trust_bundle_pem(&client, &namespace).await?);
     Ok(())
 }
