@@ -5,7 +5,7 @@ CARGO ?= cargo
 PYTHON ?= python3
 export GOFLAGS ?= -buildvcs=false
 
-.PHONY: help tools images cluster cluster-down crds check-crds check-images docs check-docs build test test-unit test-e2e lint demo bench clean
+.PHONY: help tools images cluster cluster-down crds check-crds check-images docs check-docs build test test-unit test-e2e lint demo bench clean plugin-dist
 
 help:
 	@echo "make demo          start the local control plane and walk through rolemesh"
@@ -18,6 +18,7 @@ help:
 	@echo "make crds          regenerate the CRD YAML from crds/src/lib.rs"
 	@echo "make docs          regenerate docs/reference.md (CRD YAML) and the chart README values table"
 	@echo "make lint          rustfmt and clippy"
+	@echo "make plugin-dist   kubectl-rolemesh archives (linux amd64, arm64) and their krew manifest"
 
 ## Installs kubectl, helm, the control plane, the node (containerd, CNI, CoreDNS), the images and moto
 ## into target/ (cached by input hash).
@@ -34,6 +35,11 @@ images: tools
 	$(CARGO) build --release --locked $(RELEASE_PACKAGES)
 	@dev/images/build.sh $(IMAGES)
 	@dev/node/import.sh $(IMAGES)
+
+## kubectl-rolemesh release archives for linux amd64 and arm64 and their krew manifest, in
+## target/dist/ (darwin needs Apple's SDK, which is not here; the script says so).
+plugin-dist:
+	@dev/dist/plugin.sh
 
 cluster: tools
 	@dev/cluster/up.sh

@@ -11,6 +11,7 @@ use kube::{
 };
 
 #[derive(Clone, Debug, Default, clap::Args)]
+#[command(next_help_heading = "Connection (kubectl's flags)")]
 pub struct Connection {
     /// Path to the kubeconfig file (default: $KUBECONFIG, then ~/.kube/config, then the
     /// in-cluster configuration), as kubectl's --kubeconfig.

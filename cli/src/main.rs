@@ -7,13 +7,14 @@ mod connection;
 use std::process::ExitCode;
 
 use anyhow::Result;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 
 use crate::commands::{
     ca::{CaArgs, ca},
+    can::{CanArgs, can},
     check::{CheckArgs, check},
-    inspect::{InspectArgs, inspect},
+    inspect::{IdentityArgs, InspectArgs, identity, inspect},
     revoke::{RevokeArgs, UnblockArgs, revoke, unblock},
     rotate::{RotateArgs, rotate},
     status::{StatusArgs, status},
@@ -51,11 +52,18 @@ enum Command {
     /// Identities of the ServiceAccounts MTLSPolicies cover: role, verified, serial, expiry; and
     /// pods that need a restart to run their policy's current mappings and ports (--pods).
     Status(StatusArgs),
-    /// Re-issue now with new keys: every ServiceAccount of a policy, or one.
+    /// Re-issue now with new keys: every ServiceAccount of a policy, one of them, or every policy
+    /// a selector picks (--all -l); --wait until the new certificates are issued.
     Rotate(RotateArgs),
     /// Decode a certificate Secret (NAME) or a PEM file (--file): SPIFFE ID, role, serial,
     /// validity, and whether its chain verifies against the trust bundle.
     Inspect(InspectArgs),
+    /// The identity a pod's proxy serves (from the certificate Secret it mounts): SPIFFE ID,
+    /// role, serial, validity, and whether its chain verifies.
+    Identity(IdentityArgs),
+    /// Would a connection from a pod or ServiceAccount to a Service be allowed, and by which
+    /// rule: the server's inbound `allow`, and the client's outbound `expect` if it has a mapping.
+    Can(CanArgs),
     /// Print the trust bundle in force in a namespace.
     TrustBundle,
     /// The CAs and their phases (status), and their staged rotation: rotate, prepare, activate,
@@ -71,6 +79,13 @@ enum Command {
     Check(CheckArgs),
     /// This plugin's version and the version of each rolemesh controller in the cluster.
     Version(VersionArgs),
+    /// Print a shell completion script for kubectl-rolemesh, e.g.
+    /// `source <(kubectl-rolemesh completion bash)`.
+    Completion {
+        /// The shell: bash, zsh, fish, elvish or powershell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Debug)]
@@ -85,7 +100,7 @@ impl std::error::Error for NotFound {}
 pub fn print<T: Serialize>(value: &T, output: Output) -> Result<()> {
     match output {
         Output::Json => println!("{}", serde_json::to_string_pretty(value)?),
-        Output::Yaml => print!("{}", serde_yaml::to_string(value)?),
+        Output::Yaml => print!("{}", yaml_serde::to_string(value)?),
         // Each command prints its own table.
         Output::Table => {}
     }
@@ -134,6 +149,17 @@ async fn run(args: Args) -> Result<bool> {
             .await
             .map(|_| true),
         Command::Ca(args) => ca(connection.client().await?, args).await.map(|_| true),
+        Command::Completion { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Args::command(),
+                "kubectl-rolemesh",
+                &mut std::io::stdout(),
+            );
+            Ok(true)
+        }
+        Command::Identity(args) => identity(connection.client().await?, args).await,
+        Command::Can(args) => can(connection.client().await?, args).await,
         Command::Check(args) => check(connection.client().await?, args).await,
         Command::Version(args) => {
             // The client's version is printed even where no cluster is configured.

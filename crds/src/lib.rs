@@ -713,17 +713,17 @@ pub const CHART_CRDS_PATH: &str = "charts/rolemesh/crds/rolemesh.dev.yaml";
 const HEADER: &str = "# Generated from crds/src/lib.rs by `make crds`; do not edit by hand.\n";
 
 /// The CRDs as one multi-document YAML file.
-pub fn crds_yaml() -> Result<String, serde_yaml::Error> {
+pub fn crds_yaml() -> Result<String, yaml_serde::Error> {
     let mut out = String::from(HEADER);
     for crd in crds() {
         out.push_str("---\n");
-        out.push_str(&serde_yaml::to_string(&crd)?);
+        out.push_str(&yaml_serde::to_string(&crd)?);
     }
     Ok(out)
 }
 
 /// Every generated file, as (path relative to the repository root, content).
-pub fn generated_files() -> Result<Vec<(&'static str, String)>, serde_yaml::Error> {
+pub fn generated_files() -> Result<Vec<(&'static str, String)>, yaml_serde::Error> {
     Ok(vec![
         (PLAIN_CRDS_PATH, crds_yaml()?),
         (CHART_CRDS_PATH, crds_yaml()?),

@@ -27,8 +27,13 @@ pub const ISSUED_FOR_SA_ROTATION: &str = "rolemesh.dev/issued-for-serviceaccount
 /// shown in status comes from the controller's own record (`status.workloads[].verifiedWith`).
 pub const VERIFICATION_ANNOTATION: &str = "rolemesh.dev/verification";
 
-/// Label (on pods, `"true"`/`"false"`) and namespace label (`enabled`) that opt in to injection.
+/// Label on pods and namespaces that opts in to injection (`enabled`) or a pod out (`disabled`).
 pub const INJECT_LABEL: &str = "rolemesh.dev/inject";
+/// [`INJECT_LABEL`] values that opt in, on a pod or a namespace: `enabled` (the vocabulary of
+/// Istio's and Linkerd's labels), and `true`, which pods took before 0.1.0.
+pub const INJECT_ENABLED: &[&str] = &["enabled", "true"];
+/// [`INJECT_LABEL`] values that opt a pod out, whatever its namespace says.
+pub const INJECT_DISABLED: &[&str] = &["disabled", "false"];
 /// Annotation recording the policy and generation a pod was injected from: `<policy>@<generation>`.
 pub const INJECTED_ANNOTATION: &str = "rolemesh.dev/injected";
 /// Annotation recording the mappings and ports the pod's proxy was started with

@@ -91,6 +91,9 @@ controller:
     - {name: AWS_REGION, value: us-east-1}
     - {name: AWS_ACCESS_KEY_ID, value: testing}
     - {name: AWS_SECRET_ACCESS_KEY, value: testing}
+# The development signer: a CA key in a Secret (the chart's default is kms).
+authority:
+  signer: {type: local}
 YAML
 
 version=$("$bin/kubectl" --kubeconfig "$dir/kubeconfig" version -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)["serverVersion"]["gitVersion"])')

@@ -28,6 +28,32 @@ fn helm(env: &ClusterEnv, args: &[&str]) -> Result<std::process::Output> {
     env.run("helm", args, None)
 }
 
+/// `helm template` of the chart for the local cluster's Kubernetes version, each of `sets` a
+/// `--set`; the manifests.
+fn template(
+    env: &ClusterEnv,
+    release: &str,
+    namespace: &str,
+    sets: &[&str],
+    extra: &[&str],
+) -> Result<String> {
+    let chart = chart();
+    let mut args = vec![
+        "template",
+        release,
+        &chart,
+        "-n",
+        namespace,
+        "--kube-version",
+        "1.34.4",
+    ];
+    for set in sets {
+        args.extend(["--set", set]);
+    }
+    args.extend_from_slice(extra);
+    rolemesh_testkit::expect_success("helm", &["template"], &helm(env, &args)?)
+}
+
 /// Confines the webhook registration to one namespace, so that this release's Fail-policy
 /// webhook (pointing at nothing) never meets other tests' pods.
 fn confined(namespace: &str) -> String {
@@ -86,24 +112,19 @@ async fn helm_lint_is_clean_and_the_rendered_chart_passes_a_server_side_dry_run(
         // A release name of its own: cluster-scoped objects (ClusterRoles, the webhook
         // configuration) of a real `rolemesh` release may exist and must not be merged with.
         let release = format!("rm{}", &ns.name[ns.name.len() - 8..]);
-        let rendered = helm(
+        let manifests = template(
             &ns.env,
+            &release,
+            &ns.name,
             &[
-                "template",
-                &release,
-                &chart(),
-                "-n",
-                &ns.name,
-                "--kube-version",
-                "1.34.4",
-                "--set",
                 "authority.create=true",
-                "--set",
+                "authority.trustDomain=lint.example.com",
+                "authority.signer.kms.keyId=arn:aws:kms:us-east-1:111122223333:key/lint",
+                "authority.signer.kms.region=us-east-1",
                 "serviceMonitor.enabled=false",
-                "--include-crds",
             ],
+            &["--include-crds"],
         )?;
-        let manifests = rolemesh_testkit::expect_success("helm", &["template"], &rendered)?;
         for kind in [
             "Deployment",
             "Service",
@@ -126,6 +147,35 @@ async fn helm_lint_is_clean_and_the_rendered_chart_passes_a_server_side_dry_run(
             manifests.contains("failurePolicy: Fail")
                 && manifests.contains("sideEffects: None")
                 && manifests.contains("reinvocationPolicy: IfNeeded")
+        );
+        // The Prometheus Operator's objects (their CRDs are not on this cluster, so they are
+        // checked as rendered): the labels kube-prometheus-stack selects on, and the proxies'
+        // admin port by the name the webhook gives it.
+        let monitors = template(
+            &ns.env,
+            &release,
+            &ns.name,
+            &[
+                "serviceMonitor.enabled=true",
+                "serviceMonitor.labels.release=kps",
+                "podMonitor.enabled=true",
+                "podMonitor.labels.release=kps",
+            ],
+            &[],
+        )?;
+        for kind in ["ServiceMonitor", "PodMonitor"] {
+            let object = monitors
+                .split("\n---")
+                .find(|doc| doc.contains(&format!("kind: {kind}\n")))
+                .with_context(|| format!("no {kind} rendered"))?;
+            ensure!(
+                object.contains("release: kps"),
+                "{kind} carries its labels:\n{object}"
+            );
+        }
+        ensure!(
+            monitors.contains("port: rm-admin"),
+            "the PodMonitor scrapes the proxies' admin port"
         );
         let dry = ns.env.run(
             "kubectl",
@@ -166,7 +216,9 @@ async fn the_chart_works_as_a_subchart_of_a_parent_that_sets_globals() -> Result
         )?;
         std::fs::write(
             parent.join("values.yaml"),
-            "global:\n  priorityClassName: system-cluster-critical\n  imageRegistry: registry.example.com\nrolemesh:\n  authority: {create: true}\n",
+            "global:\n  priorityClassName: system-cluster-critical\n  imageRegistry: registry.example.com\n\
+             rolemesh:\n  authority:\n    create: true\n    trustDomain: platform.example.com\n    \
+             signer: {type: kms, kms: {keyId: \"arn:aws:kms:eu-west-1:111122223333:key/platform\", region: eu-west-1}}\n",
         )?;
         let status = std::process::Command::new("cp")
             .args(["-r", &chart()])
@@ -328,6 +380,10 @@ async fn install_upgrade_uninstall_and_least_privilege() -> Result<()> {
         let bad = helm(&ns.env, &["upgrade", &release, &chart(), "-n", &ns.name, "--reuse-values", "--set", "authority.create=true", "--set", "authority.signer.type=kms"])?;
         let stderr = String::from_utf8_lossy(&bad.stderr);
         ensure!(!bad.status.success() && stderr.contains("/authority/signer/kms/keyId"), "a KMS authority without a key is refused:\n{stderr}");
+        // No trust domain is a default: the chart asks for one, saying why.
+        let bad = helm(&ns.env, &["upgrade", &release, &chart(), "-n", &ns.name, "--reuse-values", "--set", "authority.create=true", "--set", "authority.signer.type=local"])?;
+        let stderr = String::from_utf8_lossy(&bad.stderr);
+        ensure!(!bad.status.success() && stderr.contains("authority.trustDomain is required"), "an authority without a trust domain is refused:\n{stderr}");
 
         // Uninstall removes everything it created.
         rolemesh_testkit::expect_success("helm", &["uninstall"], &helm(&ns.env, &["uninstall", &release, "-n", &ns.name, "--wait"])?)?;

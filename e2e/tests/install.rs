@@ -261,7 +261,7 @@ async fn leader(env: &ClusterEnv) -> Result<String> {
 /// or why the API server could not call it).
 fn dry_run_opted_in_pod(env: &ClusterEnv) -> Result<String> {
     let pod = r#"{"apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": "probe", "namespace": "default", "labels": {"rolemesh.dev/inject": "true"}},
+        "metadata": {"name": "probe", "namespace": "default", "labels": {"rolemesh.dev/inject": "enabled"}},
         "spec": {"containers": [{"name": "app", "image": "rolemesh.local/busybox:1.35.0"}]}}"#;
     let args = ["create", "--dry-run=server", "-o", "yaml", "-f", "-"];
     let output = env.run("kubectl", &args, Some(pod))?;

@@ -308,7 +308,94 @@ async fn every_plugin_subcommand_against_live_objects() -> Result<()> {
                 &["rotate", "p", "-n", &ns.name, "--service-account", "web"],
             )?;
             ensure!(code == 0, "rotate --service-account failed: {err}");
-            wait_for_secret(&ns, "web-rolemesh-tls", Some(&second.serial_hex)).await?;
+            let (_, third) =
+                wait_for_secret(&ns, "web-rolemesh-tls", Some(&second.serial_hex)).await?;
+
+            // rotate --all -l SELECTOR --wait: every policy the selector picks, and back only
+            // when the status shows the new serial; a selector that picks none is "not found".
+            ns.env
+                .kubectl(&["label", "mtlspolicy", "p", "-n", &ns.name, "team=payments"])?;
+            tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+            let (code, out, err) = kubectl_rolemesh(
+                &ns,
+                &[
+                    "rotate",
+                    "--all",
+                    "-l",
+                    "team=payments",
+                    "--wait",
+                    "--timeout",
+                    "2m",
+                    "-n",
+                    &ns.name,
+                ],
+            )?;
+            ensure!(
+                code == 0 && out.contains("new certificates issued after"),
+                "rotate --all --wait: exit {code}: {out}{err}"
+            );
+            let status = ns
+                .api::<MTLSPolicy>()
+                .get("p")
+                .await?
+                .status
+                .context("status")?;
+            let serial = status
+                .workloads
+                .iter()
+                .find(|w| w.service_account == "web")
+                .and_then(|w| w.serial.clone());
+            ensure!(
+                serial.is_some() && serial.as_deref() != Some(third.serial_hex.as_str()),
+                "--wait returned before the status showed a new serial: {serial:?}"
+            );
+            let (code, _, err) = kubectl_rolemesh(
+                &ns,
+                &["rotate", "--all", "-l", "team=nobody", "-n", &ns.name],
+            )?;
+            ensure!(
+                code == 3 && err.contains("matching team=nobody"),
+                "exit {code}: {err}"
+            );
+            let (code, _, _) = kubectl_rolemesh(&ns, &["rotate", "p", "--all"])?;
+            ensure!(
+                code == 2,
+                "a policy name and --all is a usage error, got {code}"
+            );
+
+            // completion: a script for each shell that names the subcommands.
+            for shell in ["bash", "zsh", "fish"] {
+                let (code, script, err) = kubectl_rolemesh(&ns, &["completion", shell])?;
+                ensure!(
+                    code == 0
+                        && script.contains("kubectl-rolemesh")
+                        && script.contains("trust-bundle"),
+                    "completion {shell}: exit {code}: {err}"
+                );
+            }
+            // Help on every flag of every subcommand.
+            for command in [
+                "status",
+                "rotate",
+                "inspect",
+                "trust-bundle",
+                "ca",
+                "revoke",
+                "unblock",
+                "check",
+                "version",
+                "identity",
+                "can",
+                "completion",
+            ] {
+                let (code, help, err) = kubectl_rolemesh(&ns, &[command, "--help"])?;
+                ensure!(code == 0, "{command} --help: {err}");
+                ensure!(
+                    flags_without_help(&help).is_empty(),
+                    "{command}: flags without help text: {:?}\n{help}",
+                    flags_without_help(&help)
+                );
+            }
 
             // Scripts can tell "not found" from other errors.
             let (code, _, err) = kubectl_rolemesh(&ns, &["rotate", "missing", "-n", &ns.name])?;
@@ -399,4 +486,35 @@ async fn connection_flags_pick_the_context_namespace_and_user_as_kubectl_does() 
         Ok(())
     })
     .await
+}
+
+/// The flags of a `--help` text that have no help of their own: clap writes it after the flag on
+/// the same line, or (when some help is long) on the indented lines below; `[default: ...]`
+/// alone is not help.
+fn flags_without_help(help: &str) -> Vec<String> {
+    let lines: Vec<&str> = help.lines().collect();
+    let mut missing = Vec::new();
+    for (i, line) in lines.iter().enumerate() {
+        let text = line.trim_start();
+        if !text.starts_with('-') {
+            continue;
+        }
+        let indent = line.len() - text.len();
+        let after: Vec<&str> = text
+            .split("  ")
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .collect();
+        let inline = after.get(1).is_some_and(|h| !h.starts_with('['));
+        let below = lines.get(i + 1).is_some_and(|next| {
+            let next_text = next.trim_start();
+            next.len() - next_text.len() > indent
+                && !next_text.is_empty()
+                && !next_text.starts_with('[')
+        });
+        if !inline && !below {
+            missing.push(text.to_string());
+        }
+    }
+    missing
 }

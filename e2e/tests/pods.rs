@@ -31,7 +31,10 @@
 //!    values set to what no default is, and the running pods carry them; `kubectl rolemesh
 //!    version` finds its controller and `kubectl rolemesh check` passes (and fails, naming the
 //!    webhook, in phase 4);
-//! 10. metric names: what the controllers, the webhook and the server's proxy export, scraped
+//! 10. the plugin on the mesh: `identity` of an injected pod is the certificate its proxy mounts,
+//!     and `can` answers, naming the rule, that the client may reach the server's Service and
+//!     the server may not;
+//! 11. metric names: what the controllers, the webhook and the server's proxy export, scraped
 //!     from their pods, passes Prometheus's naming rules as `promtool check metrics` applies them.
 
 use std::time::{Duration, Instant};
@@ -50,6 +53,8 @@ const CHART_VALUES: &[&str] = &[
     "controller.podLabels.team=platform",
     "webhook.podAnnotations.example\\.com/owner=platform",
     "webhook.extraArgs={--max-connections=256}",
+    "proxy.logLevel=info\\,h2=warn",
+    "proxy.resources.requests.cpu=20m",
 ];
 
 const BUSYBOX: &str = "rolemesh.local/busybox:1.35.0";
@@ -71,6 +76,7 @@ async fn the_chart_runs_as_pods_and_meshes_injected_pods() -> Result<()> {
         let mesh = Mesh::deploy(&ns).await.context("deploying the mesh")?;
         timed("injection", mesh.injection()).await?;
         timed("chart values", mesh.chart_values()).await?;
+        timed("plugin on the mesh", mesh.plugin_on_the_mesh()).await?;
         timed("metric names", mesh.metric_names()).await?;
         timed("app port closed", mesh.app_port_closed()).await?;
         timed("system trust kept", mesh.system_trust_kept()).await?;
@@ -442,25 +448,27 @@ spec:
 
     /// The values of [`CHART_VALUES`], on the running pods; a controller PodDisruptionBudget (two
     /// replicas); the plugin's `version` names the controller.
+    /// The release's pods of one component (`controller`, `webhook`), as JSON.
+    fn release_pods(&self, component: &str) -> Result<Vec<serde_json::Value>> {
+        let json = self.kubectl(&[
+            "get",
+            "pods",
+            "-n",
+            RELEASE_NAMESPACE,
+            "-l",
+            &format!("app.kubernetes.io/component={component}"),
+            "-o",
+            "json",
+        ])?;
+        let list: serde_json::Value = serde_json::from_str(&json)?;
+        Ok(list["items"].as_array().cloned().unwrap_or_default())
+    }
+
     async fn chart_values(&self) -> Result<()> {
-        let pods = |component: &str| -> Result<serde_json::Value> {
-            let json = self.kubectl(&[
-                "get",
-                "pods",
-                "-n",
-                RELEASE_NAMESPACE,
-                "-l",
-                &format!("app.kubernetes.io/component={component}"),
-                "-o",
-                "json",
-            ])?;
-            Ok(serde_json::from_str(&json)?)
-        };
         for component in ["controller", "webhook"] {
-            let list = pods(component)?;
-            let items = list["items"].as_array().context("items")?;
+            let items = self.release_pods(component)?;
             ensure!(!items.is_empty(), "no {component} pod");
-            for pod in items {
+            for pod in &items {
                 let name = &pod["metadata"]["name"];
                 ensure!(
                     pod["spec"]["priorityClassName"] == "system-cluster-critical"
@@ -500,6 +508,31 @@ spec:
                 ),
             }
         }
+        // The injected proxy's resources and log level (a native sidecar: an init container).
+        let (server, _) = self.server_pod()?;
+        let pod: serde_json::Value = serde_json::from_str(&self.kubectl(&[
+            "get",
+            "pod",
+            &server,
+            "-n",
+            &self.ns.name,
+            "-o",
+            "json",
+        ])?)?;
+        let proxy = pod["spec"]["initContainers"]
+            .as_array()
+            .and_then(|c| c.iter().find(|c| c["name"] == "rolemesh-proxy"))
+            .context("the server pod's rolemesh-proxy sidecar")?;
+        let log_level = proxy["env"]
+            .as_array()
+            .and_then(|e| e.iter().find(|v| v["name"] == "RUST_LOG"))
+            .map(|v| v["value"].clone());
+        ensure!(
+            proxy["resources"]["requests"]["cpu"] == "20m"
+                && proxy["resources"]["limits"]["memory"] == "128Mi"
+                && log_level == Some("info,h2=warn".into()),
+            "the injected proxy carries proxy.resources and proxy.logLevel: {proxy}"
+        );
         self.kubectl(&["get", "pdb", "-n", RELEASE_NAMESPACE, "rolemesh-controller"])
             .context("the controller's PodDisruptionBudget (two replicas)")?;
         // Every post-install check passes on this release.
@@ -514,7 +547,7 @@ spec:
                 let checks: serde_json::Value =
                     serde_json::from_str(&out).with_context(|| format!("{out}{err}"))?;
                 let all = checks.as_array().map_or(0, Vec::len);
-                if code == 0 && all == 7 {
+                if code == 0 && all == 8 {
                     return Ok(Some(()));
                 }
                 println!("check: exit {code}: {out}");
@@ -534,6 +567,49 @@ spec:
         Ok(())
     }
 
+    async fn plugin_on_the_mesh(&self) -> Result<()> {
+        let env = &self.ns.env;
+        let ns = self.ns.name.as_str();
+        let (code, out, err) = env.kubectl_plugin(&["identity", "client", "-n", ns])?;
+        let spiffe = format!("spiffe://{TRUST_DOMAIN}/ns/{ns}/sa/client");
+        ensure!(
+            code == 0
+                && out.contains(&spiffe)
+                && out.contains("client-rolemesh-tls (mounted by its proxy)")
+                && out.contains("chain verifies"),
+            "identity client: exit {code}\n{out}{err}"
+        );
+        let (code, out, err) =
+            env.kubectl_plugin(&["identity", "client", "-n", ns, "-o", "json"])?;
+        let parsed: serde_json::Value =
+            serde_json::from_str(&out).with_context(|| format!("{out}{err}"))?;
+        ensure!(
+            code == 0 && parsed["spiffeId"] == spiffe.as_str() && parsed["chainVerified"] == true,
+            "identity -o json: {out}"
+        );
+        let (code, out, err) = env.kubectl_plugin(&[
+            "can",
+            "pod/client",
+            &format!("svc/server.{ns}:{MTLS_PORT}"),
+            "-n",
+            ns,
+        ])?;
+        ensure!(
+            code == 0
+                && out.starts_with("yes:")
+                && out.contains("allowed by MTLSPolicy")
+                && out.contains("allow[0]")
+                && out.contains(&format!("outbound server (127.0.0.1:{OUTBOUND_PORT})")),
+            "can client -> server: exit {code}\n{out}{err}"
+        );
+        let (code, out, err) = env.kubectl_plugin(&["can", "sa/server", "server", "-n", ns])?;
+        ensure!(
+            code == 1 && out.starts_with("no:") && out.contains("refused: no allow pattern"),
+            "can server -> server (not allowed): exit {code}\n{out}{err}"
+        );
+        Ok(())
+    }
+
     /// Scrapes every controller and webhook pod of the release and the server's proxy, and runs
     /// the expositions through promlint (dev/tools/promlint: client_golang's promlint, which
     /// `promtool check metrics` runs, plus rolemesh's prefix and `_timestamp_seconds` rules).
@@ -546,20 +622,11 @@ spec:
         std::fs::create_dir_all(&dir)?;
         let mut scraped = Vec::new();
         for (component, port) in [("controller", 9090), ("webhook", 9443)] {
-            let pods = self.kubectl(&[
-                "get",
-                "pods",
-                "-n",
-                RELEASE_NAMESPACE,
-                "-l",
-                &format!("app.kubernetes.io/component={component}"),
-                "-o",
-                "jsonpath={range .items[*]}{.metadata.name}={.status.podIP}{\"\\n\"}{end}",
-            ])?;
-            for line in pods.lines().filter(|l| !l.is_empty()) {
-                let (pod, ip) = line.split_once('=').context("pod=ip")?;
+            for pod in self.release_pods(component)? {
+                let name = pod["metadata"]["name"].as_str().context("pod name")?;
+                let ip = pod["status"]["podIP"].as_str().context("pod IP")?;
                 scraped.push((
-                    pod.to_string(),
+                    name.to_string(),
                     rolemesh_e2e::pod_get(ip, port, "/metrics")?,
                 ));
             }
@@ -635,7 +702,7 @@ spec:
         let outsider = serde_json::json!({
             "apiVersion": "v1",
             "kind": "Pod",
-            "metadata": {"name": "outsider", "namespace": ns, "labels": {"rolemesh.dev/inject": "false"}},
+            "metadata": {"name": "outsider", "namespace": ns, "labels": {"rolemesh.dev/inject": "disabled"}},
             "spec": {
                 "terminationGracePeriodSeconds": 1,
                 "containers": [{"name": "app", "image": BUSYBOX, "command": ["sleep", "3600"]}],
@@ -726,7 +793,7 @@ spec:
         let flooder = serde_json::json!({
             "apiVersion": "v1",
             "kind": "Pod",
-            "metadata": {"name": "flooder", "namespace": ns, "labels": {"rolemesh.dev/inject": "false"}},
+            "metadata": {"name": "flooder", "namespace": ns, "labels": {"rolemesh.dev/inject": "disabled"}},
             "spec": {
                 "terminationGracePeriodSeconds": 1,
                 "containers": [{"name": "app", "image": BUSYBOX, "command": ["sleep", "3600"]}],

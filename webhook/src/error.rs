@@ -10,7 +10,7 @@ pub enum Error {
         "rolemesh cannot inject pod {pod:?}: no MTLSPolicy in namespace {namespace:?} covers \
          ServiceAccount {service_account:?}. Create an MTLSPolicy in namespace {namespace:?} that \
          lists {service_account:?} in spec.serviceAccounts.names (or selects it with \
-         spec.serviceAccounts.selector), or label the pod rolemesh.dev/inject=\"false\" to run it \
+         spec.serviceAccounts.selector), or label the pod rolemesh.dev/inject=disabled to run it \
          outside the mesh"
     )]
     NotCovered {
@@ -48,7 +48,7 @@ pub enum Error {
         "rolemesh cannot inject this pod: it uses the node's network (spec.hostNetwork: true), \
          where the proxy's listeners would bind the node's ports and its outbound listeners would \
          be open to every process on the node; run it without hostNetwork, or label it \
-         rolemesh.dev/inject=\"false\" to keep it outside the mesh"
+         rolemesh.dev/inject=disabled to keep it outside the mesh"
     )]
     HostNetwork,
 

@@ -81,6 +81,8 @@ pub struct InjectorConfig {
     /// `Always`, `IfNotPresent` or `Never`; unset lets the API server default it.
     pub image_pull_policy: Option<String>,
     pub resources: ResourceRequirements,
+    /// The proxy's `RUST_LOG`; unset leaves the proxy's default (`info`).
+    pub log_level: Option<String>,
     pub admin_port: u16,
     pub limits: Limits,
 }
@@ -91,6 +93,7 @@ impl Default for InjectorConfig {
             proxy_image: "ghcr.io/rolemesh/rolemesh-proxy:latest".to_string(),
             image_pull_policy: Some("IfNotPresent".to_string()),
             resources: default_resources(),
+            log_level: None,
             admin_port: DEFAULT_ADMIN_PORT,
             limits: Limits::default(),
         }
@@ -568,11 +571,26 @@ fn proxy_differs(found: &Container, expected: &Container) -> Option<String> {
     if mounts(found) != mounts(expected) {
         return Some("other volume mounts under /var/run/rolemesh".to_string());
     }
+    // Every variable but the configuration must be what rolemesh sets (RUST_LOG when a log level
+    // is configured), nothing more: a forged proxy could otherwise add its own.
+    let other_env = |c: &Container| -> Vec<EnvVar> {
+        c.env
+            .iter()
+            .flatten()
+            .filter(|v| v.name != CONFIG_ENV)
+            .cloned()
+            .collect()
+    };
+    if other_env(found) != other_env(expected) {
+        return Some("other environment variables".to_string());
+    }
     let config_of = |c: &Container| -> Option<ProxyConfig> {
-        let [var] = c.env.as_deref()? else {
+        let env = c.env.as_deref()?;
+        let mut configs = env.iter().filter(|v| v.name == CONFIG_ENV);
+        let (Some(var), None) = (configs.next(), configs.next()) else {
             return None;
         };
-        if var.name != CONFIG_ENV || var.value_from.is_some() {
+        if var.value_from.is_some() {
             return None;
         }
         let mut config = ProxyConfig::from_json(var.value.as_deref()?).ok()?;
@@ -840,11 +858,19 @@ pub fn proxy_container(
         image: Some(config.proxy_image.clone()),
         image_pull_policy: config.image_pull_policy.clone(),
         restart_policy: Some("Always".to_string()),
-        env: Some(vec![EnvVar {
-            name: CONFIG_ENV.to_string(),
-            value: Some(proxy.to_json()),
-            value_from: None,
-        }]),
+        env: Some(
+            std::iter::once(EnvVar {
+                name: CONFIG_ENV.to_string(),
+                value: Some(proxy.to_json()),
+                value_from: None,
+            })
+            .chain(config.log_level.iter().map(|level| EnvVar {
+                name: "RUST_LOG".to_string(),
+                value: Some(level.clone()),
+                value_from: None,
+            }))
+            .collect(),
+        ),
         ports: Some(ports),
         resources: Some(config.resources.clone()),
         // kubelet starts the app containers only once a native sidecar's startup probe passes:

@@ -53,6 +53,14 @@ struct Args {
         default_value = "ghcr.io/rolemesh/rolemesh-proxy:0.1.0"
     )]
     proxy_image: String,
+    /// Requests and limits of the injected proxy container, as the JSON of a Kubernetes
+    /// ResourceRequirements (the chart passes proxy.resources). Default: requests 10m CPU and
+    /// 32Mi, limit 128Mi.
+    #[arg(long, env = "ROLEMESH_PROXY_RESOURCES")]
+    proxy_resources: Option<String>,
+    /// The injected proxy's log level, a RUST_LOG filter (the chart passes proxy.logLevel).
+    #[arg(long, env = "ROLEMESH_PROXY_LOG_LEVEL")]
+    proxy_log_level: Option<String>,
     /// Secret (in --namespace) holding the serving certificate, written by the controller.
     #[arg(long, env = "ROLEMESH_WEBHOOK_TLS_SECRET", default_value = WEBHOOK_SERVING_SECRET)]
     tls_secret: String,
@@ -139,8 +147,19 @@ async fn main() -> anyhow::Result<()> {
         args.trust_domain.clone(),
         metrics.clone(),
     );
+    let resources = match &args.proxy_resources {
+        None => rolemesh_webhook::inject::default_resources(),
+        Some(text) => serde_json::from_str(text).with_context(|| {
+            format!("--proxy-resources / ROLEMESH_PROXY_RESOURCES is not a Kubernetes ResourceRequirements in JSON (e.g. {{\"requests\":{{\"cpu\":\"10m\"}}}}): {text}")
+        })?,
+    };
     let injector = InjectorConfig {
         proxy_image: args.proxy_image.clone(),
+        resources,
+        log_level: args
+            .proxy_log_level
+            .clone()
+            .filter(|level| !level.is_empty()),
         ..InjectorConfig::default()
     };
     let state = AppState {

@@ -1,5 +1,5 @@
-//! Who is injected: pods labelled `rolemesh.dev/inject: "true"`, or in a namespace labelled
-//! `rolemesh.dev/inject: enabled`, unless the pod says `"false"`; never pods in kube-system or in
+//! Who is injected: pods labelled `rolemesh.dev/inject: enabled`, or in a namespace labelled so,
+//! unless the pod says `disabled` (`true` and `false` are read the same, on pods and namespaces); never pods in kube-system or in
 //! rolemesh's own namespace, never mirror (static) pods. The registration expresses the same rules
 //! with selectors so the API server does not call for other pods; the webhook checks again.
 
@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::Pod;
 
-use rolemesh_crds::names::INJECT_LABEL;
+use rolemesh_crds::names::{INJECT_DISABLED, INJECT_ENABLED, INJECT_LABEL};
 
 /// Annotation the kubelet puts on mirror pods of static pods.
 pub const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
@@ -43,8 +43,8 @@ pub fn select_pod(pod: &Pod, namespace: &str, own_namespace: &str) -> PodSelecti
         .as_ref()
         .and_then(|l| l.get(INJECT_LABEL));
     match label.map(String::as_str) {
-        Some("true") => PodSelection::Inject,
-        Some("false") => PodSelection::Skip("pod opted out"),
+        Some(value) if INJECT_ENABLED.contains(&value) => PodSelection::Inject,
+        Some(value) if INJECT_DISABLED.contains(&value) => PodSelection::Skip("pod opted out"),
         _ => PodSelection::AskNamespace,
     }
 }
@@ -53,7 +53,7 @@ pub fn select_pod(pod: &Pod, namespace: &str, own_namespace: &str) -> PodSelecti
 pub fn namespace_opted_in(labels: Option<&BTreeMap<String, String>>) -> bool {
     labels
         .and_then(|l| l.get(INJECT_LABEL))
-        .is_some_and(|v| v == "enabled")
+        .is_some_and(|v| INJECT_ENABLED.contains(&v.as_str()))
 }
 
 #[cfg(test)]
@@ -77,16 +77,27 @@ mod tests {
 
     #[test]
     fn the_pod_label_decides_first() {
-        let opted_in = pod(&[(INJECT_LABEL, "true")], &[]);
+        // One vocabulary with namespaces (enabled/disabled), and the values pods took before.
+        for value in ["enabled", "true"] {
+            let opted_in = pod(&[(INJECT_LABEL, value)], &[]);
+            assert_eq!(
+                select_pod(&opted_in, "shop", "rolemesh"),
+                PodSelection::Inject,
+                "{value}"
+            );
+        }
+        for value in ["disabled", "false"] {
+            let opted_out = pod(&[(INJECT_LABEL, value)], &[]);
+            assert!(matches!(
+                select_pod(&opted_out, "shop", "rolemesh"),
+                PodSelection::Skip(_)
+            ));
+        }
+        let unknown = pod(&[(INJECT_LABEL, "yes")], &[]);
         assert_eq!(
-            select_pod(&opted_in, "shop", "rolemesh"),
-            PodSelection::Inject
+            select_pod(&unknown, "shop", "rolemesh"),
+            PodSelection::AskNamespace
         );
-        let opted_out = pod(&[(INJECT_LABEL, "false")], &[]);
-        assert!(matches!(
-            select_pod(&opted_out, "shop", "rolemesh"),
-            PodSelection::Skip(_)
-        ));
         let silent = pod(&[("app", "web")], &[]);
         assert_eq!(
             select_pod(&silent, "shop", "rolemesh"),
@@ -114,7 +125,9 @@ mod tests {
     fn only_enabled_namespaces_opt_in() {
         let labels = |v: &str| BTreeMap::from([(INJECT_LABEL.to_string(), v.to_string())]);
         assert!(namespace_opted_in(Some(&labels("enabled"))));
-        assert!(!namespace_opted_in(Some(&labels("true"))));
+        assert!(namespace_opted_in(Some(&labels("true"))));
+        assert!(!namespace_opted_in(Some(&labels("disabled"))));
+        assert!(!namespace_opted_in(Some(&labels("yes"))));
         assert!(!namespace_opted_in(Some(&BTreeMap::new())));
         assert!(!namespace_opted_in(None));
     }

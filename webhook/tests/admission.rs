@@ -116,10 +116,10 @@ fn registration(name: &str, namespace: &str, port: u16) -> serde_json::Value {
         "metadata": { "name": name },
         "webhooks": [
             common("pods.rolemesh.dev", json!({ "matchExpressions": [only_here] }),
-                json!({ "matchLabels": { "rolemesh.dev/inject": "true" } })),
+                json!({ "matchExpressions": [{ "key": "rolemesh.dev/inject", "operator": "In", "values": ["enabled", "true"] }] })),
             common("namespaces.rolemesh.dev",
-                json!({ "matchExpressions": [only_here, { "key": "rolemesh.dev/inject", "operator": "In", "values": ["enabled"] }] }),
-                json!({ "matchExpressions": [{ "key": "rolemesh.dev/inject", "operator": "NotIn", "values": ["false"] }] })),
+                json!({ "matchExpressions": [only_here, { "key": "rolemesh.dev/inject", "operator": "In", "values": ["enabled", "true"] }] }),
+                json!({ "matchExpressions": [{ "key": "rolemesh.dev/inject", "operator": "NotIn", "values": ["enabled", "true", "disabled", "false"] }] })),
         ],
     })
 }

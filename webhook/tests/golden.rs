@@ -151,6 +151,30 @@ fn already_injected_pod_is_unchanged() {
     check("already_injected", &injected);
 }
 
+/// With the chart's proxy.logLevel (RUST_LOG beside the configuration) and proxy.resources, a
+/// reinvocation recognises rolemesh's own proxy; a proxy whose log level is not the configured
+/// one is still refused.
+#[test]
+fn already_injected_pod_with_a_log_level_is_unchanged() {
+    let configured = InjectorConfig {
+        log_level: Some("info,h2=warn".into()),
+        ..config()
+    };
+    let original = pod(
+        json!({ "serviceAccountName": "payments", "containers": [{ "name": "app", "image": "app:1" }] }),
+    );
+    let patch = injection_patch(&original, &policy(), "mesh.test", &configured).expect("injects");
+    let mut doc = serde_json::to_value(&original).expect("encodes");
+    json_patch::patch(&mut doc, &patch).expect("applies");
+    let injected: Pod = serde_json::from_value(doc).expect("decodes");
+    let again = injection_patch(&injected, &policy(), "mesh.test", &configured)
+        .expect("a reinvocation accepts rolemesh's own proxy");
+    assert!(again.0.is_empty(), "nothing to change: {again:?}");
+    let error = injection_patch(&injected, &policy(), "mesh.test", &config())
+        .expect_err("a proxy with another log level than the configured one is not rolemesh's");
+    assert!(error.to_string().contains("rolemesh-proxy"), "{error}");
+}
+
 #[test]
 fn reserved_names_are_refused_not_clobbered() {
     let clash = pod(json!({
@@ -179,7 +203,7 @@ fn host_network_pods_are_refused_with_the_way_out() {
     );
     let message = error.to_string();
     assert!(
-        message.contains("hostNetwork") && message.contains("rolemesh.dev/inject=\"false\""),
+        message.contains("hostNetwork") && message.contains("rolemesh.dev/inject=disabled"),
         "{message}"
     );
 }

@@ -52,6 +52,7 @@ pub struct WaitArgs {
 enum CaCommand {
     /// Every CA of the authority: phase, fingerprint, subject, expiry, and what it waits for.
     Status {
+        /// Output format.
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
     },

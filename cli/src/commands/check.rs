@@ -88,6 +88,7 @@ pub async fn check(client: Client, args: CheckArgs) -> Result<bool> {
             checks.push(webhook_reachable(&client).await);
             checks.push(clock(&client).await);
             checks.push(authority_ready(&client, &args.authority).await);
+            checks.push(only_one_authority(&client, &args.authority).await);
             checks.push(trust_bundles(&client).await);
         }
     }
@@ -293,7 +294,7 @@ async fn webhook_reachable(client: &Client) -> Check {
     let pod = Pod {
         metadata: ObjectMeta {
             generate_name: Some("rolemesh-check-".into()),
-            labels: Some([(INJECT_LABEL.to_string(), "true".to_string())].into()),
+            labels: Some([(INJECT_LABEL.to_string(), "enabled".to_string())].into()),
             ..ObjectMeta::default()
         },
         spec: Some(PodSpec {
@@ -328,7 +329,7 @@ async fn webhook_reachable(client: &Client) -> Check {
                 failed(
                     NAME,
                     format!(
-                        "a dry-run pod in {namespace} labelled {INJECT_LABEL}=true was not sent to the webhook"
+                        "a dry-run pod in {namespace} labelled {INJECT_LABEL}=enabled was not sent to the webhook"
                     ),
                     "run check with -n set to an application namespace (not kube-system or rolemesh's own), and check the MutatingWebhookConfiguration",
                 )
@@ -446,6 +447,42 @@ async fn authority_ready(client: &Client, name: &str) -> Check {
             format!("cannot read MTLSAuthority {name}: {error}"),
             "needs get on mtlsauthorities",
         ),
+    }
+}
+
+/// The controller uses one MTLSAuthority (its --authority, `default` in the chart); any other is
+/// ignored, and without this check nothing would say so.
+async fn only_one_authority(client: &Client, name: &str) -> Check {
+    const NAME: &str = "no MTLSAuthority ignored";
+    let authorities: Api<MTLSAuthority> = Api::all(client.clone());
+    match authorities.list(&ListParams::default()).await {
+        Err(error) => failed(
+            NAME,
+            format!("cannot list MTLSAuthorities: {error}"),
+            "needs list on mtlsauthorities",
+        ),
+        Ok(list) => {
+            let ignored: Vec<String> = list
+                .items
+                .iter()
+                .map(|a| a.name_any())
+                .filter(|n| n != name)
+                .collect();
+            if ignored.is_empty() {
+                passed(NAME, format!("only {name}"))
+            } else {
+                failed(
+                    NAME,
+                    format!(
+                        "{} exist(s) beside {name}, which the controller uses; they sign nothing",
+                        ignored.join(", ")
+                    ),
+                    format!(
+                        "move what they say into MTLSAuthority {name} and delete them (or check with --authority NAME)"
+                    ),
+                )
+            }
+        }
     }
 }
 

@@ -7,9 +7,12 @@
 use std::collections::BTreeMap;
 
 use anyhow::{Context as _, Result, bail};
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::{Api, Client};
-use rolemesh_crds::{MTLSAuthority, names::TLS_CERT_KEY};
+use rolemesh_crds::{
+    MTLSAuthority,
+    names::{INJECTED_ANNOTATION, TLS_CERT_KEY, workload_secret_name},
+};
 use rolemesh_profile::{
     TrustStore, Usage, inspect::certificates_from_pem, inspect_certificate, verify_chain_der,
 };
@@ -23,6 +26,7 @@ use crate::{NotFound, Output, print};
 pub struct InspectArgs {
     /// Secret name (`<serviceaccount>-rolemesh-tls`).
     pub secret: Option<String>,
+    /// A PEM file to decode instead of a Secret (the certificate first, then its chain).
     #[arg(long, conflicts_with = "secret")]
     file: Option<std::path::PathBuf>,
     /// PEM trust bundle to verify against instead of the MTLSAuthority's.
@@ -32,8 +36,83 @@ pub struct InspectArgs {
     /// verified against.
     #[arg(long, default_value = "default", env = "ROLEMESH_AUTHORITY")]
     authority: String,
+    /// Output format.
     #[arg(short, long, value_enum, default_value = "table")]
     output: Output,
+}
+
+/// The arguments of `identity` (its help is on `Command`).
+#[derive(Debug, clap::Args)]
+pub struct IdentityArgs {
+    /// The pod (in the namespace of -n).
+    pod: String,
+    /// The MTLSAuthority whose trust bundle the chain is verified against.
+    #[arg(long, default_value = "default", env = "ROLEMESH_AUTHORITY")]
+    authority: String,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value = "table")]
+    output: Output,
+}
+
+/// The identity a pod's proxy serves: the certificate Secret its injected proxy mounts, decoded
+/// and verified as `inspect` does.
+pub async fn identity(client: Client, args: IdentityArgs) -> Result<bool> {
+    let namespace = client.default_namespace().to_string();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
+    let pod = pods
+        .get_opt(&args.pod)
+        .await?
+        .ok_or_else(|| NotFound(format!("pod {namespace}/{} not found", args.pod)))?;
+    let injected = pod
+        .metadata
+        .annotations
+        .as_ref()
+        .is_some_and(|a| a.contains_key(INJECTED_ANNOTATION));
+    let spec = pod.spec.unwrap_or_default();
+    let account = spec
+        .service_account_name
+        .clone()
+        .unwrap_or_else(|| "default".into());
+    let expected = workload_secret_name(&account);
+    // The Secret the proxy really mounts, not the one the name rule predicts.
+    let mounted = spec
+        .volumes
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|v| v.secret.and_then(|s| s.secret_name))
+        .find(|name| *name == expected);
+    let secret = match (injected, mounted) {
+        (true, Some(secret)) => secret,
+        (false, _) => {
+            return Err(NotFound(format!(
+                "pod {namespace}/{} has no rolemesh proxy (no {INJECTED_ANNOTATION} annotation): it was created before injection was enabled for it, or is not opted in",
+                args.pod
+            ))
+            .into());
+        }
+        (true, None) => bail!(
+            "pod {namespace}/{} is injected but mounts no Secret {expected} of its ServiceAccount {account}",
+            args.pod
+        ),
+    };
+    if matches!(args.output, Output::Table) {
+        println!(
+            "pod:          {namespace}/{} (ServiceAccount {account})",
+            args.pod
+        );
+        println!("Secret:       {secret} (mounted by its proxy)");
+    }
+    inspect(
+        Some(client),
+        InspectArgs {
+            secret: Some(secret),
+            file: None,
+            ca_file: None,
+            authority: args.authority,
+            output: args.output,
+        },
+    )
+    .await
 }
 
 fn field(data: &BTreeMap<String, k8s_openapi::ByteString>, key: &str) -> Option<String> {

@@ -1,6 +1,7 @@
 //! One module per subcommand: its arguments and what it does.
 
 pub mod ca;
+pub mod can;
 pub mod check;
 pub mod inspect;
 pub mod revoke;

@@ -11,8 +11,10 @@ use crate::{NotFound, Output, print, table};
 /// The arguments of `status` (its help is on `Command`).
 #[derive(Debug, clap::Args)]
 pub struct StatusArgs {
+    /// The policies of every namespace, as kubectl's -A.
     #[arg(short = 'A', long)]
     all_namespaces: bool,
+    /// Output format.
     #[arg(short, long, value_enum, default_value = "table")]
     output: Output,
     /// List the stale pods (ports or mappings changed since they were injected; re-create them)
