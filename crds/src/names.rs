@@ -46,6 +46,10 @@ pub const PROXY_IMAGE_ANNOTATION: &str = "rolemesh.dev/proxy-image";
 /// trust nothing else, and the app's other HTTPS calls (AWS APIs among them) fail.
 pub const SSL_CERT_FILE_ANNOTATION: &str = "rolemesh.dev/ssl-cert-file";
 
+/// On a pod, the runtime threads of its proxy: `"auto"` (from the proxy container's CPU limit) or
+/// a number; overrides the chart's `proxy.cores` for that pod.
+pub const PROXY_CORES_ANNOTATION: &str = "rolemesh.dev/proxy-cores";
+
 /// On a pod, `"false"`: leave the inbound mappings' app ports open to other pods (no netfilter
 /// init container, no probe rewrite). Plain-text traffic then reaches the app without mTLS or the
 /// allow list; for apps that must be reached directly (docs/security-model.md).

@@ -55,6 +55,8 @@ const CHART_VALUES: &[&str] = &[
     "webhook.extraArgs={--max-connections=256}",
     "proxy.logLevel=info\\,h2=warn",
     "proxy.resources.requests.cpu=20m",
+    // The proxy sizes its runtime from this (two threads, on a node with two CPUs or more).
+    "proxy.resources.limits.cpu=1500m",
 ];
 
 const BUSYBOX: &str = "rolemesh.local/busybox:1.35.0";
@@ -529,6 +531,7 @@ spec:
             .map(|v| v["value"].clone());
         ensure!(
             proxy["resources"]["requests"]["cpu"] == "20m"
+                && proxy["resources"]["limits"]["cpu"] == "1500m"
                 && proxy["resources"]["limits"]["memory"] == "128Mi"
                 && log_level == Some("info,h2=warn".into()),
             "the injected proxy carries proxy.resources and proxy.logLevel: {proxy}"
@@ -632,7 +635,22 @@ spec:
             }
         }
         let (server, ip) = self.server_pod()?;
-        scraped.push((server, rolemesh_e2e::admin_get(&ip, "/metrics")?));
+        let proxy_metrics = rolemesh_e2e::admin_get(&ip, "/metrics")?;
+        // kubelet's CFS quota for proxy.resources.limits.cpu=1500m, read by the proxy from the
+        // cgroup containerd mounted into its container: rounded up, at most the node's CPUs.
+        let node_cpus = std::thread::available_parallelism()?.get();
+        let threads = rolemesh_testkit::metric_sum(
+            &proxy_metrics,
+            "rolemesh_proxy_runtime_worker_threads",
+            "",
+        );
+        ensure!(
+            threads == 2.min(node_cpus) as f64,
+            "the server's proxy runs {threads} runtime threads under a 1500m CPU limit on a \
+             {node_cpus}-CPU node, not {}",
+            2.min(node_cpus)
+        );
+        scraped.push((server, proxy_metrics));
         ensure!(scraped.len() >= 3, "scraped only {scraped:?}");
         let mut args = Vec::new();
         for (pod, answer) in &scraped {

@@ -48,6 +48,46 @@ pub fn rules_field_manager(policy: &str) -> String {
     format!("rolemesh-controller-rules-{}", hex::encode(&digest[..8]))
 }
 
+/// Environment variable of the proxy's runtime size ([`CoresSetting`]).
+pub const CORES_ENV: &str = "ROLEMESH_PROXY_CORES";
+
+/// The proxy's runtime threads, `--cores` / [`CORES_ENV`]: `auto` (sized from the container's CPU
+/// limit) or a fixed number. The chart's `proxy.cores` and the pod annotation
+/// `rolemesh.dev/proxy-cores` reach the proxy as this variable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CoresSetting {
+    Auto,
+    Fixed(std::num::NonZeroUsize),
+}
+
+impl std::str::FromStr for CoresSetting {
+    type Err = String;
+
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        let value = value.trim();
+        if value.is_empty() || value.eq_ignore_ascii_case("auto") {
+            return Ok(Self::Auto);
+        }
+        value
+            .parse::<std::num::NonZeroUsize>()
+            .map(Self::Fixed)
+            .map_err(|_| {
+                format!(
+                    "cores must be \"auto\" or a whole number of threads from 1 up, not {value:?}"
+                )
+            })
+    }
+}
+
+impl std::fmt::Display for CoresSetting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Auto => f.write_str("auto"),
+            Self::Fixed(threads) => write!(f, "{threads}"),
+        }
+    }
+}
+
 /// The proxy's plain-HTTP admin port (health, readiness, metrics).
 pub const DEFAULT_ADMIN_PORT: u16 = 15021;
 /// Admin path prefix of the app probes kubelet sends through the proxy:
@@ -551,6 +591,21 @@ fn glob_match(pattern: &[u8], text: &[u8]) -> bool {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn cores_settings_parse_and_bad_ones_say_what_is_allowed() {
+        assert_eq!("7".parse::<CoresSetting>().unwrap().to_string(), "7");
+        assert_eq!("auto".parse::<CoresSetting>(), Ok(CoresSetting::Auto));
+        assert_eq!("".parse::<CoresSetting>(), Ok(CoresSetting::Auto));
+        assert_eq!(
+            "3".parse::<CoresSetting>(),
+            Ok(CoresSetting::Fixed(std::num::NonZeroUsize::new(3).unwrap()))
+        );
+        for bad in ["0", "-1", "1.5", "two"] {
+            let error = bad.parse::<CoresSetting>().unwrap_err();
+            assert!(error.contains("\"auto\"") && error.contains(bad), "{error}");
+        }
+    }
+
     use super::*;
 
     const ID: &str = "spiffe://rolemesh.local/ns/shop/sa/frontend";

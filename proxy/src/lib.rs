@@ -8,6 +8,7 @@
 
 pub mod admin;
 pub mod caller;
+pub mod cores;
 pub mod listeners;
 pub mod material;
 pub mod metrics;
@@ -112,6 +113,7 @@ pub async fn run(
 ) -> Result<(), ProxyError> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let metrics = Arc::new(Metrics::new());
+    metrics.set_worker_threads(tokio::runtime::Handle::current().metrics().num_workers());
     let bind = |what: String, address: String| async move {
         TcpListener::bind(&address)
             .await

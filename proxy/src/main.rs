@@ -1,11 +1,15 @@
 //! `rolemesh-proxy`: reads its configuration, sets up logging and the runtime, and hands over to
 //! [`rolemesh_proxy::run`].
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
 
 use clap::Parser;
 use rolemesh_profile::logging::{LogFormat, init_logging};
 use rolemesh_profile::proxy_config::CONFIG_ENV;
+use rolemesh_proxy::cores::{CORES_ENV, CoresSetting, runtime_size};
 
 /// rolemesh's mTLS sidecar.
 #[derive(Debug, Parser)]
@@ -24,9 +28,10 @@ struct Args {
         default_value = "json"
     )]
     log_format: LogFormat,
-    /// Runtime worker threads; 1 runs everything on one thread, which is cheapest for a sidecar.
-    #[arg(long, env = "ROLEMESH_PROXY_WORKER_THREADS", default_value_t = 1)]
-    worker_threads: usize,
+    /// Runtime threads: "auto" sizes them from the container's CPU limit (cgroup v1 or v2 quota,
+    /// rounded up, at most the CPUs it may run on; one without a limit), a number fixes them.
+    #[arg(long, env = CORES_ENV, default_value = "auto")]
+    cores: CoresSetting,
 }
 
 fn main() -> ExitCode {
@@ -47,13 +52,16 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
         };
-    let runtime = if args.worker_threads <= 1 {
+    let size = runtime_size(args.cores, Path::new("/"));
+    tracing::info!(threads = size.threads.get(), source = %size.source, "runtime sized");
+    // One thread runs on the current-thread scheduler: no work-stealing machinery to pay for.
+    let runtime = if size.threads.get() == 1 {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
     } else {
         tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(args.worker_threads)
+            .worker_threads(size.threads.get())
             .enable_all()
             .build()
     };

@@ -51,6 +51,7 @@ pub struct Metrics {
     rules_reloads: Family<ReloadLabels, Counter>,
     policy_generation: Gauge<i64, AtomicI64>,
     admin_closed: Family<ClosedLabels, Counter>,
+    worker_threads: Gauge<i64, AtomicI64>,
 }
 
 /// The handles one mapping's connections update.
@@ -104,6 +105,12 @@ impl Metrics {
         let rules_reloads = Family::<ReloadLabels, Counter>::default();
         let policy_generation = Gauge::<i64, AtomicI64>::default();
         policy_generation.set(-1);
+        let worker_threads = Gauge::<i64, AtomicI64>::default();
+        registry.register(
+            "runtime_worker_threads",
+            "Threads the proxy's runtime runs connections on (sized from the container's CPU limit unless fixed)",
+            worker_threads.clone(),
+        );
         registry.register(
             "build",
             "The proxy's version: 1, labelled",
@@ -167,6 +174,7 @@ impl Metrics {
             rules_reloads,
             policy_generation,
             admin_closed,
+            worker_threads,
         }
     }
 
@@ -207,6 +215,11 @@ impl Metrics {
         self.rules_reloads
             .get_or_create(&ReloadLabels { result })
             .inc();
+    }
+
+    pub fn set_worker_threads(&self, threads: usize) {
+        self.worker_threads
+            .set(i64::try_from(threads).unwrap_or(i64::MAX));
     }
 
     pub fn set_policy_generation(&self, generation: i64) {

@@ -45,6 +45,16 @@ pub enum Error {
     },
 
     #[error(
+        "rolemesh cannot inject this pod: its annotation {annotation}: {value:?} is not valid: \
+         {why}; fix or remove the annotation"
+    )]
+    BadAnnotation {
+        annotation: &'static str,
+        value: String,
+        why: String,
+    },
+
+    #[error(
         "rolemesh cannot inject this pod: it uses the node's network (spec.hostNetwork: true), \
          where the proxy's listeners would bind the node's ports and its outbound listeners would \
          be open to every process on the node; run it without hostNetwork, or label it \
@@ -137,6 +147,7 @@ impl Error {
                 | Self::NameConflict { .. }
                 | Self::ProbeNotRewritable { .. }
                 | Self::HostNetwork
+                | Self::BadAnnotation { .. }
                 | Self::MountConflict { .. }
                 | Self::InvalidPolicy { .. }
                 | Self::NoTrustDomain { .. }

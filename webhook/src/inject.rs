@@ -26,15 +26,15 @@ use k8s_openapi::{
 use rolemesh_crds::{
     MTLSPolicy,
     names::{
-        INJECTED_ANNOTATION, PROTECT_APP_PORTS_ANNOTATION, PROXY_IMAGE_ANNOTATION,
-        PROXY_PORTS_ANNOTATION, SSL_CERT_FILE_ANNOTATION, TRUST_BUNDLE_CONFIGMAP, TRUST_BUNDLE_KEY,
-        policy_rules_key, workload_secret_name,
+        INJECTED_ANNOTATION, PROTECT_APP_PORTS_ANNOTATION, PROXY_CORES_ANNOTATION,
+        PROXY_IMAGE_ANNOTATION, PROXY_PORTS_ANNOTATION, SSL_CERT_FILE_ANNOTATION,
+        TRUST_BUNDLE_CONFIGMAP, TRUST_BUNDLE_KEY, policy_rules_key, workload_secret_name,
     },
 };
 use rolemesh_profile::proxy_config::{
-    AppHttpProbe, AppProbe, CONFIG_ENV, DEFAULT_ADMIN_PORT, DEFAULT_IDENTITY_DIR,
-    DEFAULT_RULES_DIR, DEFAULT_TRUST_DIR, InboundListener, Limits, OutboundListener, ProxyConfig,
-    RULES_FILE,
+    AppHttpProbe, AppProbe, CONFIG_ENV, CORES_ENV, CoresSetting, DEFAULT_ADMIN_PORT,
+    DEFAULT_IDENTITY_DIR, DEFAULT_RULES_DIR, DEFAULT_TRUST_DIR, InboundListener, Limits,
+    OutboundListener, ProxyConfig, RULES_FILE,
 };
 use serde_json::Value;
 
@@ -83,6 +83,8 @@ pub struct InjectorConfig {
     pub resources: ResourceRequirements,
     /// The proxy's `RUST_LOG`; unset leaves the proxy's default (`info`).
     pub log_level: Option<String>,
+    /// The proxy's runtime threads (chart `proxy.cores`); unset leaves the proxy's default, `auto`.
+    pub cores: Option<CoresSetting>,
     pub admin_port: u16,
     pub limits: Limits,
 }
@@ -94,6 +96,7 @@ impl Default for InjectorConfig {
             image_pull_policy: Some("IfNotPresent".to_string()),
             resources: default_resources(),
             log_level: None,
+            cores: None,
             admin_port: DEFAULT_ADMIN_PORT,
             limits: Limits::default(),
         }
@@ -216,6 +219,18 @@ pub fn injection_patch(
         policy.spec.inbound.iter().map(|m| m.app_port).collect()
     } else {
         BTreeSet::new()
+    };
+
+    let pod_config;
+    let config = match pod_cores(annotations)? {
+        Some(cores) if config.cores != Some(cores) => {
+            pod_config = InjectorConfig {
+                cores: Some(cores),
+                ..config.clone()
+            };
+            &pod_config
+        }
+        _ => config,
     };
 
     check_reserved_names(
@@ -824,6 +839,21 @@ fn trust_mount() -> VolumeMount {
     }
 }
 
+/// The pod's own choice of proxy threads, [`PROXY_CORES_ANNOTATION`].
+fn pod_cores(annotations: Option<&BTreeMap<String, String>>) -> Result<Option<CoresSetting>> {
+    let Some(value) = annotations.and_then(|a| a.get(PROXY_CORES_ANNOTATION)) else {
+        return Ok(None);
+    };
+    value
+        .parse::<CoresSetting>()
+        .map(Some)
+        .map_err(|why| Error::BadAnnotation {
+            annotation: PROXY_CORES_ANNOTATION,
+            value: value.clone(),
+            why,
+        })
+}
+
 /// The proxy sidecar: a restartable init container, hardened, probed on its admin port.
 pub fn proxy_container(
     policy: &MTLSPolicy,
@@ -867,6 +897,11 @@ pub fn proxy_container(
             .chain(config.log_level.iter().map(|level| EnvVar {
                 name: "RUST_LOG".to_string(),
                 value: Some(level.clone()),
+                value_from: None,
+            }))
+            .chain(config.cores.iter().map(|cores| EnvVar {
+                name: CORES_ENV.to_string(),
+                value: Some(cores.to_string()),
                 value_from: None,
             }))
             .collect(),

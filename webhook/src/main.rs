@@ -58,6 +58,10 @@ struct Args {
     /// 32Mi, limit 128Mi.
     #[arg(long, env = "ROLEMESH_PROXY_RESOURCES")]
     proxy_resources: Option<String>,
+    /// The injected proxy's runtime threads: "auto" (from its CPU limit) or a number (the chart
+    /// passes proxy.cores); a pod's rolemesh.dev/proxy-cores annotation overrides it.
+    #[arg(long, env = "ROLEMESH_PROXY_CORES")]
+    proxy_cores: Option<String>,
     /// The injected proxy's log level, a RUST_LOG filter (the chart passes proxy.logLevel).
     #[arg(long, env = "ROLEMESH_PROXY_LOG_LEVEL")]
     proxy_log_level: Option<String>,
@@ -160,6 +164,18 @@ async fn main() -> anyhow::Result<()> {
             .proxy_log_level
             .clone()
             .filter(|level| !level.is_empty()),
+        cores: match args
+            .proxy_cores
+            .as_deref()
+            .filter(|cores| !cores.is_empty())
+        {
+            None => None,
+            Some(cores) => Some(cores.parse().map_err(|why| {
+                anyhow::anyhow!(
+                    "--proxy-cores / ROLEMESH_PROXY_CORES (the chart's proxy.cores): {why}"
+                )
+            })?),
+        },
         ..InjectorConfig::default()
     };
     let state = AppState {

@@ -175,6 +175,74 @@ fn already_injected_pod_with_a_log_level_is_unchanged() {
     assert!(error.to_string().contains("rolemesh-proxy"), "{error}");
 }
 
+/// The proxy's runtime threads: the chart's proxy.cores for every pod, a pod's
+/// rolemesh.dev/proxy-cores over it, both as ROLEMESH_PROXY_CORES beside the configuration; a
+/// reinvocation keeps them; a value that is not a thread count is refused with what is allowed.
+#[test]
+fn proxy_cores_come_from_the_chart_and_the_pod_annotation() {
+    let with_annotation = |value: &str| {
+        let mut pod = pod(
+            json!({ "serviceAccountName": "payments", "containers": [{ "name": "app", "image": "app:1" }] }),
+        );
+        pod.metadata.annotations =
+            Some([("rolemesh.dev/proxy-cores".to_string(), value.to_string())].into());
+        pod
+    };
+    let cores_env = |pod: &Pod, config: &InjectorConfig| -> Option<String> {
+        let patch = injection_patch(pod, &policy(), "mesh.test", config).expect("injects");
+        let injected = patched(pod, &patch);
+        let again = injection_patch(&injected, &policy(), "mesh.test", config)
+            .expect("a reinvocation accepts rolemesh's own proxy");
+        assert!(again.0.is_empty(), "nothing to change: {again:?}");
+        let proxy = injected
+            .spec
+            .and_then(|spec| spec.init_containers)
+            .into_iter()
+            .flatten()
+            .find(|c| c.name == "rolemesh-proxy")
+            .expect("the proxy is injected");
+        proxy
+            .env
+            .into_iter()
+            .flatten()
+            .find(|e| e.name == "ROLEMESH_PROXY_CORES")
+            .and_then(|e| e.value)
+    };
+    let plain = pod(
+        json!({ "serviceAccountName": "payments", "containers": [{ "name": "app", "image": "app:1" }] }),
+    );
+    let chart_four = InjectorConfig {
+        cores: Some("4".parse().expect("a thread count")),
+        ..config()
+    };
+    assert_eq!(
+        cores_env(&plain, &config()),
+        None,
+        "unset: the proxy's own default"
+    );
+    assert_eq!(cores_env(&plain, &chart_four).as_deref(), Some("4"));
+    assert_eq!(
+        cores_env(&with_annotation("2"), &config()).as_deref(),
+        Some("2")
+    );
+    assert_eq!(
+        cores_env(&with_annotation("auto"), &chart_four).as_deref(),
+        Some("auto")
+    );
+
+    let error = injection_patch(&with_annotation("two"), &policy(), "mesh.test", &config())
+        .expect_err("not a thread count");
+    assert!(matches!(error, Error::BadAnnotation { .. }), "{error}");
+    assert!(error.is_refusal());
+    let message = error.to_string();
+    assert!(
+        message.contains("rolemesh.dev/proxy-cores")
+            && message.contains("\"two\"")
+            && message.contains("\"auto\""),
+        "{message}"
+    );
+}
+
 #[test]
 fn reserved_names_are_refused_not_clobbered() {
     let clash = pod(json!({

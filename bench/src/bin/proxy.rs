@@ -7,6 +7,8 @@
 
 #[path = "proxy/caller_mode.rs"]
 mod caller_mode;
+#[path = "proxy/cores.rs"]
+mod cores;
 
 use std::{
     path::{Path, PathBuf},
@@ -60,6 +62,21 @@ enum Cmd {
         #[arg(long)]
         port: u16,
     },
+    /// Handshake load against 127.0.0.1:PORT with the client certificate in DIR/client (run as
+    /// its own process, pinned apart from the server, by the handshakes-by-cores section):
+    /// prints "<handshakes/s> <CPU ms this process used>".
+    HandshakeLoad {
+        #[arg(long)]
+        port: u16,
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        seconds: u64,
+        #[arg(long)]
+        concurrency: usize,
+        #[arg(long)]
+        threads: usize,
+    },
     /// The whole benchmark.
     Run {
         #[arg(
@@ -103,6 +120,34 @@ fn main() -> anyhow::Result<()> {
             .enable_all()
             .build()?
             .block_on(relay(listen, connect)),
+        Cmd::HandshakeLoad {
+            port,
+            dir,
+            seconds,
+            concurrency,
+            threads,
+        } => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(threads.max(1))
+                .enable_all()
+                .build()?;
+            let read = |name: &str| std::fs::read_to_string(dir.join("client").join(name));
+            let config = tls_client(
+                &read("ca.crt")?,
+                &Pem {
+                    chain: read("tls.crt")?,
+                    key: read("tls.key")?,
+                },
+            )?;
+            let target = Target {
+                port,
+                tls: Some(config),
+            };
+            let start = cpu_ms(std::process::id());
+            let rate = runtime.block_on(handshakes(&target, concurrency, seconds))?;
+            println!("{rate} {}", cpu_ms(std::process::id()) - start);
+            Ok(())
+        }
         Cmd::Run {
             proxy,
             stunnel,
@@ -476,12 +521,28 @@ fn start_proxy(
     config: serde_json::Value,
     rules: serde_json::Value,
 ) -> anyhow::Result<Guard> {
+    start_proxy_on(bin, dir, name, config, rules, None)
+}
+
+/// [`start_proxy`] on the CPUs `pinned` lists (`taskset -c`), with that many runtime threads.
+fn start_proxy_on(
+    bin: &Path,
+    dir: &Path,
+    name: &str,
+    config: serde_json::Value,
+    rules: serde_json::Value,
+    pinned: Option<&cores::CpuSet>,
+) -> anyhow::Result<Guard> {
     let path = dir.join(format!("{name}.json"));
     std::fs::write(&path, config.to_string())?;
     if let Some(rules_file) = config["rulesFile"].as_str() {
         std::fs::write(rules_file, rules.to_string())?;
     }
-    let child = Command::new(bin)
+    let mut command = cores::command_on(pinned, bin);
+    if let Some(cpus) = pinned {
+        command.env("ROLEMESH_PROXY_CORES", cpus.count().to_string());
+    }
+    let child = command
         .arg("--config-file")
         .arg(&path)
         .env("RUST_LOG", "warn")
@@ -493,6 +554,18 @@ fn start_proxy(
 }
 
 fn start_stunnel(bin: &Path, dir: &Path, name: &str, body: &str) -> anyhow::Result<Guard> {
+    start_stunnel_on(bin, dir, name, body, None)
+}
+
+/// [`start_stunnel`] on the CPUs `pinned` lists; stunnel4 runs a thread per connection, all of
+/// them on those CPUs.
+fn start_stunnel_on(
+    bin: &Path,
+    dir: &Path,
+    name: &str,
+    body: &str,
+    pinned: Option<&cores::CpuSet>,
+) -> anyhow::Result<Guard> {
     let path = dir.join(format!("{name}.conf"));
     std::fs::write(
         &path,
@@ -501,7 +574,7 @@ fn start_stunnel(bin: &Path, dir: &Path, name: &str, body: &str) -> anyhow::Resu
             dir.join(format!("{name}.log")).display()
         ),
     )?;
-    let child = Command::new(bin)
+    let child = cores::command_on(pinned, bin)
         .arg(&path)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -740,6 +813,18 @@ async fn run(
             .map(|(r, s)| r / s),
     );
 
+    eprintln!("new mTLS handshakes/s by server CPUs (taskset), {rounds} rounds of {seconds} s...");
+    let by_cores = cores::measure(
+        &proxy,
+        &stunnel,
+        &dir,
+        echo_port,
+        &tls_opts("server"),
+        seconds,
+        rounds,
+    )
+    .await?;
+
     eprintln!("memory per open connection, {HELD_CONNECTIONS} connections through two hops...");
     let per_connection_kib = held_connection_cost(&two_hop, [&server, &client]).await?;
 
@@ -911,6 +996,7 @@ async fn run(
         &format!("{:.2}", mib(load_rss) / 15.0),
     );
     println!("(ratio: measured / target; <= 1 meets a maximum, >= 1 meets a minimum)");
+    cores::print(&by_cores, rounds);
     println!();
     println!(
         "bulk CPU (medians): what each proxy spends per MB echoed (every echoed MB crosses it once each way)"

@@ -233,11 +233,21 @@ impl Proxy {
 
     /// Starts the binary with `config` (JSON) in a file, its peer rules ([`split_rules`]) in a
     /// kubelet-style mounted rules file, and waits until /ready says 200.
-    pub fn start(dir: &Path, mut config: serde_json::Value) -> Proxy {
+    pub fn start(dir: &Path, config: serde_json::Value) -> Proxy {
+        Proxy::start_with(dir, config, &[], None)
+    }
+
+    /// [`Proxy::start`] with the extra environment and cgroup of [`Proxy::spawn_with`].
+    pub fn start_with(
+        dir: &Path,
+        mut config: serde_json::Value,
+        env: &[(&str, &str)],
+        cgroup_procs: Option<&Path>,
+    ) -> Proxy {
         let rules = split_rules(&mut config);
         let mounted = MountedRules::new(&dir.join("rules"), &rules.to_string());
         config["rulesFile"] = serde_json::json!(mounted.file());
-        let mut proxy = Proxy::spawn(dir, config);
+        let mut proxy = Proxy::spawn_with(dir, config, env, cgroup_procs);
         proxy.rules = Some(mounted);
         proxy.wait_ready();
         proxy
@@ -245,14 +255,39 @@ impl Proxy {
 
     /// Starts the binary with `config` (JSON, its `rulesFile` as given) and returns at once.
     pub fn spawn(dir: &Path, config: serde_json::Value) -> Proxy {
+        Proxy::spawn_with(dir, config, &[], None)
+    }
+
+    /// [`Proxy::spawn`] with extra environment, and in the cgroup whose `cgroup.procs` is given
+    /// (joined by a shell before it execs the proxy, so the proxy starts inside it).
+    pub fn spawn_with(
+        dir: &Path,
+        config: serde_json::Value,
+        env: &[(&str, &str)],
+        cgroup_procs: Option<&Path>,
+    ) -> Proxy {
         let admin_port = config["adminPort"].as_u64().unwrap() as u16;
         let path = dir.join("config.json");
         std::fs::write(&path, config.to_string()).unwrap();
         let log = dir.join("proxy.log");
-        let child = Command::new(env!("CARGO_BIN_EXE_rolemesh-proxy"))
+        let binary = env!("CARGO_BIN_EXE_rolemesh-proxy");
+        let mut command = match cgroup_procs {
+            Some(procs) => {
+                let mut command = Command::new("sh");
+                command
+                    .arg("-c")
+                    .arg("echo $$ > \"$0\" && exec \"$@\"")
+                    .arg(procs)
+                    .arg(binary);
+                command
+            }
+            None => Command::new(binary),
+        };
+        let child = command
             .arg("--config-file")
             .arg(&path)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
