@@ -196,6 +196,52 @@ async fn relay(listen: u16, connect: u16) -> anyhow::Result<()> {
     }
 }
 
+/// Resident KiB of a process by what is mapped: its own binary's pages, shared libraries, the
+/// brk heap, the main stack, and anonymous mappings (thread stacks, glibc's mmap'd arenas and
+/// large allocations).
+fn rss_by_mapping(pid: u32, binary: &Path) -> Vec<(&'static str, u64)> {
+    let Ok(smaps) = std::fs::read_to_string(format!("/proc/{pid}/smaps")) else {
+        return Vec::new();
+    };
+    let binary_name = binary.file_name().map(|n| n.to_string_lossy().into_owned());
+    let kinds = [
+        "the proxy binary (file-backed pages)",
+        "shared libraries (libc, libm, ld.so)",
+        "brk heap",
+        "main stack",
+        "anonymous mappings (thread stacks, malloc arenas, large buffers)",
+        "other mappings (vdso, vvar, ...)",
+    ];
+    let mut totals = [0u64; 6];
+    let mut kind = 5;
+    for line in smaps.lines() {
+        let mut fields = line.split_whitespace();
+        let Some(first) = fields.next() else { continue };
+        if first.contains('-') && !first.ends_with(':') {
+            let path = fields.nth(4).unwrap_or("");
+            kind = if path.is_empty() {
+                4
+            } else if path == "[heap]" {
+                2
+            } else if path == "[stack]" {
+                3
+            } else if binary_name
+                .as_deref()
+                .is_some_and(|name| path.ends_with(&format!("/{name}")))
+            {
+                0
+            } else if path.contains(".so") {
+                1
+            } else {
+                5
+            };
+        } else if first == "Rss:" {
+            totals[kind] += fields.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+        }
+    }
+    kinds.into_iter().zip(totals).collect()
+}
+
 /// Kills its child on drop so a failed run leaves nothing behind.
 struct Guard(Child);
 
@@ -682,6 +728,7 @@ async fn run(
     // Readiness: the sidecars answer /ready once their certificates are loaded.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let idle_rss = server.rss_kib().max(client.rss_kib());
+    let idle_breakdown = rss_by_mapping(server.0.id(), &proxy);
 
     let direct = Target {
         port: echo_port,
@@ -997,6 +1044,11 @@ async fn run(
     );
     println!("(ratio: measured / target; <= 1 meets a maximum, >= 1 meets a minimum)");
     cores::print(&by_cores, rounds);
+    println!();
+    println!("what the server sidecar's idle RSS is made of (KiB, /proc/PID/smaps)");
+    for (kind, kib) in &idle_breakdown {
+        println!("  {kind:<58} {kib:>6}");
+    }
     println!();
     println!(
         "bulk CPU (medians): what each proxy spends per MB echoed (every echoed MB crosses it once each way)"
