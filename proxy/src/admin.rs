@@ -31,6 +31,70 @@ const ADMIN_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// probes out: a probe sends its request as soon as it connects, and once read it is not evicted.
 pub const ADMIN_MAX_CONNECTIONS: usize = 64;
 
+/// The running admin server; [`AdminServer::stop`] ends it.
+pub enum AdminServer {
+    /// On the proxy's own (current-thread) runtime.
+    Task(tokio::task::JoinHandle<()>),
+    /// On a thread of its own, beside a multi-threaded runtime.
+    Thread(tokio::sync::oneshot::Sender<()>),
+}
+
+impl AdminServer {
+    pub fn stop(self) {
+        match self {
+            Self::Task(task) => task.abort(),
+            Self::Thread(stop) => {
+                let _ = stop.send(());
+            }
+        }
+    }
+}
+
+/// Starts [`serve`]. Under a multi-threaded runtime the admin port gets a thread and a
+/// current-thread runtime of its own: the cap's promise that a probe is read before enough newer
+/// connections arrive to evict it rests on the accept loop yielding to the connections it
+/// spawned, which holds only when both run on one thread (on two, the worker holding the probe's
+/// task can be descheduled while the other accepts the flood). It also keeps a flood of the
+/// admin port off the threads that carry the data plane.
+pub fn start(
+    listener: TcpListener,
+    readiness: Readiness,
+    metrics: Arc<Metrics>,
+    app_probes: Arc<[AppProbe]>,
+) -> Result<AdminServer, crate::ProxyError> {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    if Handle::current().runtime_flavor() == RuntimeFlavor::CurrentThread {
+        return Ok(AdminServer::Task(tokio::spawn(serve(
+            listener, readiness, metrics, app_probes,
+        ))));
+    }
+    let listener = listener.into_std().map_err(crate::ProxyError::StartAdmin)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(crate::ProxyError::StartAdmin)?;
+    let (stop, stopped) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("rolemesh-admin".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                let listener = match TcpListener::from_std(listener) {
+                    Ok(listener) => listener,
+                    Err(error) => {
+                        tracing::error!(%error, "admin port lost");
+                        return;
+                    }
+                };
+                tokio::select! {
+                    () = serve(listener, readiness, metrics, app_probes) => {}
+                    _ = stopped => {}
+                }
+            });
+        })
+        .map_err(crate::ProxyError::StartAdmin)?;
+    Ok(AdminServer::Thread(stop))
+}
+
 pub async fn serve(
     listener: TcpListener,
     readiness: Readiness,

@@ -65,6 +65,8 @@ pub enum ProxyError {
         address: String,
         source: std::io::Error,
     },
+    #[error("failed to start the admin port's thread: {0}")]
+    StartAdmin(std::io::Error),
     #[error("failed to read {path}: {source}")]
     ReadMaterial {
         path: PathBuf,
@@ -171,12 +173,12 @@ pub async fn run(
             stop_rx.clone(),
         ));
     }
-    let admin = tokio::spawn(admin::serve(
+    let admin = admin::start(
         admin_listener,
         shared.readiness.clone(),
         shared.metrics.clone(),
         shared.config.app_probes.clone().into(),
-    ));
+    )?;
     let reload = tokio::spawn({
         let shared = shared.clone();
         let mut stop = stop_rx.clone();
@@ -226,6 +228,6 @@ pub async fn run(
     } else {
         info!("drained");
     }
-    admin.abort();
+    admin.stop();
     Ok(())
 }

@@ -83,6 +83,9 @@ fn start(
     )
 }
 
+/// Set explicitly: the suite may run with ROLEMESH_PROXY_CORES set for every other proxy.
+const AUTO: &[(&str, &str)] = &[("ROLEMESH_PROXY_CORES", "auto")];
+
 fn worker_threads(proxy: &Proxy) -> u64 {
     metric_sum(
         &proxy.metrics(),
@@ -106,7 +109,7 @@ fn thread_names(proxy: &Proxy) -> Vec<String> {
 fn the_runtime_takes_the_cpu_limit_of_its_cgroup_rounded_up() {
     let dir = temp_dir("cores-limited");
     let cgroup = CpuLimitedCgroup::new("rolemesh-cores", 150_000, 100_000);
-    let (proxy, _mounted) = start(&dir, &[], Some(&cgroup));
+    let (proxy, _mounted) = start(&dir, AUTO, Some(&cgroup));
     let members = std::fs::read_to_string(cgroup.procs()).unwrap();
     assert!(
         members.lines().any(|pid| pid == proxy.pid().to_string()),
@@ -122,6 +125,11 @@ fn the_runtime_takes_the_cpu_limit_of_its_cgroup_rounded_up() {
             .count()
             >= 2,
         "two runtime threads run: {threads:?}"
+    );
+    // The admin port keeps a thread of its own beside a multi-threaded runtime (src/admin.rs).
+    assert!(
+        threads.iter().any(|name| name == "rolemesh-admin"),
+        "{threads:?}"
     );
     let log = proxy.log_text();
     assert!(
@@ -144,7 +152,7 @@ fn a_fixed_number_wins_over_the_limit_and_no_limit_is_one_thread() {
     drop(fixed);
 
     // This test process's own cgroup has no CPU limit.
-    let (unlimited, _b) = start(&dir.join("unlimited"), &[], None);
+    let (unlimited, _b) = start(&dir.join("unlimited"), AUTO, None);
     assert_eq!(worker_threads(&unlimited), 1, "{}", unlimited.log_text());
     assert!(unlimited.log_text().contains("no CPU limit"));
 }

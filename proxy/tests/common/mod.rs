@@ -214,6 +214,17 @@ impl Proxy {
         ca_pem: &str,
         listeners: serde_json::Value,
     ) -> (Proxy, MountedSecret) {
+        Proxy::with_identity_env(dir, leaf, ca_pem, listeners, &[])
+    }
+
+    /// [`Proxy::with_identity`] with extra environment for the proxy.
+    pub fn with_identity_env(
+        dir: &Path,
+        leaf: &Leaf,
+        ca_pem: &str,
+        listeners: serde_json::Value,
+        env: &[(&str, &str)],
+    ) -> (Proxy, MountedSecret) {
         let identity = dir.join("identity");
         std::fs::create_dir_all(&identity).unwrap();
         let mounted = MountedSecret::new(&identity, leaf, ca_pem);
@@ -228,7 +239,7 @@ impl Proxy {
             panic!("listeners must be a JSON object");
         };
         config.as_object_mut().unwrap().extend(listeners);
-        (Proxy::start(dir, config), mounted)
+        (Proxy::start_with(dir, config, env, None), mounted)
     }
 
     /// Starts the binary with `config` (JSON) in a file, its peer rules ([`split_rules`]) in a
