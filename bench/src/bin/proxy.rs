@@ -570,6 +570,35 @@ fn start_proxy(
     start_proxy_on(bin, dir, name, config, rules, None)
 }
 
+/// A server sidecar with the server's identity in `dir/server`, one inbound mapping (`inbound`,
+/// its JSON) and peer rules that admit the client's role on it.
+fn start_server_sidecar(
+    bin: &Path,
+    dir: &Path,
+    name: &str,
+    admin_port: u16,
+    inbound: serde_json::Value,
+    pinned: Option<&cores::CpuSet>,
+) -> anyhow::Result<Guard> {
+    let mapping = inbound["name"].clone();
+    start_proxy_on(
+        bin,
+        dir,
+        name,
+        serde_json::json!({
+            "trustDomain": TRUST_DOMAIN,
+            "identityDir": dir.join("server"),
+            "trustBundle": dir.join("server/ca.crt"),
+            "adminPort": admin_port, "adminAddress": "127.0.0.1",
+            "rulesFile": dir.join(format!("{name}-rules.json")),
+            "inbound": [inbound],
+        }),
+        serde_json::json!({"policy": "bench", "generation": 1,
+            "inbound": [{"name": mapping, "allow": [CLIENT_ROLE]}]}),
+        pinned,
+    )
+}
+
 /// [`start_proxy`] on the CPUs `pinned` lists (`taskset -c`), with that many runtime threads.
 fn start_proxy_on(
     bin: &Path,
@@ -659,20 +688,13 @@ async fn run(
     let relay_outer_guard = relay(relay_outer, relay_inner)?;
     let (server_port, server_admin, client_port, client_admin) =
         (free_port()?, free_port()?, free_port()?, free_port()?);
-    let server = start_proxy(
+    let server = start_server_sidecar(
         &proxy,
         &dir,
         "server-sidecar",
-        serde_json::json!({
-            "trustDomain": TRUST_DOMAIN,
-            "identityDir": dir.join("server"),
-            "trustBundle": dir.join("server/ca.crt"),
-            "adminPort": server_admin, "adminAddress": "127.0.0.1",
-            "rulesFile": dir.join("server-rules.json"),
-            "inbound": [{"name": "echo", "port": server_port, "appPort": echo_port}],
-        }),
-        serde_json::json!({"policy": "bench", "generation": 1,
-            "inbound": [{"name": "echo", "allow": [CLIENT_ROLE]}]}),
+        server_admin,
+        serde_json::json!({"name": "echo", "port": server_port, "appPort": echo_port}),
+        None,
     )?;
     let client = start_proxy(
         &proxy,

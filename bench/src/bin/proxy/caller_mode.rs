@@ -17,7 +17,7 @@ use rolemesh_bench::stats::median;
 use rustls::ClientConfig;
 use tokio::net::TcpListener;
 
-use super::{CLIENT_ROLE, Guard, TRUST_DOMAIN, Target, free_port, start_proxy, wait_port};
+use super::{CLIENT_ROLE, Guard, Target, free_port, start_server_sidecar, wait_port};
 
 /// Response body of the app.
 const BODY: usize = 1024;
@@ -170,21 +170,8 @@ pub async fn measure(
         if mode != "l4" {
             inbound["callerIdentity"] = mode.into();
         }
-        let guard = start_proxy(
-            proxy,
-            dir,
-            &format!("server-{mode}"),
-            serde_json::json!({
-                "trustDomain": TRUST_DOMAIN,
-                "identityDir": dir.join("server"),
-                "trustBundle": dir.join("server/ca.crt"),
-                "adminPort": admin, "adminAddress": "127.0.0.1",
-                "rulesFile": dir.join(format!("server-{mode}-rules.json")),
-                "inbound": [inbound],
-            }),
-            serde_json::json!({"policy": "bench", "generation": 1,
-                "inbound": [{"name": "app", "allow": [CLIENT_ROLE]}]}),
-        )?;
+        let guard =
+            start_server_sidecar(proxy, dir, &format!("server-{mode}"), admin, inbound, None)?;
         Ok((guard, port))
     };
     let (l4_sidecar, l4_port) = sidecar("l4")?;

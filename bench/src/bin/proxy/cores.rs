@@ -13,10 +13,7 @@ use std::{
 
 use anyhow::Context;
 
-use super::{
-    CLIENT_ROLE, Guard, TRUST_DOMAIN, cpu_ms, free_port, median, start_proxy_on, start_stunnel_on,
-    wait_port,
-};
+use super::{Guard, cpu_ms, free_port, median, start_server_sidecar, start_stunnel_on, wait_port};
 
 /// CPUs `first..first + count`, as `taskset -c` takes them.
 #[derive(Clone, Debug)]
@@ -136,20 +133,12 @@ pub async fn measure(
             }
         };
         let (port, admin, st_port) = (free_port()?, free_port()?, free_port()?);
-        let server = start_proxy_on(
+        let server = start_server_sidecar(
             proxy,
             dir,
             &format!("server-{cores}-cores"),
-            serde_json::json!({
-                "trustDomain": TRUST_DOMAIN,
-                "identityDir": dir.join("server"),
-                "trustBundle": dir.join("server/ca.crt"),
-                "adminPort": admin, "adminAddress": "127.0.0.1",
-                "rulesFile": dir.join(format!("server-{cores}-rules.json")),
-                "inbound": [{"name": "echo", "port": port, "appPort": echo_port}],
-            }),
-            serde_json::json!({"policy": "bench", "generation": 1,
-                "inbound": [{"name": "echo", "allow": [CLIENT_ROLE]}]}),
+            admin,
+            serde_json::json!({"name": "echo", "port": port, "appPort": echo_port}),
             Some(&server_cpus),
         )?;
         let st_server: Guard = start_stunnel_on(
