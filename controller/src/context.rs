@@ -56,6 +56,10 @@ pub struct Context {
     pub recorder: Recorder,
     /// How many certificates one reconcile issues at once.
     pub issue_concurrency: usize,
+    /// Issuances in flight across every reconcile: as many as `issue_concurrency`. Policies are
+    /// reconciled concurrently, so without it a burst over N policies would hold N times that
+    /// many key pairs, CSRs and request bodies at once, and the peak heap would grow with N.
+    pub issuance: tokio::sync::Semaphore,
     /// The cluster's DNS domain, for the `<service>.<namespace>.svc.<domain>` SAN.
     pub cluster_domain: String,
     /// Secrets written by this process that the watch may not have delivered yet, so that a
@@ -94,6 +98,7 @@ impl Context {
             metrics,
             recorder,
             issue_concurrency,
+            issuance: tokio::sync::Semaphore::new(issue_concurrency.max(1)),
             cluster_domain,
             written: Mutex::new(HashMap::new()),
             bundles: Mutex::new(HashMap::new()),

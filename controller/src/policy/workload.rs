@@ -568,6 +568,12 @@ pub async fn reconcile_service_account(
         )
     };
     let mut need = assess_claimant(&claimant);
+    // The permit bounds what a burst holds at once, across policies: the lookup, STS, the key,
+    // the signer and the write (see `Context::issuance`). Settled workloads need none.
+    let _issuing = match need {
+        Need::Issue { .. } => ctx.issuance.acquire().await.ok(),
+        _ => None,
+    };
     if claimant.existing.is_none() && matches!(need, Need::Issue { .. }) {
         // The cache holds only Secrets with rolemesh's label, so a Secret of that name without
         // it is looked up before any token, STS or signer work is spent on a write that must
