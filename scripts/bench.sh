@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# `make bench`: every benchmark section that exists (controller, webhook, proxy), each printing
-# its figures and ratios against their targets. Exits non-zero only when a benchmark could not
-# run, never because a target was missed.
+# `make bench`: every benchmark section that exists (controller, injection, webhook, proxy), each
+# printing its figures and ratios against their targets. Exits non-zero only when a benchmark could
+# not run, never because a target was missed.
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 
 status=0
 failed=()
-for part in controller webhook proxy; do
+for part in controller injection webhook proxy; do
   script="scripts/bench-$part.sh"
   if [ ! -f "$script" ]; then
     if [ "$part" = controller ]; then
