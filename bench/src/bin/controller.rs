@@ -789,7 +789,7 @@ impl Bench {
             elapsed.as_secs_f64(),
             secret_data_bytes(&secret)
         );
-        println!("  CPU: {cpu_used}");
+        println!("  {cpu_used}");
         if issued as usize != n {
             println!("  note: {issued} certificates issued for {n} ServiceAccounts");
         }
@@ -836,7 +836,7 @@ impl Bench {
             "round {round}: bare client created {n} Secrets in {:.2} s = {rate:.0}/s ({concurrency} in flight)",
             elapsed.as_secs_f64()
         );
-        println!("  CPU: {cpu_used}");
+        println!("  {cpu_used}");
         Ok(rate)
     }
 
@@ -1438,30 +1438,68 @@ fn total(counts: &BTreeMap<String, f64>) -> f64 {
     counts.values().sum()
 }
 
-/// CPU time of the controller, the local control plane (API server, etcd and controllers in one
-/// process) and the local AWS endpoint, to say which side limits a run.
+/// CPU time of the controller, the local control plane and the local AWS endpoint, to say which
+/// side limits a run. `make cluster`'s control plane is one `localkube up` process (etcd runs in
+/// it) with the API server, controller-manager and scheduler as its children.
 struct CpuSample {
     at: Instant,
     controller: f64,
-    control_plane: Option<(u32, f64)>,
-    aws: Option<(u32, f64)>,
+    api_server: Vec<(u32, f64)>,
+    etcd_and_rest: Vec<(u32, f64)>,
+    aws: Vec<(u32, f64)>,
     machine: (u64, u64),
+}
+
+fn cluster_pid(file: &str) -> Option<u32> {
+    std::fs::read_to_string(repo_root().join("target/cluster").join(file))
+        .ok()
+        .and_then(|p| p.trim().parse::<u32>().ok())
+}
+
+/// The children of `parent` with their first argument (localkube's subcommand).
+fn children(parent: u32) -> Vec<(u32, String)> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let (_, rest) = stat.rsplit_once(')')?;
+            let ppid: u32 = rest.split_whitespace().nth(1)?.parse().ok()?;
+            (ppid == parent).then_some(())?;
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            let first = cmdline
+                .split(|b| *b == 0)
+                .nth(1)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .unwrap_or_default();
+            Some((pid, first))
+        })
+        .collect()
 }
 
 impl CpuSample {
     /// `controller`: the pid of the controller process, when one runs.
     fn take(controller: Option<u32>) -> Self {
-        let pid_of = |file: &str| {
-            std::fs::read_to_string(repo_root().join("target/cluster").join(file))
-                .ok()
-                .and_then(|p| p.trim().parse::<u32>().ok())
-        };
-        let with_cpu = |pid: Option<u32>| pid.map(|p| (p, cpu_ms(p)));
+        let with_cpu = |pids: Vec<u32>| pids.into_iter().map(|p| (p, cpu_ms(p))).collect();
+        let (mut api_server, mut etcd_and_rest) = (Vec::new(), Vec::new());
+        if let Some(up) = cluster_pid("localkube.pid") {
+            etcd_and_rest.push(up);
+            for (pid, role) in children(up) {
+                if role == "apiserver" {
+                    api_server.push(pid);
+                } else {
+                    etcd_and_rest.push(pid);
+                }
+            }
+        }
         Self {
             at: Instant::now(),
             controller: controller.map_or(0.0, cpu_ms),
-            control_plane: with_cpu(pid_of("localkube.pid")),
-            aws: with_cpu(pid_of("moto.pid")),
+            api_server: with_cpu(api_server),
+            etcd_and_rest: with_cpu(etcd_and_rest),
+            aws: with_cpu(cluster_pid("moto.pid").into_iter().collect()),
             machine: machine_ticks(),
         }
     }
@@ -1470,13 +1508,17 @@ impl CpuSample {
     fn since(&self, controller: Option<u32>) -> CpuUse {
         let seconds = self.at.elapsed().as_secs_f64().max(1e-3);
         let used = |before: f64, now: f64| (now - before) / 1000.0 / seconds;
+        let group = |pids: &[(u32, f64)]| {
+            (!pids.is_empty()).then(|| pids.iter().map(|(p, c)| used(*c, cpu_ms(*p))).sum())
+        };
         let (busy, all) = machine_ticks();
         let machine = (busy - self.machine.0) as f64 / ((all - self.machine.1).max(1)) as f64
             * std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64);
         CpuUse {
             controller: controller.map(|pid| used(self.controller, cpu_ms(pid))),
-            control_plane: self.control_plane.map(|(p, c)| used(c, cpu_ms(p))),
-            aws: self.aws.map(|(p, c)| used(c, cpu_ms(p))),
+            api_server: group(&self.api_server),
+            etcd_and_rest: group(&self.etcd_and_rest),
+            aws: group(&self.aws),
             machine,
         }
     }
@@ -1484,19 +1526,21 @@ impl CpuSample {
 
 struct CpuUse {
     controller: Option<f64>,
-    control_plane: Option<f64>,
+    api_server: Option<f64>,
+    etcd_and_rest: Option<f64>,
     aws: Option<f64>,
     machine: f64,
 }
 
 impl std::fmt::Display for CpuUse {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let or_unknown = |v: Option<f64>| v.map_or("?".into(), |v| format!("{v:.2}"));
+        let or_unknown = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.2}"));
         write!(
             f,
-            "controller {}, API server + etcd {}, AWS endpoint {}, machine {:.2} of {} CPUs",
+            "CPUs busy: controller {}, API server {}, etcd + kube controllers {}, AWS endpoint {}; machine {:.2} of {}",
             or_unknown(self.controller),
-            or_unknown(self.control_plane),
+            or_unknown(self.api_server),
+            or_unknown(self.etcd_and_rest),
             or_unknown(self.aws),
             self.machine,
             std::thread::available_parallelism().map_or(0, |n| n.get())
