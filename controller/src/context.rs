@@ -3,7 +3,7 @@
 
 use std::{
     collections::HashMap,
-    sync::Mutex,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -29,12 +29,55 @@ const WRITE_SHADOW: Duration = Duration::from_secs(30);
 pub struct Caches {
     /// Only the Secrets rolemesh manages.
     pub secrets: Store<Secret>,
+    /// Our writes of those Secrets that the watch has not delivered yet.
+    pub written: WriteShadow,
     pub service_accounts: Store<ServiceAccount>,
     pub policies: Store<MTLSPolicy>,
     /// Pods and Services trimmed to labels, ServiceAccount and selector
     /// ([`crate::service_names`]): which Services name which workload.
     pub pods: Store<Pod>,
     pub services: Store<Service>,
+}
+
+/// Secrets written by this process that the watch may not have delivered yet, so that a
+/// reconcile racing the watch does not issue a second certificate for the same need.
+///
+/// The Secret watch drops each entry as soon as it delivers that write ([`Self::caught_up`]), so
+/// the shadow holds only the watch's lag worth of Secrets. Dropping them only when a reconcile
+/// next looked (as before) kept every Secret of a burst twice, once here and once in the cache,
+/// and the heap of that peak stayed with the process after the burst.
+#[derive(Clone, Default)]
+pub struct WriteShadow(Arc<Mutex<ShadowEntries>>);
+
+/// Per Secret (namespace, name): our write and when it was made.
+type ShadowEntries = HashMap<(String, String), (Secret, Instant)>;
+
+fn resource_version(secret: &Secret) -> Option<u64> {
+    secret
+        .metadata
+        .resource_version
+        .as_deref()
+        .and_then(|v| v.parse::<u64>().ok())
+}
+
+impl WriteShadow {
+    /// The watch delivered `seen` (the cache holds it now): a write of ours it includes needs no
+    /// stand-in any more.
+    pub fn caught_up(&self, seen: &Secret) {
+        let (Some(namespace), Some(name)) = (&seen.metadata.namespace, &seen.metadata.name) else {
+            return;
+        };
+        let Ok(mut written) = self.0.lock() else {
+            return;
+        };
+        let key = (namespace.clone(), name.clone());
+        if written
+            .get(&key)
+            .is_some_and(|(ours, _)| resource_version(seen) >= resource_version(ours))
+        {
+            written.remove(&key);
+        }
+    }
 }
 
 /// A trust bundle ConfigMap as this process last wrote it.
@@ -62,9 +105,6 @@ pub struct Context {
     pub issuance: tokio::sync::Semaphore,
     /// The cluster's DNS domain, for the `<service>.<namespace>.svc.<domain>` SAN.
     pub cluster_domain: String,
-    /// Secrets written by this process that the watch may not have delivered yet, so that a
-    /// reconcile racing the watch does not issue a second certificate for the same need.
-    written: Mutex<HashMap<(String, String), (Secret, Instant)>>,
     /// The trust bundle last applied per namespace, to skip no-op writes, and the
     /// resourceVersion that write left, to tell a repair of someone else's edit from a no-op.
     bundles: Mutex<HashMap<String, AppliedBundle>>,
@@ -100,7 +140,6 @@ impl Context {
             issue_concurrency,
             issuance: tokio::sync::Semaphore::new(issue_concurrency.max(1)),
             cluster_domain,
-            written: Mutex::new(HashMap::new()),
             bundles: Mutex::new(HashMap::new()),
             rules: Mutex::new(HashMap::new()),
             transient_streaks: Mutex::new(HashMap::new()),
@@ -133,18 +172,12 @@ impl Context {
             .get(&ObjectRef::new(name).within(namespace))
             .map(|s| (*s).clone());
         let key = (namespace.to_string(), name.to_string());
-        let mut written = self.written.lock().ok()?;
+        let mut written = self.caches.written.0.lock().ok()?;
         let Some((ours, at)) = written.get(&key) else {
             return cached;
         };
-        let version = |s: &Secret| {
-            s.metadata
-                .resource_version
-                .as_deref()
-                .and_then(|v| v.parse::<u64>().ok())
-        };
         match &cached {
-            Some(seen) if version(seen) >= version(ours) => {
+            Some(seen) if resource_version(seen) >= resource_version(ours) => {
                 written.remove(&key);
                 cached
             }
@@ -161,7 +194,7 @@ impl Context {
         if let (Some(ns), Some(name), Ok(mut written)) = (
             secret.metadata.namespace.clone(),
             secret.metadata.name.clone(),
-            self.written.lock(),
+            self.caches.written.0.lock(),
         ) {
             // Entries are normally dropped when the watch catches up; this bounds the rest.
             if written.len() >= 1024 {
@@ -172,7 +205,7 @@ impl Context {
     }
 
     pub fn forget_written(&self, namespace: &str, name: &str) {
-        if let Ok(mut written) = self.written.lock() {
+        if let Ok(mut written) = self.caches.written.0.lock() {
             written.remove(&(namespace.to_string(), name.to_string()));
         }
     }
@@ -263,5 +296,55 @@ impl Context {
         if let Ok(mut written) = self.rules.lock() {
             written.insert((namespace.to_string(), key.to_string()), rules.to_string());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use kube::api::ObjectMeta;
+
+    use super::*;
+
+    fn secret(name: &str, version: &str) -> Secret {
+        Secret {
+            metadata: ObjectMeta {
+                namespace: Some("shop".into()),
+                name: Some(name.into()),
+                resource_version: Some(version.into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_watch_drops_a_shadow_once_it_delivers_that_write_or_a_later_one() {
+        let shadow = WriteShadow::default();
+        let remember = |s: Secret| {
+            let key = (
+                s.metadata.namespace.clone().unwrap(),
+                s.metadata.name.clone().unwrap(),
+            );
+            shadow.0.lock().unwrap().insert(key, (s, Instant::now()));
+        };
+        remember(secret("a-rolemesh-tls", "20"));
+        remember(secret("b-rolemesh-tls", "20"));
+        remember(secret("c-rolemesh-tls", "20"));
+        shadow.caught_up(&secret("a-rolemesh-tls", "19"));
+        shadow.caught_up(&secret("b-rolemesh-tls", "20"));
+        shadow.caught_up(&secret("c-rolemesh-tls", "31"));
+        shadow.caught_up(&secret("unrelated", "40"));
+        let left: Vec<String> = shadow
+            .0
+            .lock()
+            .unwrap()
+            .keys()
+            .map(|(_, name)| name.clone())
+            .collect();
+        assert_eq!(
+            left,
+            ["a-rolemesh-tls"],
+            "an older version leaves our write standing"
+        );
     }
 }

@@ -21,7 +21,7 @@ pub mod webhook_tls;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use futures::{StreamExt, future};
+use futures::{StreamExt, TryStreamExt, future};
 use k8s_openapi::api::core::v1::{Pod, Secret, Service, ServiceAccount};
 use kube::{
     Api, Client, Resource, ResourceExt,
@@ -42,7 +42,7 @@ use tracing::info;
 pub use crate::error::{Error, Result};
 use crate::{
     authority::maintain_ca,
-    context::{Caches, Context},
+    context::{Caches, Context, WriteShadow},
     leader::LeaseConfig,
     metrics::Metrics,
     policy::select::policies_for_service_account,
@@ -132,6 +132,7 @@ pub async fn run(
     };
 
     // Only Secrets rolemesh manages are watched and cached, and without their managedFields.
+    let written = WriteShadow::default();
     let (secrets, secret_writer) = reflector::store::<Secret>();
     let secret_stream = watcher(
         scoped::<Secret>(&client, config.watch_namespace.as_deref()),
@@ -142,7 +143,11 @@ pub async fn run(
         secret.managed_fields_mut().clear();
     })
     .reflect(secret_writer)
-    .touched_objects();
+    .touched_objects()
+    .inspect_ok({
+        let written = written.clone();
+        move |secret| written.caught_up(secret)
+    });
     let (service_accounts, sa_writer) = reflector::store::<ServiceAccount>();
     let sa_stream = watcher(
         scoped::<ServiceAccount>(&client, config.watch_namespace.as_deref()),
@@ -202,6 +207,7 @@ pub async fn run(
     );
     let caches = Caches {
         secrets: secrets.clone(),
+        written,
         service_accounts: service_accounts.clone(),
         policies: policies.clone(),
         pods: pods.clone(),
