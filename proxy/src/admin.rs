@@ -73,18 +73,17 @@ pub fn start(
         .enable_all()
         .build()
         .map_err(crate::ProxyError::StartAdmin)?;
+    // The listener joins the admin runtime's reactor here, under its guard, so that a failure is
+    // the start's error rather than a thread that ends with the port.
+    let listener = {
+        let _guard = runtime.enter();
+        TcpListener::from_std(listener).map_err(crate::ProxyError::StartAdmin)?
+    };
     let (stop, stopped) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
         .name("rolemesh-admin".into())
         .spawn(move || {
             runtime.block_on(async move {
-                let listener = match TcpListener::from_std(listener) {
-                    Ok(listener) => listener,
-                    Err(error) => {
-                        tracing::error!(%error, "admin port lost");
-                        return;
-                    }
-                };
                 tokio::select! {
                     () = serve(listener, readiness, metrics, app_probes) => {}
                     _ = stopped => {}

@@ -78,15 +78,18 @@ struct Quota {
     period_us: u64,
 }
 
-impl Quota {
-    fn cores(self) -> f64 {
-        self.quota_us as f64 / self.period_us as f64
-    }
-}
-
 fn tightest(a: Option<Quota>, b: Option<Quota>) -> Option<Quota> {
     match (a, b) {
-        (Some(a), Some(b)) => Some(if a.cores() <= b.cores() { a } else { b }),
+        // a/pa <= b/pb, compared exactly.
+        (Some(a), Some(b)) => Some(
+            if u128::from(a.quota_us) * u128::from(b.period_us)
+                <= u128::from(b.quota_us) * u128::from(a.period_us)
+            {
+                a
+            } else {
+                b
+            },
+        ),
         (a, b) => a.or(b),
     }
 }
