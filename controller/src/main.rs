@@ -8,6 +8,11 @@ use rolemesh_controller::{ControllerConfig, replica_identity, run};
 use rolemesh_crds::names::WEBHOOK_NAME;
 use rolemesh_profile::logging::{LogFormat, init_logging};
 
+/// jemalloc gives the heap a burst of issuance freed back to the system after a few seconds;
+/// glibc's malloc kept the burst's peak resident in the process.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Issues and rotates rolemesh workload certificates for the ServiceAccounts MTLSPolicies cover.
 #[derive(Debug, Parser)]
 #[command(name = "rolemesh-controller", version)]
